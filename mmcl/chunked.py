@@ -1,0 +1,125 @@
+"""Chunked similarity-logsumexp in plain torch: the CPU path for large negative sets.
+
+Every contrastive loss in mmcl reduces to row (and column) logsumexps of `scale * Q @ K.T`
+plus positive logits that cost O(B·D). This module computes those logsumexps tile by tile,
+never holding the (B, N) logits in forward or backward: backward recomputes each tile from the
+saved logsumexps, as flash-attention does. Memory is O((B + N)·D + tile).
+
+The Triton kernels in `mmcl.kernels` implement the same contract on GPUs.
+"""
+from __future__ import annotations
+
+import torch
+
+# Tile edge lengths. A tile of fp32 logits is 2048 x 2048 x 4 B = 16 MiB; backward keeps a few.
+BLOCK_ROWS = 2048
+BLOCK_COLS = 2048
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    # Accumulate in fp32 at least; float64 stays float64 (the tests' reference precision).
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+def _mask_diagonal(tile: torch.Tensor, r0: int, c0: int) -> None:
+    """Set logits where global row == global column to -inf, in place."""
+    rows, cols = tile.shape
+    lo, hi = max(r0, c0), min(r0 + rows, c0 + cols)
+    if lo < hi:
+        idx = torch.arange(lo, hi, device=tile.device)
+        tile[idx - r0, idx - c0] = float("-inf")
+
+
+class _SimilarityLSE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, query, key, scale, mask_diagonal, columns, block_rows, block_cols):
+        dtype = _compute_dtype(query)
+        B, N = query.shape[0], key.shape[0]
+        s = scale.to(dtype)
+        row_lse = torch.full((B,), float("-inf"), dtype=dtype, device=query.device)
+        col_lse = torch.full((N,), float("-inf"), dtype=dtype, device=query.device) if columns else None
+        for r0 in range(0, B, block_rows):
+            q = query[r0 : r0 + block_rows].to(dtype)
+            for c0 in range(0, N, block_cols):
+                logits = (q @ key[c0 : c0 + block_cols].to(dtype).T) * s
+                if mask_diagonal:
+                    _mask_diagonal(logits, r0, c0)
+                rows = row_lse[r0 : r0 + q.shape[0]]
+                torch.logaddexp(rows, torch.logsumexp(logits, dim=1), out=rows)
+                if columns:
+                    cols = col_lse[c0 : c0 + logits.shape[1]]
+                    torch.logaddexp(cols, torch.logsumexp(logits, dim=0), out=cols)
+        ctx.save_for_backward(query, key, scale, row_lse, col_lse if columns else row_lse)
+        ctx.config = (mask_diagonal, columns, block_rows, block_cols)
+        return (row_lse, col_lse) if columns else row_lse
+
+    @staticmethod
+    def backward(ctx, grad_row, grad_col=None):
+        query, key, scale, row_lse, col_lse = ctx.saved_tensors
+        mask_diagonal, columns, block_rows, block_cols = ctx.config
+        dtype = row_lse.dtype
+        s = scale.to(dtype)
+        need_q, need_k, need_s = ctx.needs_input_grad[:3]
+        B, N = query.shape[0], key.shape[0]
+        grad_q = torch.zeros(query.shape, dtype=dtype, device=query.device) if need_q else None
+        grad_k = torch.zeros(key.shape, dtype=dtype, device=key.device) if need_k else None
+        grad_s = torch.zeros((), dtype=dtype, device=query.device)
+        if grad_row is None:
+            grad_row = torch.zeros(B, dtype=dtype, device=query.device)
+        if columns and grad_col is None:
+            grad_col = torch.zeros(N, dtype=dtype, device=query.device)
+        for r0 in range(0, B, block_rows):
+            q = query[r0 : r0 + block_rows].to(dtype)
+            r1 = r0 + q.shape[0]
+            for c0 in range(0, N, block_cols):
+                k = key[c0 : c0 + block_cols].to(dtype)
+                c1 = c0 + k.shape[0]
+                dots = q @ k.T
+                logits = dots * s
+                if mask_diagonal:
+                    _mask_diagonal(logits, r0, c0)
+                # d lse_i / d logit_ij = softmax over row i; the same for columns.
+                g = torch.exp(logits - row_lse[r0:r1, None]) * grad_row[r0:r1, None].to(dtype)
+                if columns:
+                    g += torch.exp(logits - col_lse[None, c0:c1]) * grad_col[None, c0:c1].to(dtype)
+                if need_s:
+                    grad_s += (g * dots).sum()
+                if need_q:
+                    grad_q[r0:r1] += (g @ k) * s
+                if need_k:
+                    grad_k[c0:c1] += (g.T @ q) * s
+        return (
+            grad_q.to(query.dtype) if need_q else None,
+            grad_k.to(key.dtype) if need_k else None,
+            grad_s.to(scale.dtype) if need_s else None,
+            None, None, None, None,
+        )
+
+
+def similarity_lse_chunked(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    scale: torch.Tensor,
+    *,
+    mask_diagonal: bool = False,
+    columns: bool = False,
+    block_rows: int = BLOCK_ROWS,
+    block_cols: int = BLOCK_COLS,
+):
+    """Row (and column) logsumexp of `scale * query @ key.T`, computed in tiles.
+
+    Args:
+        query: (B, D) floating tensor.
+        key: (N, D) floating tensor; detach it (e.g. a MoCo queue) and it gets no gradient.
+        scale: 0-dim tensor, the logit multiplier (1 / temperature); may require grad.
+        mask_diagonal: leave out the logits where row index == column index (SimCLR's self
+            similarities); needs B == N semantics only where the diagonal exists.
+        columns: also return the column logsumexps (the text→image half of CLIP's loss).
+
+    Returns:
+        row_lse (B,) in fp32 (float64 for float64 inputs), and col_lse (N,) if `columns`.
+        Differentiable in `query`, `key` and `scale`.
+    """
+    if block_rows < 1 or block_cols < 1:
+        raise ValueError(f"block sizes must be positive, got {block_rows} x {block_cols}")
+    return _SimilarityLSE.apply(query, key, scale, mask_diagonal, columns, block_rows, block_cols)
