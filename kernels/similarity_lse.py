@@ -1,0 +1,348 @@
+"""Fused similarity-logsumexp in Triton: the GPU path of every contrastive loss in mmcl.
+
+For query Q (B, D), key K (N, D) and a scale s this computes
+
+    row_lse_i = logsumexp_j (s * q_i . k_j)     and, for CLIP's symmetric loss,
+    col_lse_j = logsumexp_i (s * q_i . k_j)
+
+without ever holding the (B, N) logits: a program owns a block of rows, walks over the column
+blocks, builds each logit tile with `tl.dot` (looping over D in chunks, fp32 accumulation) and
+folds it into a running max / sum (online softmax). The column logsumexps are the same kernel
+with the roles of Q and K swapped.
+
+Backward follows flash-attention: with the upstream gradients g_row (B,) and g_col (N,),
+
+    G_ij = g_row_i * exp(S_ij - row_lse_i) + g_col_j * exp(S_ij - col_lse_j),   S = s Q K^T
+    dQ = s G K,   dK = s G^T Q,   d s = sum_ij G_ij (q_i . k_j)
+
+and every tile of S (hence of G) is recomputed from Q, K and the saved logsumexps. dQ and dK
+are again one kernel with swapped roles. A (BLOCK_M, D) fp32 accumulator does not fit in
+registers for D up to 1024, so the output columns are split across the grid (BLOCK_DOUT per
+program): each program recomputes its S tiles and accumulates one D slice of dQ.
+
+Memory: O((B + N) * D) for inputs and gradients plus O(B + N) for the logsumexps.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["similarity_lse_triton", "SUPPORTED_DTYPES"]
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+LOG2E = 1.4426950408889634  # exp(x) = exp2(x * log2 e): exp2 is the fast hardware instruction
+LN2 = 0.6931471805599453
+
+
+# --------------------------------------------------------------------------- kernels
+
+
+@triton.jit
+def _tile_dots(a_ptr, b_ptr, rows, cols, row_ok, col_ok, D, stride_am, stride_ad, stride_bn, stride_bd,
+               PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """(BLOCK_M, BLOCK_N) fp32 tile of A[rows] . B[cols]^T, looping over D; masked rows/cols give 0."""
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        d_ok = offs_d < D
+        a = tl.load(a_ptr + rows[:, None] * stride_am + offs_d[None, :] * stride_ad,
+                    mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        # B is loaded already transposed, (BLOCK_D, BLOCK_N), so no register shuffle is needed.
+        bt = tl.load(b_ptr + cols[None, :] * stride_bn + offs_d[:, None] * stride_bd,
+                     mask=col_ok[None, :] & d_ok[:, None], other=0.0)
+        if DOT_FP32:  # exact upcast: same products and fp32 sums as the tensor cores
+            a = a.to(tl.float32)
+            bt = bt.to(tl.float32)
+        acc = tl.dot(a, bt, acc, input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
+def _lse_fwd_kernel(a_ptr, b_ptr, scale_ptr, lse_ptr, M, N, D,
+                    stride_am, stride_ad, stride_bn, stride_bd,
+                    MASK_DIAGONAL: tl.constexpr, PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """lse_i = logsumexp_j scale * A_i . B_j for the BLOCK_M rows of this program."""
+    pid = tl.program_id(0)
+    # int64 offsets: rows * stride overflows int32 for big or strided inputs.
+    rows = (pid * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    row_ok = rows < M
+    scale2 = tl.load(scale_ptr).to(tl.float32) * LOG2E  # logits in base 2
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for c0 in range(0, N, BLOCK_N):
+        cols = (c0 + tl.arange(0, BLOCK_N)).to(tl.int64)
+        col_ok = cols < N
+        dots = _tile_dots(a_ptr, b_ptr, rows, cols, row_ok, col_ok, D, stride_am, stride_ad,
+                          stride_bn, stride_bd, PRECISION, DOT_FP32, BLOCK_M, BLOCK_N, BLOCK_D)
+        keep = col_ok[None, :]
+        if MASK_DIAGONAL:
+            keep = keep & (rows[:, None] != cols[None, :])
+        s2 = tl.where(keep, dots * scale2, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s2, axis=1))
+        # A row whose logits so far are all masked has max -inf; shift by 0 there so that
+        # exp2(-inf - -inf) = nan never appears.
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        l_i = l_i * tl.exp2(m_i - m_use) + tl.sum(tl.exp2(s2 - m_use[:, None]), axis=1)
+        m_i = m_new
+    # A fully masked row (B = N = 1 with the diagonal masked) ends at -inf + log2(0) = -inf.
+    tl.store(lse_ptr + rows, (m_i + tl.log2(l_i)) * LN2, mask=row_ok)
+
+
+@triton.jit
+def _lse_bwd_kernel(a_ptr, b_ptr, scale_ptr, gmax_ptr, lse_a_ptr, g_a_ptr, lse_b_ptr, g_b_ptr,
+                    da_ptr, dscale_ptr, M, N, D,
+                    stride_am, stride_ad, stride_bn, stride_bd, stride_dm, stride_dd,
+                    MASK_DIAGONAL: tl.constexpr, HAS_A_TERM: tl.constexpr, HAS_B_TERM: tl.constexpr,
+                    WRITE_DA: tl.constexpr, WRITE_DSCALE: tl.constexpr, PRECISION: tl.constexpr,
+                    DOT_FP32: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                    BLOCK_DOUT: tl.constexpr):
+    """dA[rows, D slice] = scale * gmax * sum_j G_ij B_j[D slice], and the partial d scale.
+
+    G_ij = g_a_i exp(S_ij - lse_a_i) + g_b_j exp(S_ij - lse_b_j), with the g's divided by gmax
+    beforehand so that G stays O(1) when cast to fp16/bf16 for the tensor-core dot.
+    """
+    pid_m = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    rows = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    row_ok = rows < M
+    scale = tl.load(scale_ptr).to(tl.float32)
+    scale2 = scale * LOG2E
+    if HAS_A_TERM:
+        lse_a = tl.load(lse_a_ptr + rows, mask=row_ok, other=float("inf"))
+        # -inf (fully masked row): its probabilities are all 0; +inf makes exp2(S - lse) = 0.
+        lse_a = tl.where(lse_a == float("-inf"), float("inf"), lse_a) * LOG2E
+        g_a = tl.load(g_a_ptr + rows, mask=row_ok, other=0.0)
+    offs_out = (pid_d * BLOCK_DOUT + tl.arange(0, BLOCK_DOUT)).to(tl.int64)
+    out_ok = offs_out < D
+    acc = tl.zeros([BLOCK_M, BLOCK_DOUT], dtype=tl.float32)
+    ds_acc = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for c0 in range(0, N, BLOCK_N):
+        cols = (c0 + tl.arange(0, BLOCK_N)).to(tl.int64)
+        col_ok = cols < N
+        dots = _tile_dots(a_ptr, b_ptr, rows, cols, row_ok, col_ok, D, stride_am, stride_ad,
+                          stride_bn, stride_bd, PRECISION, DOT_FP32, BLOCK_M, BLOCK_N, BLOCK_D)
+        keep = row_ok[:, None] & col_ok[None, :]
+        if MASK_DIAGONAL:
+            keep = keep & (rows[:, None] != cols[None, :])
+        s2 = tl.where(keep, dots * scale2, float("-inf"))
+        g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        if HAS_A_TERM:
+            g += tl.exp2(s2 - lse_a[:, None]) * g_a[:, None]
+        if HAS_B_TERM:
+            lse_b = tl.load(lse_b_ptr + cols, mask=col_ok, other=float("inf"))
+            lse_b = tl.where(lse_b == float("-inf"), float("inf"), lse_b) * LOG2E
+            g_b = tl.load(g_b_ptr + cols, mask=col_ok, other=0.0)
+            g += tl.exp2(s2 - lse_b[None, :]) * g_b[None, :]
+        if WRITE_DSCALE:
+            ds_acc += tl.sum(g * dots, axis=1)
+        if WRITE_DA:
+            b_out = tl.load(b_ptr + cols[:, None] * stride_bn + offs_out[None, :] * stride_bd,
+                            mask=col_ok[:, None] & out_ok[None, :], other=0.0)
+            g_dot = g.to(b_out.dtype)  # G rounded to the input precision, as tensor cores take it
+            if DOT_FP32:
+                g_dot = g_dot.to(tl.float32)
+                b_out = b_out.to(tl.float32)
+            acc = tl.dot(g_dot, b_out, acc, input_precision=PRECISION)
+    gmax = tl.load(gmax_ptr)
+    if WRITE_DA:
+        da = acc * (scale * gmax)
+        tl.store(da_ptr + rows[:, None] * stride_dm + offs_out[None, :] * stride_dd,
+                 da.to(da_ptr.dtype.element_ty), mask=row_ok[:, None] & out_ok[None, :])
+    if WRITE_DSCALE:
+        # Every D slice computes the same partial sum; the first one writes it.
+        tl.store(dscale_ptr + pid_m, tl.sum(ds_acc, axis=0) * gmax, mask=pid_d == 0)
+
+
+# --------------------------------------------------------------------------- launchers
+
+
+def _interpreted() -> bool:
+    """True when the kernels were decorated under TRITON_INTERPRET=1 (they run on CPU tensors)."""
+    try:
+        from triton.runtime.interpreter import InterpretedFunction
+    except ImportError:  # pragma: no cover - layout of older triton
+        return False
+    return isinstance(_lse_fwd_kernel, InterpretedFunction)
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, (x - 1).bit_length())
+
+
+def default_block_sizes(dim: int, dtype: torch.dtype, interpreted: bool) -> dict:
+    """Tile sizes for feature dim `dim`: tensor-core sized tiles on GPUs, small ones in the interpreter.
+
+    BLOCK_DOUT is the D slice of dQ/dK one backward program owns (its fp32 accumulator lives in
+    registers); larger D is split across the grid and costs one recomputation of S per slice.
+    """
+    if interpreted:
+        # The interpreter's cost is per operation, not per element: fewer, larger D chunks.
+        return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_D=64, BLOCK_DOUT=min(256, max(16, _next_pow2(dim))),
+                    BWD_BLOCK_M=32, BWD_BLOCK_N=32, num_warps=4, num_stages=1)
+    wide = dtype == torch.float32  # fp32 tiles are twice the bytes: halve the D chunk
+    return dict(
+        BLOCK_M=128, BLOCK_N=128, BLOCK_D=32 if wide else 64,
+        BLOCK_DOUT=min(256, max(16, _next_pow2(dim))),
+        BWD_BLOCK_M=64, BWD_BLOCK_N=64,
+        num_warps=8, num_stages=2 if wide else 3,
+    )
+
+
+def _precision(dtype: torch.dtype) -> str:
+    # fp32 inputs follow torch's own matmul setting: TF32 only when the user allowed it.
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
+        return "ieee"
+    return "tf32"
+
+
+def _dot_fp32(dtype: torch.dtype) -> bool:
+    # Triton's interpreter multiplies bfloat16 blocks as their raw uint16 bit patterns (numpy has
+    # no bfloat16), so there the dot operands are upcast first; exact, and fp32-accumulated
+    # like the tensor cores. Compiled kernels keep the native bf16 dot.
+    return dtype == torch.bfloat16 and _interpreted()
+
+
+def _forward_lse(a, b, scale32, mask_diagonal, cfg):
+    M, D = a.shape
+    lse = torch.empty(M, dtype=torch.float32, device=a.device)
+    grid = (triton.cdiv(M, cfg["BLOCK_M"]),)
+    _lse_fwd_kernel[grid](
+        a, b, scale32, lse, M, b.shape[0], D, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+        MASK_DIAGONAL=mask_diagonal, PRECISION=_precision(a.dtype), DOT_FP32=_dot_fp32(a.dtype),
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"],
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    return lse
+
+
+def _backward_side(a, b, scale32, gmax, lse_a, g_a, lse_b, g_b, mask_diagonal, write_da, write_ds, cfg):
+    """One side of the backward: (dA or None, per-row-block partial d scale or None)."""
+    M, D = a.shape
+    bm = cfg["BWD_BLOCK_M"]
+    n_row_blocks = triton.cdiv(M, bm)
+    da = torch.empty(a.shape, dtype=a.dtype, device=a.device) if write_da else None
+    ds = torch.empty(n_row_blocks, dtype=torch.float32, device=a.device) if write_ds else None
+    dummy = lse_a if lse_a is not None else lse_b  # unused pointer slots still need a tensor
+    n_slices = triton.cdiv(D, cfg["BLOCK_DOUT"]) if write_da else 1
+    _lse_bwd_kernel[(n_row_blocks, n_slices)](
+        a, b, scale32, gmax,
+        lse_a if lse_a is not None else dummy, g_a if g_a is not None else dummy,
+        lse_b if lse_b is not None else dummy, g_b if g_b is not None else dummy,
+        da if write_da else dummy, ds if write_ds else dummy,
+        M, b.shape[0], D, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+        da.stride(0) if write_da else 0, da.stride(1) if write_da else 0,
+        MASK_DIAGONAL=mask_diagonal, HAS_A_TERM=lse_a is not None, HAS_B_TERM=lse_b is not None,
+        WRITE_DA=write_da, WRITE_DSCALE=write_ds, PRECISION=_precision(a.dtype), DOT_FP32=_dot_fp32(a.dtype),
+        BLOCK_M=bm, BLOCK_N=cfg["BWD_BLOCK_N"], BLOCK_D=cfg["BLOCK_D"], BLOCK_DOUT=cfg["BLOCK_DOUT"],
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    return da, ds
+
+
+class _SimilarityLSETriton(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, query, key, scale, mask_diagonal, columns, cfg):
+        scale32 = scale.detach().reshape(1).to(torch.float32)  # stays on the device: no host sync
+        row_lse = _forward_lse(query, key, scale32, mask_diagonal, cfg)
+        col_lse = _forward_lse(key, query, scale32, mask_diagonal, cfg) if columns else None
+        ctx.save_for_backward(query, key, scale32, row_lse, col_lse if columns else row_lse)
+        ctx.config = (mask_diagonal, columns, cfg, scale.shape, scale.dtype)
+        return (row_lse, col_lse) if columns else row_lse
+
+    @staticmethod
+    def backward(ctx, grad_row, grad_col=None):
+        query, key, scale32, row_lse, col_lse = ctx.saved_tensors
+        mask_diagonal, columns, cfg, scale_shape, scale_dtype = ctx.config
+        need_q, need_k, need_s = ctx.needs_input_grad[:3]
+        if not columns:
+            col_lse, grad_col = None, None
+        grads = [g for g in (grad_row, grad_col) if g is not None]
+        if not grads or not (need_q or need_k or need_s):
+            return None, None, None, None, None, None
+        # Divide the upstream gradients by their largest magnitude (a device scalar, no sync) so
+        # that G = g * P stays O(1): mean-reduced losses give g ~ 1/B, which would fall into
+        # fp16's subnormal range at large B before the cast for the tensor-core dot.
+        gmax = torch.stack([g.detach().abs().max().float() for g in grads]).max()
+        gmax = gmax.clamp_min(torch.finfo(torch.float32).tiny).reshape(1)
+        g_row = (grad_row.float() / gmax).contiguous() if grad_row is not None else None
+        g_col = (grad_col.float() / gmax).contiguous() if grad_col is not None else None
+        lse_row = row_lse if g_row is not None else None
+        lse_col = col_lse if g_col is not None else None
+
+        grad_q = grad_k = grad_s = None
+        if need_q or need_s:
+            grad_q, ds = _backward_side(query, key, scale32, gmax, lse_row, g_row, lse_col, g_col,
+                                        mask_diagonal, need_q, need_s, cfg)
+            if need_s:
+                grad_s = ds.sum().reshape(scale_shape).to(scale_dtype)
+        if need_k:
+            grad_k, _ = _backward_side(key, query, scale32, gmax, lse_col, g_col, lse_row, g_row,
+                                       mask_diagonal, True, False, cfg)
+        return grad_q, grad_k, grad_s, None, None, None
+
+
+# --------------------------------------------------------------------------- public entry
+
+
+def _check_inputs(query, key, scale):
+    for name, x in (("query", query), ("key", key)):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() != 2:
+            raise ValueError(f"{name} must be 2-D (rows, dim), got shape {tuple(x.shape)}")
+        if x.shape[0] == 0 or x.shape[1] == 0:
+            raise ValueError(f"{name} must be non-empty, got shape {tuple(x.shape)}")
+        if x.dtype not in SUPPORTED_DTYPES:
+            hint = ' (use impl="chunked" or "naive" for float64)' if x.dtype == torch.float64 else ""
+            raise TypeError(f"{name} must be float32, float16 or bfloat16 for the Triton kernels, "
+                            f"got {x.dtype}{hint}")
+    if query.shape[1] != key.shape[1]:
+        raise ValueError(f"query and key must have the same feature dim, got {tuple(query.shape)} "
+                         f"and {tuple(key.shape)}")
+    if query.device != key.device:
+        raise ValueError(f"query is on {query.device} but key is on {key.device}")
+    if not isinstance(scale, torch.Tensor) or scale.numel() != 1 or not scale.is_floating_point():
+        raise TypeError("scale must be a one-element floating-point tensor (the logit multiplier)")
+    if scale.device != query.device:
+        raise ValueError(f"scale is on {scale.device} but query is on {query.device}")
+    device = query.device
+    if device.type == "cpu" and not _interpreted():
+        raise ValueError("the Triton kernels need CUDA tensors; CPU tensors run only under "
+                         "TRITON_INTERPRET=1 (set before triton is imported)")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"the Triton kernels need CUDA tensors, got tensors on {device}")
+
+
+def similarity_lse_triton(query: torch.Tensor, key: torch.Tensor, scale: torch.Tensor, *,
+                          mask_diagonal: bool = False, columns: bool = False,
+                          block_sizes: dict | None = None):
+    """Row (and column) logsumexp of `scale * query @ key.T` with fused Triton kernels.
+
+    Args:
+        query: (B, D) float32 / float16 / bfloat16, any strides.
+        key: (N, D), same dim; it gets no gradient when it does not require one (MoCo queue).
+            If its dtype differs from query's, both are promoted to the wider one.
+        scale: 0-dim (or one-element) floating tensor on the same device, may require grad.
+        mask_diagonal: leave out logits with row index == column index (self-similarities).
+        columns: also return the column logsumexps (for CLIP's text->image half).
+        block_sizes: optional overrides of `default_block_sizes` (tests, tuning).
+
+    Returns:
+        row_lse (B,) float32, and col_lse (N,) float32 if `columns`; differentiable in query,
+        key and scale. Memory O((B + N) * D): no (B, N) buffer in forward or backward.
+    """
+    _check_inputs(query, key, scale)
+    if query.dtype != key.dtype:
+        common = torch.promote_types(query.dtype, key.dtype)
+        query, key = query.to(common), key.to(common)
+    cfg = default_block_sizes(query.shape[1], query.dtype, _interpreted())
+    if block_sizes:
+        unknown = set(block_sizes) - set(cfg)
+        if unknown:
+            raise ValueError(f"block_sizes has unknown keys {sorted(unknown)}; known: {sorted(cfg)}")
+        cfg.update(block_sizes)
+    return _SimilarityLSETriton.apply(query, key, scale, bool(mask_diagonal), bool(columns), cfg)
