@@ -1,0 +1,197 @@
+"""Embedding helpers: run a model's towers over many images or texts, batched, without gradients.
+
+Images may be PIL images, file paths, raw uint8 arrays/tensors (H, W, C) / (C, H, W), a float
+tensor of pixel values already prepared by `model.processor` ((N, 3, H, W) or (3, H, W)), or a
+`datasets.Dataset` whose image column holds any of these. Items are decoded one batch at a time,
+so a folder of a million files never sits in memory at once.
+"""
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+
+from mmcl.eval._checks import positive_int
+
+__all__ = ["load_image", "embed_images", "embed_texts", "model_device", "iter_image_batches"]
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """The device of the model's first parameter (CPU for a parameterless module)."""
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+@contextmanager
+def eval_mode(model: torch.nn.Module):
+    """Evaluate under `model.eval()` and `torch.inference_mode()`, restoring the training flag after."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            yield
+    finally:
+        model.train(was_training)
+
+
+def load_image(item):
+    """One image as an RGB PIL image, from a PIL image, a path, a uint8 array/tensor or a dict.
+
+    Raises ValueError naming the file when a path does not exist or cannot be decoded.
+    """
+    from PIL import Image
+
+    if isinstance(item, Image.Image):
+        return item.convert("RGB")
+    if isinstance(item, dict):  # an undecoded `datasets.Image` cell: {"bytes": ..., "path": ...}
+        if item.get("bytes") is not None:
+            import io
+
+            return _open(io.BytesIO(item["bytes"]), item.get("path") or "<image bytes>")
+        item = item.get("path")
+    if isinstance(item, (str, os.PathLike)):
+        if not os.path.isfile(item):
+            raise ValueError(f"image file not found: {os.fspath(item)}")
+        return _open(item, os.fspath(item))
+    if isinstance(item, torch.Tensor):
+        item = item.detach().cpu().numpy()
+    if isinstance(item, np.ndarray):
+        if item.dtype != np.uint8:
+            raise TypeError(f"a raw image array must be uint8, got {item.dtype} (float tensors are pixel values)")
+        if item.ndim == 3 and item.shape[0] in (1, 3) and item.shape[2] not in (1, 3):
+            item = item.transpose(1, 2, 0)  # (C, H, W) -> (H, W, C)
+        if item.ndim == 3 and item.shape[2] == 1:
+            item = item[:, :, 0]
+        if item.ndim not in (2, 3):
+            raise ValueError(f"a raw image array must be (H, W), (H, W, C) or (C, H, W), got {item.shape}")
+        return Image.fromarray(item).convert("RGB")
+    raise TypeError(f"cannot read an image from {type(item).__name__}; pass a PIL image, a path or a uint8 array")
+
+
+def _open(source, name: str):
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(source) as im:
+            return im.convert("RGB")
+    except (UnidentifiedImageError, OSError, SyntaxError) as err:
+        raise ValueError(f"cannot read image {name}: {err}") from None
+
+
+def _is_pixel_tensor(x) -> bool:
+    return isinstance(x, torch.Tensor) and x.is_floating_point()
+
+
+def _as_items(images, image_column: str):
+    """Normalise the accepted inputs to something indexable with len(), or a pixel tensor (N, 3, H, W)."""
+    try:
+        import datasets
+    except ImportError:  # pragma: no cover - datasets is a dependency
+        datasets = None
+    if datasets is not None and isinstance(images, datasets.Dataset):
+        if image_column not in images.column_names:
+            raise ValueError(f"image_column {image_column!r} is not in the dataset; columns: {images.column_names}")
+        return _DatasetColumn(images, image_column)
+    if _is_pixel_tensor(images):
+        if images.dim() == 3:
+            images = images.unsqueeze(0)
+        if images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f"pixel values must be (N, 3, H, W) or (3, H, W), got shape {tuple(images.shape)}")
+        return images
+    if isinstance(images, torch.Tensor) and images.dim() == 4:  # a uint8 batch (N, C, H, W) / (N, H, W, C)
+        return list(images)
+    if isinstance(images, (str, os.PathLike, dict, torch.Tensor, np.ndarray)) or hasattr(images, "convert"):
+        return [images]  # a single image
+    if isinstance(images, Sequence):
+        return images
+    raise TypeError(f"images must be a list of images/paths, a tensor or a datasets.Dataset, got {type(images).__name__}")
+
+
+class _DatasetColumn:
+    """Lazy view of one column; slicing decodes only that slice's images."""
+
+    def __init__(self, dataset, column: str):
+        self.dataset, self.column = dataset, column
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: slice):
+        return self.dataset[index][self.column]
+
+
+def iter_image_batches(model, images, *, image_column: str = "image", batch_size: int = 64) -> Iterator[torch.Tensor]:
+    """Yield (b, 3, H, W) pixel batches prepared by `model.processor`, on the model's device."""
+    items = _as_items(images, image_column)
+    batch_size = positive_int("batch_size", batch_size)
+    device = model_device(model)
+    if len(items) == 0:
+        raise ValueError("no images given")
+    for start in range(0, len(items), batch_size):
+        chunk = items[start : start + batch_size]
+        if _is_pixel_tensor(chunk):
+            pixels = chunk
+        else:
+            pixels = model.processor.preprocess_images([load_image(x) for x in chunk])
+        yield pixels.to(device)
+
+
+def _count(images, image_column: str) -> int:
+    items = _as_items(images, image_column)
+    return len(items)
+
+
+def embed_images(
+    model,
+    images,
+    *,
+    image_column: str = "image",
+    batch_size: int = 64,
+    normalize: bool = True,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Image embeddings (N, P) as float32 on CPU, from `model.encode_image` batch by batch.
+
+    `images`: a `datasets.Dataset` (its `image_column` is used), a list of PIL images / paths /
+    uint8 arrays, one such image, or a float pixel tensor (N, 3, H, W) already preprocessed.
+    """
+    from tqdm.auto import tqdm
+
+    total = _count(images, image_column)
+    out = []
+    with eval_mode(model), tqdm(total=total, desc="images", unit="img", disable=not progress) as bar:
+        for pixels in iter_image_batches(model, images, image_column=image_column, batch_size=batch_size):
+            out.append(model.encode_image(pixels, normalize=normalize).float().cpu())
+            bar.update(pixels.shape[0])
+    return torch.cat(out)
+
+
+def embed_texts(model, texts, *, batch_size: int = 256, normalize: bool = True, progress: bool = False) -> torch.Tensor:
+    """Text embeddings (N, P) as float32 on CPU, from `model.processor.tokenize` + `model.encode_text`."""
+    from tqdm.auto import tqdm
+
+    if isinstance(texts, str):
+        texts = [texts]
+    if not isinstance(texts, Sequence) or not all(isinstance(t, str) for t in texts):
+        raise TypeError("texts must be a string or a list of strings")
+    if len(texts) == 0:
+        raise ValueError("texts is empty")
+    batch_size = positive_int("batch_size", batch_size)
+    if getattr(model, "has_text_tower", True) is False:
+        raise ValueError("this model has no text tower; text embeddings need an image-text model")
+    device = model_device(model)
+    out = []
+    with eval_mode(model), tqdm(total=len(texts), desc="texts", unit="txt", disable=not progress) as bar:
+        for start in range(0, len(texts), batch_size):
+            chunk = list(texts[start : start + batch_size])
+            tokens = model.processor.tokenize(chunk)
+            ids = tokens["input_ids"].to(device)
+            mask = tokens.get("attention_mask")
+            mask = None if mask is None else mask.to(device)
+            out.append(model.encode_text(ids, attention_mask=mask, normalize=normalize).float().cpu())
+            bar.update(len(chunk))
+    return torch.cat(out)

@@ -1,0 +1,111 @@
+"""Retrieval recall@k: constructed similarity matrices whose ranks are known by construction."""
+import random
+
+import pytest
+import torch
+
+from mmcl.retrieval import flatten_captions, recall_at_k, retrieval_ranks
+
+
+def _owners(captions_per_image):
+    return [i for i, n in enumerate(captions_per_image) for _ in range(n)]
+
+
+def _rows_with_ranks(owner, ranks, rng):
+    """(I, T) similarity where image i's best caption has exactly ranks[i] wrong captions above it."""
+    n_img, n_txt = len(ranks), len(owner)
+    sim = torch.empty(n_img, n_txt, dtype=torch.float64)
+    for i, r in enumerate(ranks):
+        right = [j for j in range(n_txt) if owner[j] == i]
+        wrong = [j for j in range(n_txt) if owner[j] != i]
+        rng.shuffle(right)
+        rng.shuffle(wrong)
+        rest = right[1:] + wrong[r:]
+        rng.shuffle(rest)
+        order = wrong[:r] + right[:1] + rest  # best first
+        sim[i, order] = torch.linspace(1.0, -1.0, n_txt, dtype=torch.float64)
+    return sim
+
+
+def _columns_with_ranks(owner, n_img, ranks, rng):
+    """(I, T) similarity where text j's image has exactly ranks[j] other images above it."""
+    sim = torch.empty(n_img, len(owner), dtype=torch.float32)
+    for j, r in enumerate(ranks):
+        others = [i for i in range(n_img) if i != owner[j]]
+        rng.shuffle(others)
+        order = others[:r] + [owner[j]] + others[r:]
+        sim[order, j] = torch.linspace(0.9, -0.3, n_img)
+    return sim
+
+
+@pytest.mark.parametrize("captions_per_image", [[1] * 13, [5, 1, 3, 2, 5, 4, 1, 5, 2, 3, 1, 5, 2, 4, 3, 1, 2]])
+def test_image_to_text_recall_matches_construction(captions_per_image):
+    rng = random.Random(len(captions_per_image))
+    owner = _owners(captions_per_image)
+    n_wrong = [len(owner) - n for n in captions_per_image]
+    # Ranks straddling every k boundary: 0, k-1, k, and far down the list.
+    pool = [0, 1, 4, 5, 9, 10, 11]
+    ranks = [min(rng.choice(pool), w) for w in n_wrong]
+    sim = _rows_with_ranks(owner, ranks, rng)
+    image_ranks, _ = retrieval_ranks(sim, owner, block=4)  # several blocks, the last one partial
+    assert image_ranks.tolist() == ranks
+    out = recall_at_k(sim, owner, ks=(1, 5, 10))
+    for k in (1, 5, 10):
+        expected = sum(r < k for r in ranks) / len(ranks)
+        assert out[f"image_to_text_R@{k}"] == pytest.approx(expected, abs=1e-12), k
+
+
+def test_text_to_image_recall_matches_construction():
+    rng = random.Random(3)
+    captions_per_image = [2, 5, 1, 3, 4, 1, 2, 5, 3, 1, 2, 2, 4]
+    owner = _owners(captions_per_image)
+    n_img = len(captions_per_image)
+    ranks = [rng.choice([0, 0, 1, 4, 5, 9, 10, n_img - 1]) for _ in owner]
+    sim = _columns_with_ranks(owner, n_img, ranks, rng)
+    _, text_ranks = retrieval_ranks(sim, torch.tensor(owner), block=7)
+    assert text_ranks.tolist() == ranks
+    out = recall_at_k(sim, owner, ks=(1, 3, 5, 10))
+    for k in (1, 3, 5, 10):
+        assert out[f"text_to_image_R@{k}"] == pytest.approx(sum(r < k for r in ranks) / len(ranks), abs=1e-12)
+    assert out["mean_recall"] == pytest.approx(sum(v for key, v in out.items() if "@" in key) / 8)
+
+
+def test_ties_count_against_the_model():
+    # A collapsed model (all scores equal) must not look perfect: every wrong item ties ahead.
+    captions_per_image = [1, 2, 3, 1, 1, 2]
+    owner = _owners(captions_per_image)
+    sim = torch.zeros(len(captions_per_image), len(owner))
+    out = recall_at_k(sim, owner, ks=(1, 5, 10))
+    n_txt, n_img = len(owner), len(captions_per_image)
+    for k in (1, 5, 10):
+        expected_i2t = sum((n_txt - n) < k for n in captions_per_image) / n_img
+        assert out[f"image_to_text_R@{k}"] == pytest.approx(expected_i2t)
+        assert out[f"text_to_image_R@{k}"] == float(n_img - 1 < k)
+
+
+def test_flatten_captions_mixes_strings_and_lists():
+    texts, owner = flatten_captions(["one", ["two a", "two b"], ("three",)])
+    assert texts == ["one", "two a", "two b", "three"]
+    assert owner == [0, 1, 1, 2]
+
+
+@pytest.mark.parametrize(
+    "sim, owner, match",
+    [
+        (torch.zeros(3, 4), [0, 1, 2], "4 text columns"),
+        (torch.zeros(3, 3), [0, 1, 3], r"image indices in \[0, 3\)"),
+        (torch.zeros(3, 3), [0, 1, 1], "at least one caption"),
+        (torch.full((2, 2), float("nan")), [0, 1], "NaN"),
+        (torch.zeros(2, 2, dtype=torch.long), [0, 1], "floating-point"),
+    ],
+)
+def test_bad_input_is_named(sim, owner, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        recall_at_k(sim, owner)
+
+
+def test_bad_captions_are_named():
+    with pytest.raises(ValueError, match="row 1 of caption column 'captions'"):
+        flatten_captions(["ok", []])
+    with pytest.raises(ValueError, match="k must be a positive integer"):
+        recall_at_k(torch.eye(3), [0, 1, 2], ks=(0,))
