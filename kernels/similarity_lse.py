@@ -32,7 +32,6 @@ __all__ = ["similarity_lse_triton", "SUPPORTED_DTYPES"]
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 LOG2E = 1.4426950408889634  # exp(x) = exp2(x * log2 e): exp2 is the fast hardware instruction
-LN2 = 0.6931471805599453
 
 
 # --------------------------------------------------------------------------- kernels
@@ -69,7 +68,7 @@ def _lse_fwd_kernel(a_ptr, b_ptr, scale_ptr, lse_ptr, M, N, D,
     # int64 offsets: rows * stride overflows int32 for big or strided inputs.
     rows = (pid * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     row_ok = rows < M
-    scale2 = tl.load(scale_ptr).to(tl.float32) * LOG2E  # logits in base 2
+    scale = tl.load(scale_ptr).to(tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     for c0 in range(0, N, BLOCK_N):
@@ -80,15 +79,18 @@ def _lse_fwd_kernel(a_ptr, b_ptr, scale_ptr, lse_ptr, M, N, D,
         keep = col_ok[None, :]
         if MASK_DIAGONAL:
             keep = keep & (rows[:, None] != cols[None, :])
-        s2 = tl.where(keep, dots * scale2, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s2, axis=1))
+        logits = tl.where(keep, dots * scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(logits, axis=1))
         # A row whose logits so far are all masked has max -inf; shift by 0 there so that
         # exp2(-inf - -inf) = nan never appears.
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        l_i = l_i * tl.exp2(m_i - m_use) + tl.sum(tl.exp2(s2 - m_use[:, None]), axis=1)
+        # Subtract in natural units, then go to base 2: the max and the lse stay exact natural
+        # logits, so no log2(e) * ln(2) round trip shifts them (at logits ~ 400 it would).
+        p = tl.exp2((logits - m_use[:, None]) * LOG2E)
+        l_i = l_i * tl.exp2((m_i - m_use) * LOG2E) + tl.sum(p, axis=1)
         m_i = m_new
-    # A fully masked row (B = N = 1 with the diagonal masked) ends at -inf + log2(0) = -inf.
-    tl.store(lse_ptr + rows, (m_i + tl.log2(l_i)) * LN2, mask=row_ok)
+    # A fully masked row (B = N = 1 with the diagonal masked) ends at -inf + log(0) = -inf.
+    tl.store(lse_ptr + rows, m_i + tl.log(l_i), mask=row_ok)
 
 
 @triton.jit
@@ -110,11 +112,10 @@ def _lse_bwd_kernel(a_ptr, b_ptr, scale_ptr, gmax_ptr, lse_a_ptr, g_a_ptr, lse_b
     rows = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     row_ok = rows < M
     scale = tl.load(scale_ptr).to(tl.float32)
-    scale2 = scale * LOG2E
     if HAS_A_TERM:
         lse_a = tl.load(lse_a_ptr + rows, mask=row_ok, other=float("inf"))
         # -inf (fully masked row): its probabilities are all 0; +inf makes exp2(S - lse) = 0.
-        lse_a = tl.where(lse_a == float("-inf"), float("inf"), lse_a) * LOG2E
+        lse_a = tl.where(lse_a == float("-inf"), float("inf"), lse_a)
         g_a = tl.load(g_a_ptr + rows, mask=row_ok, other=0.0)
     offs_out = (pid_d * BLOCK_DOUT + tl.arange(0, BLOCK_DOUT)).to(tl.int64)
     out_ok = offs_out < D
@@ -128,15 +129,15 @@ def _lse_bwd_kernel(a_ptr, b_ptr, scale_ptr, gmax_ptr, lse_a_ptr, g_a_ptr, lse_b
         keep = row_ok[:, None] & col_ok[None, :]
         if MASK_DIAGONAL:
             keep = keep & (rows[:, None] != cols[None, :])
-        s2 = tl.where(keep, dots * scale2, float("-inf"))
+        logits = tl.where(keep, dots * scale, float("-inf"))
         g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         if HAS_A_TERM:
-            g += tl.exp2(s2 - lse_a[:, None]) * g_a[:, None]
+            g += tl.exp2((logits - lse_a[:, None]) * LOG2E) * g_a[:, None]
         if HAS_B_TERM:
             lse_b = tl.load(lse_b_ptr + cols, mask=col_ok, other=float("inf"))
-            lse_b = tl.where(lse_b == float("-inf"), float("inf"), lse_b) * LOG2E
+            lse_b = tl.where(lse_b == float("-inf"), float("inf"), lse_b)
             g_b = tl.load(g_b_ptr + cols, mask=col_ok, other=0.0)
-            g += tl.exp2(s2 - lse_b[None, :]) * g_b[None, :]
+            g += tl.exp2((logits - lse_b[None, :]) * LOG2E) * g_b[None, :]
         if WRITE_DSCALE:
             ds_acc += tl.sum(g * dots, axis=1)
         if WRITE_DA:
