@@ -1,0 +1,105 @@
+"""Evaluation during and after training: zero-shot top-1 for image-text modes, kNN top-1 for
+image-only modes, on the held-out data of the data config (the digits' test split for the demo)."""
+from __future__ import annotations
+
+import torch
+
+
+class Evaluator:
+    """Loads the held-out data once; `__call__(model)` returns a dict of metrics (may be empty).
+
+    Image-text modes: zero-shot classification of the held-out images with class names × prompt
+    templates (for the digits, mmcl.data.EVAL_TEMPLATES, none of which is used in training).
+    Image-only modes: kNN (k, temperature from the eval config) of held-out image embeddings
+    against training image embeddings (un-augmented), both from the current model.
+    """
+
+    def __init__(self, cfg):
+        self.cfg, self.mode = cfg, cfg.mode
+        self._eval_ds = self._train_ds = None
+        self._loaded = False
+
+    def _label_column(self, ds) -> str | None:
+        col = self.cfg.data.label_column or "label"
+        return col if ds is not None and col in ds.column_names else None
+
+    def _load(self) -> None:
+        from mmcl.data import load_eval_dataset, load_source
+
+        self._loaded = True
+        data, ecfg = self.cfg.data, self.cfg.eval
+        ds = load_eval_dataset(data, seed=self.cfg.seed)
+        if ds is None or self._label_column(ds) is None:
+            return
+        if ecfg.max_samples is not None and ecfg.max_samples < len(ds):
+            ds = ds.select(range(ecfg.max_samples))
+        self._eval_ds = ds
+        if self.mode in ("simclr", "moco"):
+            train = load_source(data.source, data.split, seed=self.cfg.seed)
+            limit = min(len(train), 5000)
+            self._train_ds = train.select(range(limit))
+
+    def class_names(self, ds) -> list[str]:
+        if self.cfg.eval.class_names:
+            return list(self.cfg.eval.class_names)
+        if self.cfg.data.source == "digits" and (self.cfg.data.eval_source in (None, "digits")):
+            from mmcl.data import DIGIT_CLASS_NAMES
+
+            return list(DIGIT_CLASS_NAMES)
+        feature = ds.features[self._label_column(ds)]
+        names = getattr(feature, "names", None)
+        if not names:
+            raise ValueError("zero-shot evaluation needs class names: set eval.class_names or use a ClassLabel column")
+        return list(names)
+
+    def templates(self):
+        t = self.cfg.eval.templates
+        if t == "eval":
+            if self.cfg.data.source == "digits":
+                from mmcl.data import EVAL_TEMPLATES
+
+                return list(EVAL_TEMPLATES)
+            return None
+        return t
+
+    @torch.no_grad()
+    def __call__(self, model) -> dict:
+        if not self.cfg.eval.enabled:
+            return {}
+        if not self._loaded:
+            self._load()
+        if self._eval_ds is None:
+            return {}
+        was_training = model.training
+        model.eval()
+        try:
+            if self.mode in ("clip", "clip+simclr"):
+                return self._zero_shot(model)
+            return self._knn(model)
+        finally:
+            model.train(was_training)
+
+    def _zero_shot(self, model) -> dict:
+        from mmcl.zeroshot import ZeroShotClassifier
+
+        ds = self._eval_ds
+        clf = ZeroShotClassifier(model, self.class_names(ds), self.templates(),
+                                 batch_size=self.cfg.eval.batch_size, progress=False)
+        res = clf.evaluate(ds, image_column=self.cfg.data.image_column, label_column=self._label_column(ds))
+        return {"zeroshot_top1": res["top1"], "zeroshot_top5": res["top5"]}
+
+    def _knn(self, model) -> dict:
+        from mmcl.eval import embed_images, knn_accuracy
+
+        train, test = self._train_ds, self._eval_ds
+        col, bs = self.cfg.data.image_column, self.cfg.eval.batch_size
+        train_label = self._label_column(train)
+        if train_label is None:
+            return {}
+        f_train = embed_images(model, train, image_column=col, batch_size=bs)
+        f_test = embed_images(model, test, image_column=col, batch_size=bs)
+        y_train = torch.as_tensor(train[train_label])
+        y_test = torch.as_tensor(test[self._label_column(test)])
+        k = min(self.cfg.eval.knn_k, len(train))
+        acc = knn_accuracy(f_train, y_train, f_test, y_test, k=k, temperature=self.cfg.eval.knn_temperature)
+        return {"knn_top1": float(acc)}

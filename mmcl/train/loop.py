@@ -1,0 +1,266 @@
+"""`fit(config)`: the training loop on Hugging Face Accelerate.
+
+One call builds the model, data, optimizer and schedule from a Config, resumes from the newest
+complete checkpoint when asked, trains for `train.max_steps` optimizer steps (each one batch, or
+k micro-batches through GradCache / plain accumulation), logs through Accelerate's trackers,
+evaluates, checkpoints, and saves the final model with `save_pretrained` to `output_dir/final`.
+"""
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from mmcl.train import checkpoint as ckpt
+from mmcl.train.config import Config, from_dict, load_config, to_dict
+from mmcl.train.gradcache import cached_step, plain_step
+
+__all__ = ["fit"]
+
+
+def _as_config(config) -> Config:
+    if isinstance(config, Config):
+        return config
+    if isinstance(config, dict):
+        return from_dict(config)
+    if isinstance(config, (str, Path)):
+        return load_config(config)
+    raise TypeError(f"config must be an mmcl.train.Config, a dict or a YAML path, got {type(config).__name__}")
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v if isinstance(v, (int, float, str, bool)) else str(v)
+    return out
+
+
+def _to_device(batch: dict, device) -> dict:
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def _make_accelerator(cfg: Config):
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    from mmcl.train.trackers import build_trackers
+
+    out = Path(cfg.output_dir)
+    return Accelerator(
+        mixed_precision=cfg.train.mixed_precision,
+        log_with=build_trackers(cfg.train.trackers, str(out / "logs")) or None,
+        project_dir=str(out),
+        dynamo_backend="inductor" if cfg.train.compile else "no",
+        # Towers may hold parameters that a given loss never reaches (a pooler next to mean pooling).
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+    )
+
+
+def fit(config, *, on_batch=None, on_step_end=None) -> dict:
+    """Train a DualEncoder as `config` says and return the final metrics.
+
+    Args:
+        config: an mmcl.train.Config (see `load_config`), a nested dict, or a YAML path.
+        on_batch: optional `fn(step, batch) -> batch | None` called on every micro-batch before
+            the forward pass (step is 1-based); may return a modified batch.
+        on_step_end: optional `fn(step, metrics)` called after every optimizer step.
+
+    Returns:
+        dict with "step", "loss", evaluation metrics (e.g. "zeroshot_top1", "knn_top1"),
+        "skipped_images", "nonfinite_steps", "train_seconds" and "final_dir". The model is saved
+        with save_pretrained to `output_dir/final`.
+
+    Raises:
+        FloatingPointError: a non-finite loss, naming the step (unless train.skip_nonfinite).
+    """
+    from accelerate.utils import set_seed
+    from tqdm.auto import tqdm
+
+    from mmcl.data import build_dataloader
+    from mmcl.train.builders import build_model
+    from mmcl.train.evaluation import Evaluator
+    from mmcl.train.objectives import build_objective
+    from mmcl.train.optim import build_optimizer, build_scheduler
+    from mmcl.train.stream import BatchStream
+
+    cfg = _as_config(config)
+    t, out = cfg.train, Path(cfg.output_dir)
+    accelerator = _make_accelerator(cfg)
+    rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
+    main = accelerator.is_main_process
+
+    set_seed(cfg.seed)  # same initial weights on every rank (DDP also broadcasts rank 0's)
+    model = build_model(cfg)
+    objective = build_objective(cfg.mode, cfg.loss, model, t.max_steps)
+    if cfg.model.sync_bn and world > 1:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    loader = build_dataloader(cfg.data, model.processor, mode=cfg.mode, batch_size=t.batch_size, seed=cfg.seed)
+    stream = BatchStream(loader, t.batch_size, rank, world, seed=cfg.seed)
+    optimizer = build_optimizer(model, cfg.optim)
+    scheduler = build_scheduler(optimizer, cfg.optim, t.max_steps)
+    if getattr(accelerator.state, "deepspeed_plugin", None) is not None:
+        accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = t.batch_size
+    model, optimizer = accelerator.prepare(model, optimizer)
+    unwrapped = accelerator.unwrap_model(model)
+    if hasattr(objective, "to"):
+        objective.to(device)
+    extra = objective.modules()
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    step = 0
+    resume_from = _resume_path(cfg)
+    if resume_from is not None:
+        state = ckpt.read_checkpoint(resume_from, unwrapped, extra)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if accelerator.scaler is not None and state.get("scaler"):
+            accelerator.scaler.load_state_dict(state["scaler"])
+        stream.load_state_dict(state["data"])
+        step = int(state["step"])
+        rng_name = f"rng_{rank}" if (resume_from / f"rng_{rank}.json").is_file() else None
+        set_seed(cfg.seed + 7919 * step + rank)  # world size changed: a fresh but reproducible stream
+        if rng_name:
+            ckpt.set_rng_state(ckpt.load_state(resume_from, rng_name))
+        if main:
+            print(f"mmcl: resumed from {resume_from} at step {step}")
+    else:
+        set_seed(cfg.seed, device_specific=True)  # different dropout / shuffle-BN draws per rank
+
+    accelerator.init_trackers("mmcl", config=_flat(to_dict(cfg)))
+    evaluator = Evaluator(cfg)
+    k = max(t.accumulate, t.grad_accum_steps)
+    no_sync = lambda: accelerator.no_sync(model)  # noqa: E731
+    scale_fn = (lambda: unwrapped.logit_scale()) if objective.learns_scale else None
+    metrics: dict = {}
+    skipped_images = nonfinite_steps = 0
+    last_loss = float("nan")
+    pbar = tqdm(total=t.max_steps, initial=step, disable=not (accelerator.is_local_main_process and t.progress),
+                desc=f"mmcl {cfg.mode}", dynamic_ncols=True)
+    started = window_start = time.perf_counter()
+    window_samples = 0
+    model.train()
+    while step < t.max_steps:
+        batches = []
+        for _ in range(k):
+            batch = stream.next()
+            skipped_images += int(batch.get("num_skipped", 0))
+            if on_batch is not None:
+                batch = on_batch(step + 1, batch) or batch
+            batches.append(_to_device(batch, device))
+        if t.accumulate > 1:
+            loss, logs, keys = cached_step(model, scale_fn, objective, batches, accelerator.backward, no_sync, device)
+        else:
+            loss, logs, keys = plain_step(model, objective, batches, accelerator.backward, no_sync)
+        loss_value = float(accelerator.reduce(loss.detach().float().reshape(1), reduction="mean"))
+        grad_norm = None
+        finite = math.isfinite(loss_value)
+        if finite and cfg.optim.max_grad_norm:
+            grad_norm = float(accelerator.clip_grad_norm_(params, cfg.optim.max_grad_norm))
+            finite = math.isfinite(grad_norm) or t.mixed_precision == "fp16"  # fp16: the scaler skips
+        if not finite:
+            optimizer.zero_grad(set_to_none=True)
+            if not t.skip_nonfinite:
+                pbar.close()
+                accelerator.end_training()
+                raise FloatingPointError(
+                    f"non-finite loss ({loss_value}) or gradient norm ({grad_norm}) at step {step + 1}; "
+                    "lower optim.lr, check the data, or set train.skip_nonfinite=true to skip such steps")
+            nonfinite_steps += 1
+            if main:
+                print(f"mmcl: skipped step {step + 1}: non-finite loss ({loss_value}) or gradient norm ({grad_norm})")
+        else:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            objective.after_step(unwrapped, keys, step)
+            last_loss = loss_value
+        scheduler.step()
+        step += 1
+        window_samples += sum(b[objective.batch_keys[0]].shape[0] for b in batches) * world
+        pbar.update(1)
+        if step % t.log_every == 0 or step == t.max_steps:
+            now = time.perf_counter()
+            metrics = {"loss": loss_value, "lr": scheduler.get_last_lr()[0],
+                       "samples_per_s": window_samples / max(now - window_start, 1e-9),
+                       "epoch": stream.epoch, "skipped_images": skipped_images, "nonfinite_steps": nonfinite_steps,
+                       **logs}
+            if grad_norm is not None:
+                metrics["grad_norm"] = grad_norm
+            accelerator.log(metrics, step=step)
+            pbar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{metrics['lr']:.2e}")
+            window_start, window_samples = now, 0
+        if t.eval_every and step % t.eval_every == 0 and step < t.max_steps:
+            _log_eval(accelerator, evaluator, unwrapped, step)
+        if t.save_every and step % t.save_every == 0:
+            _save(accelerator, cfg, step, unwrapped, extra, optimizer, scheduler, stream)
+        if on_step_end is not None:
+            on_step_end(step, {"loss": loss_value})
+    pbar.close()
+    train_seconds = time.perf_counter() - started
+
+    results = {"step": step, "loss": last_loss, "skipped_images": skipped_images,
+               "nonfinite_steps": nonfinite_steps, "train_seconds": train_seconds}
+    results.update(_log_eval(accelerator, evaluator, unwrapped, step))
+    final_dir = out / "final"
+    if main:
+        unwrapped.save_pretrained(str(final_dir))
+        _report(results, final_dir)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    results["final_dir"] = str(final_dir)
+    return results
+
+
+def _resume_path(cfg: Config):
+    r = cfg.train.resume
+    if r is None:
+        return None
+    if r == "auto":
+        return ckpt.latest_checkpoint(cfg.output_dir)  # None: nothing to resume, start fresh
+    path = Path(r)
+    if not (path / "COMPLETE").is_file():
+        raise ValueError(f"train.resume={r!r} is not a complete checkpoint directory (use 'auto' or a step_* dir)")
+    return path
+
+
+def _log_eval(accelerator, evaluator, model, step: int) -> dict:
+    """Evaluate on the main process (the others wait), log, and return the metrics everywhere."""
+    from accelerate.utils import broadcast_object_list
+
+    box = [evaluator(model) if accelerator.is_main_process else None]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(box, from_process=0)
+    result = box[0] or {}
+    if result:
+        accelerator.log({f"eval/{k}": v for k, v in result.items()}, step=step)
+    return result
+
+
+def _save(accelerator, cfg, step, model, extra, optimizer, scheduler, stream) -> None:
+    """Every rank writes its RNG state; the main process writes the rest and renames."""
+    out = cfg.output_dir
+    if accelerator.is_main_process:
+        ckpt.begin_checkpoint(out, step)
+    accelerator.wait_for_everyone()
+    tmp = ckpt.temporary_dir(out, step)
+    ckpt.save_state(ckpt.rng_state(), tmp, f"rng_{accelerator.process_index}")
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        scaler = accelerator.scaler.state_dict() if accelerator.scaler is not None else None
+        state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                 "scaler": scaler, "data": stream.state_dict(), "world_size": accelerator.num_processes}
+        ckpt.finish_checkpoint(tmp, out, step, model, extra, state, cfg.train.keep_checkpoints)
+    accelerator.wait_for_everyone()
+
+
+def _report(results: dict, final_dir: Path) -> None:
+    if "zeroshot_top1" in results:
+        print(f"mmcl: zero-shot top-1 {results['zeroshot_top1']:.4f} (top-5 {results['zeroshot_top5']:.4f}) "
+              f"on held-out data after {results['step']} steps, {results['train_seconds']:.0f} s of training")
+    if "knn_top1" in results:
+        print(f"mmcl: kNN top-1 {results['knn_top1']:.4f} on held-out data after {results['step']} steps")
+    print(f"mmcl: model saved to {final_dir} (load it with mmcl.DualEncoder.from_pretrained)")

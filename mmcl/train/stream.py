@@ -1,0 +1,80 @@
+"""An endless, resumable, sharded stream of batches over epochs.
+
+mmcl.data's loader makes every sample's augmentation a function of (seed, epoch, index) and
+its sampler's order a function of (seed, epoch). This stream cuts each epoch's order into global
+batches of B × world samples, hands rank r its r-th slice of each, and remembers (epoch,
+batches consumed). Resuming rebuilds the same epoch order and starts after the consumed batches,
+so a resumed run sees exactly the batches an uninterrupted one would have seen.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+
+class BatchStream:
+    """Batches of `batch_size` for this rank from `loader`'s dataset, collate_fn and workers.
+
+    Args:
+        loader: a DataLoader from mmcl.data.build_dataloader (its sampler has set_epoch; any
+            other sampler is replaced by a (seed, epoch)-seeded permutation).
+        batch_size: per-rank batch size B.
+        rank, world_size: this process and the number of processes.
+        seed: seeds the fallback permutation.
+    """
+
+    def __init__(self, loader: DataLoader, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0):
+        self.dataset, self.collate_fn, self.num_workers = loader.dataset, loader.collate_fn, loader.num_workers
+        self.sampler = loader.sampler
+        self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
+        self.epoch, self.position = 0, 0
+        self._iterator = None
+        self.batches_per_epoch = len(self._epoch_batches(0))
+
+    def _epoch_order(self, epoch: int) -> list:
+        if hasattr(self.sampler, "set_epoch"):
+            self.sampler.set_epoch(epoch)
+            return list(self.sampler)
+        return np.random.default_rng([self.seed, epoch]).permutation(len(self.dataset)).tolist()
+
+    def _epoch_batches(self, epoch: int) -> list[list]:
+        order = self._epoch_order(epoch)
+        global_batch = self.batch_size * self.world_size
+        n = len(order) // global_batch  # drop the incomplete tail: every rank gets full batches
+        if n == 0:
+            raise ValueError(
+                f"the training data has {len(order)} samples, fewer than one global batch of {global_batch} "
+                f"(train.batch_size={self.batch_size} x {self.world_size} processes): lower train.batch_size"
+            )
+        lo, hi = self.rank * self.batch_size, (self.rank + 1) * self.batch_size
+        return [order[i * global_batch + lo:i * global_batch + hi] for i in range(n)]
+
+    def _start(self) -> None:
+        batches = self._epoch_batches(self.epoch)[self.position:]
+        if not batches:  # the checkpoint was taken at the very end of an epoch
+            self.epoch, self.position = self.epoch + 1, 0
+            batches = self._epoch_batches(self.epoch)
+        generator = torch.Generator().manual_seed(hash((self.seed, self.epoch, self.rank)) % (2**63))
+        self._iterator = iter(DataLoader(self.dataset, batch_sampler=batches, collate_fn=self.collate_fn,
+                                         num_workers=self.num_workers, generator=generator))
+
+    def next(self) -> dict:
+        """The next batch (a dict from the collate_fn); moves to the next epoch when one ends."""
+        if self._iterator is None:
+            self._start()
+        try:
+            batch = next(self._iterator)
+        except StopIteration:
+            self.epoch, self.position = self.epoch + 1, 0
+            self._start()
+            batch = next(self._iterator)
+        self.position += 1
+        return batch
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        self._iterator = None
