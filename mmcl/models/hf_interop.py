@@ -1,0 +1,192 @@
+"""Loading transformers' CLIPModel / VisionTextDualEncoderModel and open_clip models into a
+DualEncoder, and exporting a DualEncoder back to transformers.
+
+The mapping is one to one: both transformers models pool each tower by its pooler_output,
+project with bias-free linears (`visual_projection`, `text_projection`) and store the log of the
+logit multiplier (`logit_scale`); mmcl's "pooler" pooling, "linear" heads and LogitScale are the
+same three things.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import torch
+
+from mmcl.models.processor import DualProcessor, TransformImageProcessor
+from mmcl.models.towers import HFTower, has_image_processor_files, has_tokenizer_files
+
+
+def resolve_directory(path: str) -> str:
+    """`path` if it is a directory; otherwise a hub id found in the local Hugging Face cache."""
+    if os.path.isdir(path):
+        return path
+    if os.path.exists(path):
+        raise ValueError(f"{path!r} is a file; from_pretrained takes a model directory")
+    if path.startswith((".", "/", "~")) or path.count("/") > 1:
+        raise ValueError(f"model directory {path!r} does not exist")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(path)
+    except Exception as exc:
+        raise ValueError(f"{path!r} is not a directory, and no hub model of that id could be found "
+                         f"(offline runs need it in the local cache): {exc}") from exc
+
+
+def read_config(directory: str) -> dict:
+    path = os.path.join(directory, "config.json")
+    if not os.path.isfile(path):
+        raise ValueError(f"{directory!r} has no config.json: it is not a model directory")
+    try:
+        with open(path) as f:
+            config = json.load(f)
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"config file {path!r} is not valid JSON: {exc}") from exc
+    if not isinstance(config, dict):
+        raise ValueError(f"config file {path!r} must hold a JSON object")
+    return config
+
+
+def _hf_processor(directory: str, vision_config, text_tower) -> DualProcessor:
+    """The image processor and tokenizer saved with a transformers model, if any."""
+    from transformers import AutoImageProcessor, AutoTokenizer
+
+    if has_image_processor_files(directory):
+        image_processor = AutoImageProcessor.from_pretrained(directory)
+    else:  # plain resize / normalise at the model's size
+        size = getattr(vision_config, "image_size", 224)
+        image_processor = TransformImageProcessor(size, (0.5,) * 3, (0.5,) * 3)
+    tokenizer = AutoTokenizer.from_pretrained(directory) if has_tokenizer_files(directory) else None
+    return DualProcessor(image_processor, tokenizer, text_tower.max_length)
+
+
+def from_transformers_dir(cls, directory: str, config: dict):
+    """A DualEncoder equal to a transformers CLIPModel or VisionTextDualEncoderModel."""
+    import transformers
+
+    model_type = config.get("model_type")
+    if model_type == "clip":
+        # transformers 5's CLIPModel holds a CLIPVisionModel and a CLIPTextModel: take them.
+        hf = transformers.CLIPModel.from_pretrained(directory, dtype=torch.float32)
+        vision, text = hf.vision_model, hf.text_model
+    elif model_type == "vision-text-dual-encoder":
+        hf = transformers.VisionTextDualEncoderModel.from_pretrained(directory, dtype=torch.float32)
+        vision, text = hf.vision_model, hf.text_model
+    else:
+        raise ValueError(
+            f"{directory!r} holds a transformers {model_type!r} model; DualEncoder.from_pretrained loads mmcl, "
+            "CLIPModel and VisionTextDualEncoderModel directories (use DualEncoder.from_towers for single towers)"
+        )
+    image_tower, text_tower = HFTower(vision, "image", "pooler"), HFTower(text, "text", "pooler")
+    scale = float(hf.logit_scale.detach().exp())
+    model = cls(image_tower, text_tower, _hf_processor(directory, vision.config, text_tower),
+                projection_dim=hf.visual_projection.out_features, projection="linear",
+                init_temperature=1.0 / scale, max_scale=max(100.0, scale))
+    with torch.no_grad():
+        model.image_projection.weight.copy_(hf.visual_projection.weight)
+        model.text_projection.weight.copy_(hf.text_projection.weight)
+        model.logit_scale.log_scale.copy_(hf.logit_scale.detach().reshape(()))
+    return model.eval()
+
+
+def from_open_clip(cls, spec: str):
+    """Both towers of one open_clip model, open_clip's own heads (mmcl heads are identities)."""
+    from mmcl.models.open_clip_towers import open_clip_tokenizer_for, open_clip_towers_from_cfg, \
+        parse_open_clip_spec
+
+    name, ckpt = parse_open_clip_spec(spec)
+    image, text, scale = open_clip_towers_from_cfg(name, None, ckpt)
+    cfg = image.image_processing()
+    processor = DualProcessor(TransformImageProcessor(cfg["size"], cfg["mean"], cfg["std"], 1.0, cfg["interpolation"]),
+                              open_clip_tokenizer_for(image.model_cfg), text.max_length)
+    model = cls(image, text, processor, projection="none", init_temperature=1.0 / scale,
+                max_scale=max(100.0, scale))
+    with torch.no_grad():
+        model.logit_scale.log_scale.fill_(math.log(scale))
+    return model.eval()
+
+
+def _export_problems(model) -> list[str]:
+    problems = []
+    if model.text_tower is None:
+        problems.append("the model is image-only (transformers' dual encoders need a text tower)")
+    for name, tower in (("image", model.image_tower), ("text", model.text_tower)):
+        if tower is None:
+            continue
+        if tower.kind != "transformers":
+            problems.append(f"the {name} tower is a {tower.kind} model, which transformers cannot hold")
+        elif tower.pooling != "pooler":
+            problems.append(
+                f"the {name} tower is pooled by {tower.pooling!r}, but transformers' dual encoders use the "
+                "tower's pooler_output, so the export would predict differently"
+            )
+    if model.projection != "linear":
+        problems.append(f'projection heads are {model.projection!r}; transformers holds only bias-free "linear" heads')
+    if model.processor.tokenizer is not None and not hasattr(model.processor.tokenizer, "save_pretrained"):
+        problems.append("the tokenizer is not a transformers tokenizer")
+    if model.processor.tokenizer is None and model.text_tower is not None:
+        problems.append("the model has no tokenizer (pass tokenizer= to from_towers)")
+    return problems
+
+
+def build_transformers_model(model):
+    """The transformers model (CLIPModel or VisionTextDualEncoderModel) equal to `model`."""
+    import transformers
+
+    vision, text = model.image_tower.model, model.text_tower.model
+    both_clip = (vision.config.model_type, text.config.model_type) == ("clip_vision_model", "clip_text_model")
+    if both_clip:
+        config = transformers.CLIPConfig(text_config=text.config.to_dict(), vision_config=vision.config.to_dict(),
+                                         projection_dim=model.projection_dim)
+        hf = transformers.CLIPModel(config)
+    else:
+        config = transformers.VisionTextDualEncoderConfig.from_vision_text_configs(
+            vision.config, text.config, projection_dim=model.projection_dim)
+        hf = transformers.VisionTextDualEncoderModel(config)
+    hf.vision_model.load_state_dict(vision.state_dict())
+    hf.text_model.load_state_dict(text.state_dict())
+    with torch.no_grad():
+        hf.visual_projection.weight.copy_(model.image_projection.weight)
+        hf.text_projection.weight.copy_(model.text_projection.weight)
+        # transformers does not clamp: store the (clamped) multiplier mmcl actually uses.
+        hf.logit_scale.copy_(model.logit_scale().detach().log().reshape(hf.logit_scale.shape))
+    return hf.eval()
+
+
+def export_to_transformers(model, directory: str) -> None:
+    problems = _export_problems(model)
+    if problems:
+        raise ValueError("cannot export to transformers: " + "; ".join(problems))
+    hf = build_transformers_model(model)
+    _check_same_outputs(model, hf)
+    os.makedirs(directory, exist_ok=True)
+    hf.save_pretrained(directory)
+    image_processor = model.processor.image_processor
+    if isinstance(image_processor, TransformImageProcessor):
+        image_processor = image_processor.to_transformers()
+    image_processor.save_pretrained(directory)
+    model.processor.tokenizer.save_pretrained(directory)
+
+
+@torch.no_grad()
+def _check_same_outputs(model, hf) -> None:
+    """Guard against silently different predictions: one random batch through both models."""
+    h, w = model.processor.image_size
+    device = next(model.parameters()).device
+    hf.to(device)
+    pixels = torch.randn(2, model.image_tower.num_channels, h, w, device=device)
+    ids = model.processor.tokenize(["a photo", "two words here"])
+    ids = {k: v.to(device) for k, v in ids.items()}
+    was_training = model.training
+    model.eval()
+    try:
+        ours = model(pixel_values=pixels, **ids)
+    finally:
+        model.train(was_training)
+    theirs = hf(pixel_values=pixels, **ids)
+    ref = ours.logit_scale * ours.image_embeds @ ours.text_embeds.T
+    err = float((ref - theirs.logits_per_image).abs().max())
+    if not err <= 1e-3 * max(1.0, float(ref.abs().max())):
+        raise RuntimeError(f"exported transformers model differs from the mmcl model (max logit error {err:.3g})")

@@ -1,0 +1,160 @@
+"""open_clip models as towers: `visual` is the image tower, the text transformer the text tower.
+
+Both towers of one open_clip model are built together (a single `create_model` call) and split.
+The model is built with open_clip's "custom text" layout, where the text encoder is one module
+(`model.text`); checkpoints in the standard layout are converted with open_clip's own
+`convert_to_custom_text_state_dict`. Checkpoints are read without unpickling (safetensors, or
+torch.load(weights_only=True)).
+"""
+from __future__ import annotations
+
+import copy
+import os
+import tempfile
+
+import torch
+import torch.nn as nn
+
+from mmcl.models.weights import read_state_dict
+
+
+class OpenCLIPTower(nn.Module):
+    """One half of an open_clip model; forward gives open_clip's encode_image/encode_text
+    features (B, embed_dim), unnormalised."""
+
+    kind = "open_clip"
+
+    def __init__(self, module: nn.Module, modality: str, name: str, model_cfg: dict):
+        super().__init__()
+        self.model = module
+        self.modality = modality
+        self.name = name
+        self.model_cfg = copy.deepcopy(model_cfg)
+        self.output_dim = int(model_cfg["embed_dim"])
+        self.num_channels = 3
+        self.vocab_size = getattr(module, "vocab_size", None)
+        self.max_length = getattr(module, "context_length", None)
+
+    @property
+    def required_size(self):
+        if self.modality != "image":
+            return None
+        size = getattr(self.model, "image_size", None)
+        if size is None:
+            return None
+        return (size, size) if isinstance(size, int) else tuple(size)
+
+    def forward(self, pixel_values=None, input_ids=None, attention_mask=None):
+        # open_clip's text encoders use a causal mask and pool at the EOS token, so padding is
+        # already ignored and the attention mask is not needed.
+        out = self.model(pixel_values if self.modality == "image" else input_ids)
+        return out[0] if isinstance(out, tuple) else out
+
+    def spec(self):
+        return {"kind": self.kind, "name": self.name, "model_cfg": self.model_cfg}
+
+    def image_processing(self):
+        cfg = getattr(self.model, "preprocess_cfg", {}) or {}
+        size = cfg.get("size", 224)
+        size = (size, size) if isinstance(size, int) else tuple(size)
+        return {"size": size, "mean": tuple(cfg.get("mean", (0.48145466, 0.4578275, 0.40821073))),
+                "std": tuple(cfg.get("std", (0.26862954, 0.26130258, 0.27577711))), "crop_pct": 1.0,
+                "interpolation": cfg.get("interpolation", "bicubic")}
+
+    def lock(self, unlocked_layers: int):
+        # open_clip's own LiT locking knows its groups (embeddings, blocks, final norm + proj).
+        if self.modality == "image":
+            self.model.lock(unlocked_groups=unlocked_layers)
+        else:
+            self.model.lock(unlocked_layers=unlocked_layers)
+
+    def blocks(self):
+        from mmcl.models.towers import largest_block_list
+
+        return largest_block_list(self.model)
+
+    def gradient_checkpointing_enable(self):
+        self.model.set_grad_checkpointing(True)
+
+
+def _create(name: str, model_cfg: dict | None):
+    """Build an open_clip model (random init) by name, or from a saved config dict."""
+    import open_clip
+
+    kwargs = dict(pretrained=None, force_custom_text=True, load_weights=False, pretrained_text=False)
+    if open_clip.get_model_config(name) is not None and (
+        model_cfg is None or open_clip.get_model_config(name) == model_cfg
+    ):
+        return open_clip.create_model(name, **kwargs), open_clip.get_model_config(name)
+    if model_cfg is None:
+        raise ValueError(f"open_clip has no model config named {name!r} (open_clip.list_models() lists them)")
+    # A config that open_clip does not know under this name (saved by mmcl): open_clip loads it
+    # from a local directory holding open_clip_config.json.
+    import json
+
+    with tempfile.TemporaryDirectory() as tmp:
+        with open(os.path.join(tmp, "open_clip_config.json"), "w") as f:
+            json.dump({"model_cfg": model_cfg}, f)
+        return open_clip.create_model(f"local-dir:{tmp}", **kwargs), model_cfg
+
+
+def _load_checkpoint(model: nn.Module, path: str) -> None:
+    from open_clip.model import convert_to_custom_text_state_dict
+
+    state = convert_to_custom_text_state_dict(read_state_dict(path))
+    # Buffers that open_clip recomputes (and older checkpoints lack) are not required.
+    own = model.state_dict()
+    result = model.load_state_dict(state, strict=False)
+    bad = [k for k in result.missing_keys if k in own and not k.endswith("attn_mask")]
+    if bad or result.unexpected_keys:
+        raise ValueError(
+            f"open_clip checkpoint {path!r} does not fit the model: missing {bad[:5]}, "
+            f"unexpected {result.unexpected_keys[:5]}"
+        )
+
+
+def open_clip_towers_from_cfg(name: str, model_cfg: dict | None, checkpoint: str | None):
+    """(image tower, text tower, logit_scale multiplier, tokenizer) of one open_clip model."""
+    model, cfg = _create(name, model_cfg)
+    if checkpoint:
+        _load_checkpoint(model, checkpoint)
+    model = model.float()
+    image = OpenCLIPTower(model.visual, "image", name, cfg)
+    text = OpenCLIPTower(model.text, "text", name, cfg)
+    return image, text, float(model.logit_scale.detach().exp().reshape(-1)[0])
+
+
+def parse_open_clip_spec(spec: str) -> tuple[str, str | None]:
+    _, _, rest = spec.partition(":")
+    name, _, ckpt = rest.partition(":")
+    if not name:
+        raise ValueError(f"open_clip spec {spec!r} names no model (expected 'open_clip:NAME[:CHECKPOINT_FILE]')")
+    if ckpt and not os.path.isfile(ckpt):
+        raise ValueError(f"open_clip checkpoint {ckpt!r} (from spec {spec!r}) does not exist")
+    return name, ckpt or None
+
+
+class OpenCLIPTokenizer:
+    """open_clip's BPE tokenizer (it ships with open_clip), producing fixed-length ids."""
+
+    def __init__(self, context_length: int = 77):
+        from open_clip.tokenizer import SimpleTokenizer
+
+        self.context_length = int(context_length)
+        self._tok = SimpleTokenizer(context_length=self.context_length)
+
+    def __call__(self, texts: list[str], max_length: int | None = None) -> dict:
+        ids = self._tok(texts, context_length=max_length or self.context_length)
+        return {"input_ids": ids.long(), "attention_mask": (ids != 0).long()}
+
+    def to_json(self) -> dict:
+        return {"kind": "open_clip", "context_length": self.context_length}
+
+
+def open_clip_tokenizer_for(model_cfg: dict) -> OpenCLIPTokenizer:
+    text_cfg = model_cfg.get("text_cfg", {})
+    if text_cfg.get("hf_tokenizer_name") or text_cfg.get("hf_model_name"):
+        raise ValueError(
+            "this open_clip model uses a Hugging Face tokenizer; pass tokenizer=<local tokenizer dir> to from_towers"
+        )
+    return OpenCLIPTokenizer(text_cfg.get("context_length", 77))
