@@ -326,3 +326,34 @@ def test_cuda_memory_is_linear_in_the_batch():
     extra = torch.cuda.max_memory_allocated() - base
     io_bytes = 2 * img.numel() * img.element_size()  # the two gradients, as big as the inputs
     assert extra <= 2 * (2 * io_bytes), f"peak {extra / 2**20:.1f} MiB above the inputs"
+
+
+# --------------------------------------------------------------------------- distributed
+
+
+def test_gathered_clip_loss_with_triton_on_two_processes(tmp_path):
+    """Item 4 of the kernels' issue: each rank's rows against all gathered columns, gradients
+    flowing back to the columns' owners (2 gloo processes via `accelerate launch`)."""
+    import json
+    import socket
+
+    with socket.socket() as sock:  # a free port: parallel launches must not collide
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    out = tmp_path / "result.json"
+    script = os.path.join(os.path.dirname(__file__), "scripts", "dist_kernels.py")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--main_process_port", str(port), "--num_machines", "1", "--mixed_precision", "no",
+           "--dynamo_backend", "no", script, str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "TRITON_INTERPRET": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    per_rank = json.loads(out.read_text())
+    assert [r["rank"] for r in per_rank] == [0, 1]
+    for result in per_rank:
+        assert len(result["cases"]) == 2
+        for case in result["cases"]:
+            label = f"rank {result['rank']}, local_loss={case['local_loss']}"
+            assert case["loss_err"] < 2e-5, f"{label}: loss differs by {case['loss_err']:.3e}"
+            assert case["grad_err"] < 2e-5, f"{label}: feature gradients differ by {case['grad_err']:.3e}"
+            assert case["scale_grad_err"] < 2e-5, f"{label}: scale gradient differs by {case['scale_grad_err']:.3e}"
