@@ -1,0 +1,378 @@
+"""The `mmcl` command: ask a trained model questions from the shell.
+
+    mmcl zeroshot --model DIR --labels "cat,dog,car" photo1.jpg photo2.png [--json]
+    mmcl eval {zeroshot,retrieval,knn,linear} --model DIR --data PATH_OR_DATASET [--plot out.png]
+    mmcl embed --model DIR --data PATH --out feats.npy|feats.parquet
+    mmcl export --model DIR --to transformers OUT
+
+Errors a user can fix (a bad path, an empty label list, an unreadable image) print one line and
+exit with status 2; set MMCL_DEBUG=1 to see the traceback instead.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+EXAMPLES = """examples:
+  mmcl zeroshot --model runs/clip/final --labels "cat,dog,car" photo.jpg
+  mmcl eval zeroshot --model runs/clip/final --data ../shared/data/cifar10/test.parquet --plot cm.png
+  mmcl eval retrieval --model runs/clip/final --data flickr8k/dev_500.parquet --caption-column captions
+  mmcl eval knn --model runs/simclr/final --data digits
+  mmcl embed --model runs/clip/final --data images/ --out embeddings.parquet
+  mmcl export --model runs/clip/final --to transformers hf_model/
+"""
+
+
+class UsageError(Exception):
+    """A mistake in the command line or its inputs: reported in one line, exit status 2."""
+
+
+# --------------------------------------------------------------------------- arguments
+
+
+def _common(p: argparse.ArgumentParser, data: bool = True) -> None:
+    p.add_argument("--model", required=True, metavar="DIR", help="model directory written by save_pretrained / mmcl training")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    if data:
+        p.add_argument("--data", metavar="PATH_OR_DATASET",
+                       help="parquet/CSV/JSON file, image folder, save_to_disk directory, or 'digits'")
+        p.add_argument("--split", default=None, help="split to evaluate (default: the only one, else test)")
+        p.add_argument("--image-column", default="image", help="column holding images (default: image)")
+        p.add_argument("--max-samples", type=int, default=None, help="use only the first N rows")
+        p.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
+
+
+def _labels_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--labels", help='comma-separated class names, e.g. "cat,dog,car", or @FILE with one per line')
+    p.add_argument("--templates", default="default",
+                   help="prompt set: default (7 prompts), imagenet (CLIP's 80), none (bare names), or a file "
+                        "with one prompt per line containing {} (default: default)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mmcl", description="Zero-shot classification, retrieval, evaluation and export for mmcl models.",
+        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    zs = sub.add_parser("zeroshot", help="rank class names for each image",
+                        description="Classify images among the given labels with no training (CLIP-style).")
+    _common(zs, data=False)
+    _labels_args(zs)
+    zs.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
+    zs.add_argument("--top", type=int, default=5, help="labels shown per image (default 5)")
+    zs.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    ev = sub.add_parser("eval", help="evaluate a model on a dataset",
+                        description="Evaluate on a local dataset: zero-shot top-1/top-5, retrieval recall@k, "
+                                    "or kNN / linear-probe top-1 on frozen image features.")
+    kinds = ev.add_subparsers(dest="task", required=True, metavar="TASK")
+    for name, text in (("zeroshot", "zero-shot top-1/top-5 over the label column's classes"),
+                       ("retrieval", "image<->text recall@1/5/10"),
+                       ("knn", "weighted kNN (k=200, T=0.1) top-1 on image features"),
+                       ("linear", "logistic-regression probe top-1 on image features")):
+        p = kinds.add_parser(name, help=text, description=text)
+        _common(p)
+        p.add_argument("--plot", metavar="FILE.png", help="save a confusion matrix (or similarity heat-map) here")
+        if name == "retrieval":
+            p.add_argument("--caption-column", default="captions", help="caption string or list column (default: captions)")
+        else:
+            p.add_argument("--label-column", default="label", help="integer/ClassLabel or string label column")
+        if name == "zeroshot":
+            _labels_args(p)
+        if name in ("knn", "linear"):
+            p.add_argument("--train-data", default=None, help="labelled reference set (default: --data)")
+            p.add_argument("--train-split", default=None, help="its split (default: train; 80/20 hold-out if "
+                                                                "it is the same data as --data/--split)")
+        if name == "knn":
+            p.add_argument("--k", type=int, default=200, help="neighbours (default 200)")
+            p.add_argument("--temperature", type=float, default=0.1, help="vote weight exp(cos/T) (default 0.1)")
+        if name == "linear":
+            p.add_argument("--C", type=float, default=1.0, help="inverse L2 penalty of the probe (default 1.0)")
+
+    em = sub.add_parser("embed", help="write image or text embeddings to .npy or .parquet",
+                        description="Embed images (files or a dataset column) or texts and save them.")
+    _common(em)
+    em.add_argument("images", nargs="*", metavar="IMAGE", help="image files (instead of --data)")
+    em.add_argument("--text", action="append", default=None, help="a text to embed (repeatable)")
+    em.add_argument("--caption-column", default=None, help="with --data: embed this text column instead of images")
+    em.add_argument("--out", required=True, metavar="FILE", help="output .npy (N, P) or .parquet (id, embedding)")
+
+    ex = sub.add_parser("export", help="save a model in plain transformers layout",
+                        description="Write the model as a transformers VisionTextDualEncoderModel directory.")
+    ex.add_argument("--model", required=True, metavar="DIR", help="model directory")
+    ex.add_argument("--to", required=True, choices=["transformers"], help="target format")
+    ex.add_argument("out", metavar="OUT", help="output directory")
+    return parser
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _load_model(args):
+    path = Path(args.model)
+    if not path.is_dir() or not (path / "config.json").is_file():
+        raise UsageError(f"--model {args.model}: not a model directory (expected config.json from save_pretrained)")
+    import torch
+
+    from mmcl.models import DualEncoder
+
+    device = args.device if getattr(args, "device", None) else ("cuda" if torch.cuda.is_available() else "cpu")
+    return DualEncoder.from_pretrained(str(path)).to(device).eval()
+
+
+def _class_names(value: str | None) -> list[str]:
+    if value is None:
+        raise UsageError("--labels is required: give class names such as --labels \"cat,dog,car\"")
+    if value.startswith("@"):
+        text = _read_text(value[1:], "--labels")
+        names = [line.strip() for line in text.splitlines()]
+    else:
+        names = [n.strip() for n in value.split(",")]
+    names = [n for n in names if n]
+    if not names:
+        raise UsageError("--labels: the label list is empty; give class names such as \"cat,dog,car\"")
+    return names
+
+
+def _templates(value: str):
+    from mmcl.zeroshot import TEMPLATE_SETS
+
+    if value in TEMPLATE_SETS:
+        return value
+    lines = [t.strip() for t in _read_text(value, "--templates").splitlines() if t.strip()]
+    if not lines:
+        raise UsageError(f"--templates {value}: the file has no prompts")
+    return lines
+
+
+def _read_text(path: str, what: str) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except OSError as err:
+        raise UsageError(f"{what} {path}: cannot read file ({err.strerror or err})") from None
+
+
+def _check_files(paths: list[str]) -> None:
+    for p in paths:
+        if not os.path.isfile(p):
+            raise UsageError(f"image file not found: {p}")
+
+
+def _dataset(args, split=None):
+    from mmcl.eval.sources import load_source
+
+    if not args.data:
+        raise UsageError("--data is required")
+    return load_source(args.data, split if split is not None else args.split,
+                       image_column=args.image_column, max_samples=args.max_samples)
+
+
+def _print_metrics(metrics: dict, as_json: bool, title: str) -> None:
+    if as_json:
+        print(json.dumps(metrics))
+        return
+    print(title)
+    for key, value in metrics.items():
+        print(f"  {key:<24} {value:.4f}" if isinstance(value, float) else f"  {key:<24} {value}")
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def cmd_zeroshot(args) -> None:
+    from mmcl.zeroshot import ZeroShotClassifier
+
+    names, templates = _class_names(args.labels), _templates(args.templates)
+    _check_files(args.images)
+    if args.top < 1:
+        raise UsageError("--top must be at least 1")
+    model = _load_model(args)
+    clf = ZeroShotClassifier(model, names, templates, batch_size=args.batch_size, progress=not args.quiet)
+    probs = clf.predict(args.images)
+    top = min(args.top, len(names))
+    results = []
+    for path, row in zip(args.images, probs):
+        p, idx = row.topk(top)
+        results.append({"image": path, "labels": [names[i] for i in idx.tolist()], "probs": [round(v, 6) for v in p.tolist()]})
+    if args.json:
+        print(json.dumps(results))
+        return
+    width = max(len(n) for n in names)
+    for r in results:
+        print(r["image"])
+        for rank, (name, prob) in enumerate(zip(r["labels"], r["probs"]), 1):
+            print(f"  {rank:>2}. {name:<{width}}  {prob:6.1%}  {'#' * round(prob * 30)}")
+
+
+def cmd_eval(args) -> None:
+    if args.plot and not Path(args.plot).resolve().parent.is_dir():
+        raise UsageError(f"--plot {args.plot}: directory {Path(args.plot).parent} does not exist")
+    model = _load_model(args)
+    if args.task == "zeroshot":
+        metrics, plot = _eval_zeroshot(model, args)
+    elif args.task == "retrieval":
+        metrics, plot = _eval_retrieval(model, args)
+    else:
+        metrics, plot = _eval_features(model, args)
+    if args.plot:
+        plot(args.plot)
+    _print_metrics(metrics, args.json, f"{args.task} on {args.data}")
+
+
+def _eval_zeroshot(model, args):
+    from mmcl.eval.plots import plot_confusion_matrix
+    from mmcl.eval.sources import class_names_of
+    from mmcl.zeroshot import ZeroShotClassifier
+
+    ds = _dataset(args)
+    if args.label_column not in ds.column_names:
+        raise UsageError(f"--label-column {args.label_column!r} is not in the data; columns: {ds.column_names}")
+    names = _class_names(args.labels) if args.labels else class_names_of(ds, args.label_column)
+    if names is None:
+        raise UsageError(f"column {args.label_column!r} has no class names; give them with --labels")
+    clf = ZeroShotClassifier(model, names, _templates(args.templates), batch_size=args.batch_size, progress=not args.quiet)
+    res = clf.evaluate(ds, image_column=args.image_column, label_column=args.label_column, return_predictions=True)
+    labels, preds = res.pop("labels"), res.pop("predictions")
+    return res, lambda out: plot_confusion_matrix(labels, preds, names, out, title="zero-shot")
+
+
+def _eval_retrieval(model, args):
+    from mmcl.eval.plots import plot_similarity
+    from mmcl.retrieval import evaluate
+
+    ds = _dataset(args)
+    res = evaluate(model, ds, image_column=args.image_column, caption_column=args.caption_column,
+                   batch_size=args.batch_size, progress=not args.quiet, return_similarity=True)
+    sim, owner = res.pop("similarity"), res.pop("text_to_image")
+
+    def plot(out):
+        from mmcl.eval.embed import load_image
+
+        n = min(16, len(ds))
+        first = [int((owner == i).nonzero()[0]) for i in range(n)]  # each image's first caption, in order
+        captions = ds[args.caption_column]
+        texts = [c if isinstance(c, str) else c[0] for c in captions[:n]]
+        images = [load_image(x) for x in ds[:n][args.image_column]]
+        plot_similarity(sim[:n][:, first], out, texts=texts, images=images, title="image x caption similarity")
+
+    return res, plot
+
+
+def _eval_features(model, args):
+    import torch
+
+    from mmcl.eval import embed_images, knn_predict, linear_probe_predict
+    from mmcl.eval.plots import plot_confusion_matrix
+    from mmcl.eval.sources import class_names_of, holdout_split, load_splits, pick_split
+
+    splits = load_splits(args.data, image_column=args.image_column)
+    test_split = pick_split(splits, args.split)
+    train_source = args.train_data or args.data
+    train_splits = splits if train_source == args.data else load_splits(train_source, image_column=args.image_column)
+    train_split = pick_split(train_splits, args.train_split, default="train", what="--train-split")
+    test_ds, train_ds = splits[test_split], train_splits[train_split]
+    if train_source == args.data and train_split == test_split:
+        print(f"mmcl: note: no separate training split; holding out 20% of {test_split!r} for testing", file=sys.stderr)
+        train_ds, test_ds = holdout_split(test_ds)
+    if args.max_samples:
+        test_ds = test_ds.select(range(min(args.max_samples, len(test_ds))))
+    for ds in (train_ds, test_ds):
+        if args.label_column not in ds.column_names:
+            raise UsageError(f"--label-column {args.label_column!r} is not in the data; columns: {ds.column_names}")
+    names = class_names_of(train_ds, args.label_column)
+    raw_train, raw_test = train_ds[args.label_column], test_ds[args.label_column]
+    if names is None:  # string or plain integer labels: number them in sorted order
+        names = sorted({*raw_train, *raw_test}, key=str)
+        index = {v: i for i, v in enumerate(names)}
+        raw_train, raw_test = [index[v] for v in raw_train], [index[v] for v in raw_test]
+        names = [str(n) for n in names]
+    kw = dict(image_column=args.image_column, batch_size=args.batch_size, progress=not args.quiet)
+    train_x, test_x = embed_images(model, train_ds, **kw), embed_images(model, test_ds, **kw)
+    train_y, test_y = torch.tensor(raw_train), torch.tensor(raw_test)
+    if args.task == "knn":
+        preds = knn_predict(train_x, train_y, test_x, k=args.k, temperature=args.temperature)
+    else:
+        preds = linear_probe_predict(train_x, train_y, test_x, C=args.C)
+    metrics = {"top1": (preds == test_y).double().mean().item(), "num_train": len(train_ds), "num_test": len(test_ds)}
+    return metrics, lambda out: plot_confusion_matrix(test_y, preds, names, out, title=args.task)
+
+
+def cmd_embed(args) -> None:
+    import numpy as np
+
+    from mmcl.eval import embed_images, embed_texts
+
+    out = Path(args.out)
+    if out.suffix not in (".npy", ".parquet"):
+        raise UsageError(f"--out {args.out}: the file name must end in .npy or .parquet")
+    if not out.parent.resolve().is_dir():
+        raise UsageError(f"--out {args.out}: directory {out.parent} does not exist")
+    sources = sum(bool(x) for x in (args.images, args.text, args.data))
+    if sources != 1:
+        raise UsageError("give exactly one input: image files, --text, or --data")
+    _check_files(args.images)
+    model = _load_model(args)
+    progress = not args.quiet
+    if args.text:
+        ids, feats = list(args.text), embed_texts(model, args.text, progress=progress)
+    elif args.images:
+        ids, feats = list(args.images), embed_images(model, args.images, batch_size=args.batch_size, progress=progress)
+    elif args.caption_column:
+        from mmcl.retrieval import flatten_captions
+
+        ds = _dataset(args)
+        if args.caption_column not in ds.column_names:
+            raise UsageError(f"--caption-column {args.caption_column!r} is not in the data; columns: {ds.column_names}")
+        texts, owner = flatten_captions(ds[args.caption_column], args.caption_column)
+        ids, feats = [str(i) for i in owner], embed_texts(model, texts, progress=progress)
+    else:
+        ds = _dataset(args)
+        ids = [str(i) for i in range(len(ds))]
+        feats = embed_images(model, ds, image_column=args.image_column, batch_size=args.batch_size, progress=progress)
+    array = feats.numpy().astype(np.float32)
+    if out.suffix == ".npy":
+        np.save(out, array)
+    else:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        column = pa.FixedSizeListArray.from_arrays(pa.array(array.reshape(-1)), array.shape[1])
+        pq.write_table(pa.table({"id": pa.array(ids), "embedding": column}), out)
+    print(f"wrote {array.shape[0]} x {array.shape[1]} embeddings to {out}", file=sys.stderr)
+
+
+def cmd_export(args) -> None:
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()):
+        raise UsageError(f"{args.out}: output directory exists and is not empty")
+    model = _load_model(args)
+    model.export_to_transformers(str(out))
+    print(f"exported {args.model} to {out} (transformers layout)", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `mmcl` console script; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    command = {"zeroshot": cmd_zeroshot, "eval": cmd_eval, "embed": cmd_embed, "export": cmd_export}[args.command]
+    try:
+        if getattr(args, "batch_size", 1) < 1:
+            raise UsageError("--batch-size must be at least 1")
+        command(args)
+    except (UsageError, ValueError, TypeError, OSError) as err:
+        if os.environ.get("MMCL_DEBUG"):
+            raise
+        message = " ".join(str(err).split()) or type(err).__name__
+        print(f"mmcl: error: {message}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
