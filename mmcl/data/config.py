@@ -1,0 +1,61 @@
+"""Configuration of the data pipeline: where the data lives and how it is augmented."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+AUGMENT_PRESETS = ("none", "clip", "simclr", "mocov2")
+MODES = ("clip", "simclr", "moco", "clip+simclr")
+
+
+@dataclass
+class DataConfig:
+    """Where training data comes from and how each sample becomes tensors.
+
+    ``source`` is ``"digits"`` (scikit-learn's handwritten digits, built in), a local parquet / CSV /
+    JSON file, an image-folder directory (with an optional ``metadata.csv``/``metadata.jsonl``), a
+    directory written by ``datasets.Dataset.save_to_disk``, or a ``datasets`` name found in the local
+    cache. ``caption_column`` may hold one string or a list of strings per row; with a list, one
+    caption is drawn per sample and epoch (deterministically from the seed).
+    """
+
+    source: str = "digits"
+    split: str = "train"
+    image_column: str = "image"
+    caption_column: str = "caption"
+    label_column: str | None = None
+    augment: str = "clip"  # "none" | "clip" | "simclr" | "mocov2"
+    image_size: int | None = None  # None: the model processor's image_size
+    cutmix: float = 0.0  # probability per batch; image-only modes
+    max_samples: int | None = None
+    num_workers: int = 0
+    eval_source: str | None = None
+    eval_split: str = "test"
+    max_text_length: int | None = None  # None: the processor's own default
+
+    def __post_init__(self) -> None:
+        validate_config(self)
+
+
+def validate_config(cfg: DataConfig) -> None:
+    """Raise ValueError/TypeError naming the field when ``cfg`` holds an impossible value."""
+    if not isinstance(cfg.source, str) or not cfg.source:
+        raise ValueError(f"DataConfig.source must be a non-empty string, got {cfg.source!r}")
+    if cfg.augment not in AUGMENT_PRESETS:
+        raise ValueError(f"DataConfig.augment must be one of {AUGMENT_PRESETS}, got {cfg.augment!r}")
+    if cfg.image_size is not None and (not isinstance(cfg.image_size, int) or cfg.image_size < 1):
+        raise ValueError(f"DataConfig.image_size must be a positive int or None, got {cfg.image_size!r}")
+    if not isinstance(cfg.cutmix, (int, float)) or not 0.0 <= float(cfg.cutmix) <= 1.0:
+        raise ValueError(f"DataConfig.cutmix is a probability in [0, 1], got {cfg.cutmix!r}")
+    if cfg.max_samples is not None and (not isinstance(cfg.max_samples, int) or cfg.max_samples < 1):
+        raise ValueError(f"DataConfig.max_samples must be a positive int or None, got {cfg.max_samples!r}")
+    if not isinstance(cfg.num_workers, int) or cfg.num_workers < 0:
+        raise ValueError(f"DataConfig.num_workers must be an int >= 0, got {cfg.num_workers!r}")
+    if cfg.max_text_length is not None and (
+        not isinstance(cfg.max_text_length, int) or cfg.max_text_length < 2
+    ):
+        raise ValueError(f"DataConfig.max_text_length must be an int >= 2 or None, got {cfg.max_text_length!r}")
+    for name in ("image_column", "caption_column", "split", "eval_split"):
+        if not isinstance(getattr(cfg, name), str) or not getattr(cfg, name):
+            raise ValueError(f"DataConfig.{name} must be a non-empty string, got {getattr(cfg, name)!r}")
+    if cfg.label_column is not None and (not isinstance(cfg.label_column, str) or not cfg.label_column):
+        raise ValueError(f"DataConfig.label_column must be a non-empty string or None, got {cfg.label_column!r}")

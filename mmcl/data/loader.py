@@ -1,0 +1,222 @@
+"""``build_dataloader``: a seeded, resumable DataLoader of contrastive batches.
+
+Every random choice (the epoch's order, the caption drawn from a list, each augmentation, CutMix)
+is a function of ``(seed, epoch, sample index)``, not of global RNG state or worker ids. So the
+same seed gives the same batches with any ``num_workers``, under Accelerate's sharding, and after a
+resume that skips the first samples of an epoch.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from mmcl.data.config import MODES, DataConfig, validate_config
+from mmcl.data.sources import ImageReader, check_columns, resolve_source, undecoded
+from mmcl.data.transforms import build_image_transform, cutmix, processor_geometry
+
+
+def _sample_seed(*keys: int) -> int:
+    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1)[0])
+
+
+class ResumableSampler(Sampler):
+    """Shuffles ``num_samples`` indices per epoch from ``(seed, epoch)``; yields ``(epoch, index)``.
+
+    ``set_epoch(epoch)`` picks the epoch (Accelerate's ``DataLoader.set_epoch`` reaches it) and
+    resets the start; ``set_start_index(n)`` then skips the first ``n`` samples of that epoch's order,
+    which resumes a run mid-epoch: after ``s`` optimizer steps with global batch ``G`` (batch size
+    x processes x accumulation), ``n = s * G`` within the epoch.
+    """
+
+    def __init__(self, num_samples: int, *, seed: int = 0, shuffle: bool = True):
+        if num_samples < 1:
+            raise ValueError(f"the dataset is empty (num_samples={num_samples})")
+        self.num_samples, self.seed, self.shuffle = int(num_samples), int(seed), bool(shuffle)
+        self.epoch, self.start_index = 0, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch, self.start_index = int(epoch), 0
+
+    def set_start_index(self, start_index: int) -> None:
+        if not 0 <= int(start_index) <= self.num_samples:
+            raise ValueError(f"start_index must be in [0, {self.num_samples}], got {start_index}")
+        self.start_index = int(start_index)
+
+    def order(self) -> np.ndarray:
+        """This epoch's full order of sample indices, (num_samples,)."""
+        if not self.shuffle:
+            return np.arange(self.num_samples)
+        return np.random.default_rng([self.seed, self.epoch]).permutation(self.num_samples)
+
+    def __iter__(self):
+        for index in self.order()[self.start_index:]:
+            yield (self.epoch, int(index))
+
+    def __len__(self) -> int:
+        return self.num_samples - self.start_index
+
+    def state_dict(self) -> dict:
+        return {"seed": self.seed, "epoch": self.epoch, "start_index": self.start_index}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.seed = int(state["seed"])
+        self.set_epoch(state["epoch"])
+        self.set_start_index(state["start_index"])
+
+
+class ContrastiveDataset(Dataset):
+    """Wraps a ``datasets.Dataset``: item ``(epoch, index)`` -> dict of tensors, or a skip marker."""
+
+    def __init__(self, ds, *, reader, image_column, caption_column, label_column, pixel_transform,
+                 view_transform, seed):
+        self.ds, self.reader, self.seed = ds, reader, int(seed)
+        self.image_column, self.caption_column, self.label_column = image_column, caption_column, label_column
+        self.pixel_transform, self.view_transform = pixel_transform, view_transform
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, key):
+        epoch, index = key if isinstance(key, tuple) else (0, int(key))
+        row = self.ds[index]
+        image = self.reader(row[self.image_column])
+        caption = None
+        if self.caption_column is not None:
+            caption = row[self.caption_column]
+            if isinstance(caption, (list, tuple)):
+                caption = [c for c in caption if isinstance(c, str)]
+                rng = np.random.default_rng([self.seed, epoch, index, 1])
+                caption = caption[int(rng.integers(len(caption)))] if caption else None
+            if not isinstance(caption, str):
+                caption = None
+        if image is None or (self.caption_column is not None and caption is None):
+            return {"skipped": True, "index": index, "epoch": epoch}
+        item = {"index": index, "epoch": epoch}
+        # Augmentations draw from torch's global generator: seed it per sample, and restore it
+        # afterwards so the caller's RNG stream is untouched.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(_sample_seed(self.seed, epoch, index))
+            if self.pixel_transform is not None:
+                item["pixel_values"] = self.pixel_transform(image)
+            if self.view_transform is not None:
+                item["view1"] = self.view_transform(image)
+                item["view2"] = self.view_transform(image)
+        if caption is not None:
+            item["caption"] = caption
+        if self.label_column is not None:
+            item["labels"] = int(row[self.label_column])
+        return item
+
+
+class ContrastiveCollator:
+    """Stacks items into a batch, tokenizes captions, applies CutMix, counts skipped samples."""
+
+    def __init__(self, processor, *, image_keys, size, text, labels, max_text_length, cutmix, seed):
+        self.processor, self.image_keys, self.size = processor, tuple(image_keys), size
+        self.text, self.labels, self.max_text_length = text, labels, max_text_length
+        self.cutmix, self.seed = float(cutmix), int(seed)
+
+    def __call__(self, items: list[dict]) -> dict:
+        good = [it for it in items if not it.get("skipped")]
+        batch: dict = {"num_skipped": len(items) - len(good), "index": torch.tensor([it["index"] for it in good],
+                                                                                   dtype=torch.long)}
+        for key in self.image_keys:
+            batch[key] = (torch.stack([it[key] for it in good]) if good
+                          else torch.empty(0, 3, *self.size))
+        if self.text:
+            if good:
+                tokens = self.processor.tokenize([it["caption"] for it in good], max_length=self.max_text_length)
+                batch["input_ids"] = tokens["input_ids"]
+                batch["attention_mask"] = tokens["attention_mask"]
+            else:
+                batch["input_ids"] = torch.empty(0, 0, dtype=torch.long)
+                batch["attention_mask"] = torch.empty(0, 0, dtype=torch.long)
+        if self.labels:
+            batch["labels"] = torch.tensor([it["labels"] for it in good], dtype=torch.long)
+        if self.cutmix > 0:
+            views = [k for k in ("view1", "view2") if k in batch]
+            keys = [(it["epoch"], it["index"]) for it in items] or [(0, 0)]
+            gen = torch.Generator().manual_seed(_sample_seed(self.seed, 2, *keys[0], len(items)))
+            mixed, partner, lam, _ = cutmix([batch[k] for k in views], self.cutmix, gen)
+            batch.update(zip(views, mixed))
+            batch["mix_partner"], batch["mix_lambda"] = partner, lam
+        return batch
+
+
+def build_dataloader(cfg: DataConfig, processor, *, mode: str, batch_size: int, seed: int = 0,
+                     dataset=None, shuffle: bool = True, drop_last: bool | None = None) -> DataLoader:
+    """A DataLoader of contrastive batches for ``mode``.
+
+    Args:
+        cfg: the data config (source, columns, augmentation, ...).
+        processor: the model's processor (``model.processor``): image_size, image_mean, image_std,
+            ``preprocess_images`` and, for text modes, ``tokenize(texts, max_length)``.
+        mode: ``"clip"`` -> ``pixel_values`` (B, 3, H, W), ``input_ids`` / ``attention_mask`` (B, L);
+            ``"simclr"`` / ``"moco"`` -> ``view1``, ``view2`` (B, 3, H, W), two independent views;
+            ``"clip+simclr"`` -> all five (pixel_values from the "clip" preset, views from cfg.augment).
+            ``labels`` (B,) is added when ``cfg.label_column`` is set; with ``cfg.cutmix > 0`` the
+            views are CutMix-ed and ``mix_partner`` (B,) / ``mix_lambda`` (B,) describe the mixing.
+            Every batch has ``num_skipped`` (int, unreadable samples dropped from it, so B may be
+            smaller than ``batch_size``, even 0) and ``index`` (B,) the dataset rows it holds.
+        batch_size: samples per batch (per process under Accelerate).
+        seed: seeds the order, captions drawn from lists, augmentations and CutMix.
+        dataset: a ready ``datasets.Dataset`` to use instead of ``cfg.source``.
+        shuffle: shuffle each epoch (``loader.sampler`` is a ``ResumableSampler``).
+        drop_last: default True when the dataset holds at least one full batch.
+    """
+    import datasets
+
+    if not isinstance(cfg, DataConfig):
+        raise TypeError(f"cfg must be an mmcl.data.DataConfig, got {type(cfg).__name__}")
+    validate_config(cfg)
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    text = mode in ("clip", "clip+simclr")
+    views = mode != "clip"
+    if views and cfg.augment in ("none", "clip"):
+        raise ValueError(f"mode {mode!r} needs two random views: set augment to 'simclr' or 'mocov2' "
+                         f"(augment={cfg.augment!r} would make both views identical)")
+    if cfg.cutmix > 0 and not views:
+        raise ValueError("cutmix applies to image-only views; it needs mode 'simclr', 'moco' or 'clip+simclr'")
+    if text and not callable(getattr(processor, "tokenize", None)):
+        raise TypeError(f"mode {mode!r} tokenizes captions: processor must have tokenize(texts, max_length)")
+    size, _, _ = processor_geometry(processor, cfg.image_size)
+
+    base_dir = None
+    if dataset is None:
+        ds, base_dir = resolve_source(cfg.source, cfg.split, seed=seed)
+    elif isinstance(dataset, datasets.Dataset):
+        ds = dataset
+    else:
+        raise TypeError(f"dataset must be a datasets.Dataset (pick a split of a DatasetDict), "
+                        f"got {type(dataset).__name__}")
+    check_columns(ds, image_column=cfg.image_column, caption_column=cfg.caption_column if text else None,
+                  label_column=cfg.label_column)
+    if cfg.max_samples is not None and cfg.max_samples < len(ds):
+        ds = ds.select(range(cfg.max_samples))
+    keep = [c for c in (cfg.image_column, cfg.caption_column if text else None, cfg.label_column) if c]
+    ds = undecoded(ds.select_columns(keep), cfg.image_column)
+
+    pixel_transform = None
+    if text:
+        pixel_transform = build_image_transform("clip" if views else cfg.augment, processor, cfg.image_size)
+    view_transform = build_image_transform(cfg.augment, processor, cfg.image_size) if views else None
+    wrapped = ContrastiveDataset(
+        ds, reader=ImageReader(base_dir), image_column=cfg.image_column,
+        caption_column=cfg.caption_column if text else None, label_column=cfg.label_column,
+        pixel_transform=pixel_transform, view_transform=view_transform, seed=seed,
+    )
+    image_keys = (["pixel_values"] if text else []) + (["view1", "view2"] if views else [])
+    collator = ContrastiveCollator(processor, image_keys=image_keys, size=size, text=text,
+                                   labels=cfg.label_column is not None, max_text_length=cfg.max_text_length,
+                                   cutmix=cfg.cutmix, seed=seed)
+    if drop_last is None:
+        drop_last = len(wrapped) >= batch_size
+    # A private generator: DataLoader draws its worker base seed from it, not from torch's global RNG,
+    # so iterating the loader leaves the training loop's random stream untouched.
+    return DataLoader(wrapped, batch_size=batch_size, sampler=ResumableSampler(len(wrapped), seed=seed,
+                      shuffle=shuffle), collate_fn=collator, num_workers=cfg.num_workers, drop_last=drop_last,
+                      generator=torch.Generator().manual_seed(int(seed)))
