@@ -48,6 +48,9 @@ def load_weights_into(module: nn.Module, state: dict[str, torch.Tensor], source:
     Anything else raises a ValueError that names `source` and the first mismatches."""
     own = module.state_dict()
     if set(state) == set(own):
+        bad = [f"{k}: {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items() if v.shape != own[k].shape]
+        if bad:
+            raise ValueError(f"weights in {source!r} do not fit the model: shapes differ for {bad[:5]}")
         module.load_state_dict(state, strict=True)
         return
     same_order = len(state) == len(own) and all(
