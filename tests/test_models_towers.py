@@ -2,10 +2,8 @@
 EfficientNet-Lite0 and MiniLM towers, save/load of those towers, locking and checkpointing."""
 import json
 
-import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 import mmcl
@@ -119,15 +117,13 @@ def test_real_efficientnet_lite0_matches_timm():
     pixels = model.processor.preprocess_images(photos)
     assert pixels.shape == (2, 3, 224, 224)
     with torch.no_grad():
-        logits = reference(pixels)
         features = reference.forward_head(reference.forward_features(pixels), pre_logits=True)
         torch.testing.assert_close(model.image_tower(pixel_values=pixels), features, atol=1e-5, rtol=1e-4)
+        logits = reference.classifier(features)
     # The weights are the real ImageNet ones, preprocessed as trained: the photos (a Chinese
-    # palace and a daisy) land in their ImageNet classes (698 "palace", 985 "daisy"), and the
-    # classifier the tower dropped sits on exactly these features.
+    # palace and a daisy) land in their ImageNet classes (698 "palace", 985 "daisy").
     top5 = logits.topk(5, dim=-1).indices
     assert 698 in top5[0] and 985 in top5[1], top5
-    torch.testing.assert_close(features @ reference.classifier.weight.T + reference.classifier.bias, logits)
 
 
 def test_torchvision_tower_matches_torchvision(tmp_path):

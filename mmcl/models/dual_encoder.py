@@ -97,6 +97,7 @@ class DualEncoder(nn.Module):
 
         if image_tower is None:
             raise ValueError("image_tower is required (text_tower may be None for an image-only model)")
+        image_tower, text_tower = (os.fspath(t) if isinstance(t, os.PathLike) else t for t in (image_tower, text_tower))
         oc = {}
         for spec in {s for s in (image_tower, text_tower) if _is_open_clip(s)}:
             name, ckpt = parse_open_clip_spec(spec)
