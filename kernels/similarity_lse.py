@@ -31,7 +31,9 @@ import triton.language as tl
 __all__ = ["similarity_lse_triton", "SUPPORTED_DTYPES"]
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-LOG2E = 1.4426950408889634  # exp(x) = exp2(x * log2 e): exp2 is the fast hardware instruction
+# exp(x) = exp2(x * log2 e): exp2 is the fast hardware instruction. A constexpr, since compiled
+# kernels may only read globals of that kind.
+LOG2E = tl.constexpr(1.4426950408889634)
 
 
 # --------------------------------------------------------------------------- kernels
@@ -184,13 +186,13 @@ def default_block_sizes(dim: int, dtype: torch.dtype, interpreted: bool) -> dict
         # The interpreter's cost is per operation, not per element: fewer, larger D chunks.
         return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_D=64, BLOCK_DOUT=min(256, max(16, _next_pow2(dim))),
                     BWD_BLOCK_M=32, BWD_BLOCK_N=32, num_warps=4, num_stages=1)
-    wide = dtype == torch.float32  # fp32 tiles are twice the bytes: halve the D chunk
-    return dict(
-        BLOCK_M=128, BLOCK_N=128, BLOCK_D=32 if wide else 64,
-        BLOCK_DOUT=min(256, max(16, _next_pow2(dim))),
-        BWD_BLOCK_M=64, BWD_BLOCK_N=64,
-        num_warps=8, num_stages=2 if wide else 3,
-    )
+    if dtype == torch.float32:
+        # fp32 tiles take twice the bytes and, without TF32, the dot runs on FMAs: smaller
+        # tiles keep it free of register spills (checked with kernels/aot.py for sm_90).
+        return dict(BLOCK_M=128, BLOCK_N=64, BLOCK_D=32, BLOCK_DOUT=min(256, max(16, _next_pow2(dim))),
+                    BWD_BLOCK_M=64, BWD_BLOCK_N=32, num_warps=8, num_stages=2)
+    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_D=64, BLOCK_DOUT=min(256, max(16, _next_pow2(dim))),
+                BWD_BLOCK_M=64, BWD_BLOCK_N=64, num_warps=8, num_stages=3)
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -346,4 +348,8 @@ def similarity_lse_triton(query: torch.Tensor, key: torch.Tensor, scale: torch.T
         if unknown:
             raise ValueError(f"block_sizes has unknown keys {sorted(unknown)}; known: {sorted(cfg)}")
         cfg.update(block_sizes)
+        tiles = {k: v for k, v in cfg.items() if k.startswith(("BLOCK", "BWD_BLOCK"))}
+        bad = {k: v for k, v in tiles.items() if not (isinstance(v, int) and v >= 16 and v & (v - 1) == 0)}
+        if bad:
+            raise ValueError(f"block sizes must be powers of two >= 16 (tl.arange, tl.dot), got {bad}")
     return _SimilarityLSETriton.apply(query, key, scale, bool(mask_diagonal), bool(columns), cfg)
