@@ -236,3 +236,30 @@ def test_bad_input(towers, tmp_path):
         bert.encode_text(torch.tensor([[1, 2]]), torch.ones(1, 3))
     with pytest.raises(ValueError, match="bert.*transformers 'bert' model"):
         DualEncoder.from_pretrained(towers["bert"])
+
+
+@pytest.mark.parametrize("name", ["dinov2", "convnext"])
+def test_vision_towers_pool_by_their_pooler_output(name):
+    if name == "dinov2":
+        config = transformers.Dinov2Config(image_size=28, patch_size=7, **TINY)
+        size = (35, 21)  # DINOv2 interpolates its position embeddings: any multiple of the patch
+    else:
+        config = transformers.ConvNextConfig(num_channels=3, hidden_sizes=[8, 16], depths=[1, 1], num_stages=2)
+        size = (29, 43)
+    model = DualEncoder.from_towers(config, projection_dim=6)
+    reference = model.image_tower.model
+    assert model.image_tower.pooling == "pooler" and model.image_tower.required_size is None
+    pixels = torch.randn(2, 3, *size)
+    with torch.no_grad():
+        pooled = reference(pixel_values=pixels).pooler_output
+        assert model.image_tower.output_dim == pooled.shape[-1]
+        torch.testing.assert_close(model.encode_image(pixels, normalize=False), pooled @ model.image_projection.weight.T)
+
+
+def test_unknown_hub_ids_raise_naming_them():
+    with pytest.raises(ValueError, match="no-such-org/no-such-model"):
+        DualEncoder.from_towers("no-such-org/no-such-model")
+    with pytest.raises(ValueError, match="no-such-org/no-such-model"):
+        DualEncoder.from_pretrained("no-such-org/no-such-model")
+    with pytest.raises(TypeError, match="image_tower"):
+        DualEncoder.from_towers(42)

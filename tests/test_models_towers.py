@@ -74,6 +74,15 @@ def test_open_clip_towers_match_open_clip(tiny_open_clip, tmp_path):
     with pytest.raises(ValueError, match="cannot export.*open_clip"):
         back.export_to_transformers(tmp_path / "exp")
 
+    # LiT locking goes through open_clip's own lock (its groups: embeddings, blocks, final norm + proj).
+    back.lock_image()
+    assert not any(p.requires_grad for p in back.image_tower.parameters())
+    back.lock_text(unlocked_layers=1)
+    names = {n for n, p in back.text_tower.named_parameters() if p.requires_grad}
+    assert names and all(".resblocks.0." not in n for n in names) and any(".resblocks.1." in n for n in names)
+    back.gradient_checkpointing_enable()
+    assert back.text_tower.model.transformer.grad_checkpointing
+
 
 def test_timm_tower_matches_timm_and_round_trips(tmp_path):
     import timm
@@ -129,18 +138,19 @@ def test_real_efficientnet_lite0_matches_timm():
 def test_torchvision_tower_matches_torchvision(tmp_path):
     import torchvision
 
-    reference = torchvision.models.get_model("resnet18", weights=None, num_classes=10).eval()
-    torch.save(reference.state_dict(), tmp_path / "r18.pth")
-    with pytest.raises(ValueError, match="do not fit"):  # a 10-class head does not fit resnet18's 1000
-        DualEncoder.from_towers(f"torchvision:resnet18:{tmp_path / 'r18.pth'}")
-    reference = torchvision.models.get_model("resnet18", weights=None).eval()
-    torch.save(reference.state_dict(), tmp_path / "r18.pth")
-    model = DualEncoder.from_towers(f"torchvision:resnet18:{tmp_path / 'r18.pth'}", projection_dim=4)
-    reference.fc = torch.nn.Identity()
+    name = "mobilenet_v3_small"
+    reference = torchvision.models.get_model(name, weights=None, num_classes=10).eval()
+    torch.save(reference.state_dict(), tmp_path / "w.pth")
+    with pytest.raises(ValueError, match="do not fit"):  # a 10-class head does not fit the 1000-class model
+        DualEncoder.from_towers(f"torchvision:{name}:{tmp_path / 'w.pth'}")
+    reference = torchvision.models.get_model(name, weights=None).eval()
+    torch.save(reference.state_dict(), tmp_path / "w.pth")
+    model = DualEncoder.from_towers(f"torchvision:{name}:{tmp_path / 'w.pth'}", projection_dim=4)
+    reference.classifier[-1] = torch.nn.Identity()  # the features before the last Linear
     pixels = torch.randn(2, 3, 33, 47)
     with torch.no_grad():
         torch.testing.assert_close(model.image_tower(pixel_values=pixels), reference(pixels))
-    assert model.image_tower.output_dim == 512
+    assert model.image_tower.output_dim == reference.classifier[0].out_features
     with pytest.raises(ValueError, match="gradient checkpointing"):
         model.gradient_checkpointing_enable()
 

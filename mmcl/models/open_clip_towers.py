@@ -62,11 +62,17 @@ class OpenCLIPTower(nn.Module):
                 "interpolation": cfg.get("interpolation", "bicubic")}
 
     def lock(self, unlocked_layers: int):
-        # open_clip's own LiT locking knows its groups (embeddings, blocks, final norm + proj).
+        # open_clip's own LiT locking knows its groups. Its transformers count the projection
+        # as a group of its own ([..., last block + final norm, proj]); mmcl counts layers, with
+        # what follows the last unlocked layer always unlocked, hence the + 1.
+        blocks = getattr(getattr(self.model, "transformer", None), "resblocks", None)
+        if blocks is not None and unlocked_layers > len(blocks):
+            raise ValueError(f"unlocked_layers={unlocked_layers} but the tower has only {len(blocks)} layers")
+        groups = unlocked_layers + 1 if unlocked_layers and blocks is not None else unlocked_layers
         if self.modality == "image":
-            self.model.lock(unlocked_groups=unlocked_layers)
+            self.model.lock(unlocked_groups=groups)
         else:
-            self.model.lock(unlocked_layers=unlocked_layers)
+            self.model.lock(unlocked_layers=groups)
 
     def blocks(self):
         from mmcl.models.towers import largest_block_list
