@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import torch
 
-# Tile edge lengths. A tile of fp32 logits is 2048 x 2048 x 4 B = 16 MiB; backward keeps a few.
-BLOCK_ROWS = 2048
+# Tile edge lengths. A tile of fp32 logits is 1024 x 2048 x 4 B = 8 MiB; backward keeps three alive.
+BLOCK_ROWS = 1024
 BLOCK_COLS = 2048
 
 
@@ -78,19 +78,22 @@ class _SimilarityLSE(torch.autograd.Function):
                 logits = dots * s
                 if mask_diagonal:
                     _mask_diagonal(logits, r0, c0)
-                # d lse_i / d logit_ij = softmax over row i; the same for columns.
-                g = torch.exp(logits - row_lse[r0:r1, None]) * grad_row[r0:r1, None].to(dtype)
+                # d lse_i / d logit_ij is the softmax of row i (and of column j for col_lse):
+                # g = grad_row_i * P_row + grad_col_j * P_col, built in place to keep few tiles alive.
+                g = torch.sub(logits, row_lse[r0:r1, None]).exp_().mul_(grad_row[r0:r1, None].to(dtype))
                 if columns:
-                    g += torch.exp(logits - col_lse[None, c0:c1]) * grad_col[None, c0:c1].to(dtype)
-                if need_s:
-                    grad_s += (g * dots).sum()
+                    g.add_(torch.sub(logits, col_lse[None, c0:c1]).exp_().mul_(grad_col[None, c0:c1].to(dtype)))
+                del logits
+                if need_s:  # d logit / d scale = dots (finite even where the diagonal is masked)
+                    grad_s += torch.dot(g.view(-1), dots.view(-1))
+                del dots
                 if need_q:
-                    grad_q[r0:r1] += (g @ k) * s
+                    grad_q[r0:r1].addmm_(g, k)  # times scale once, at the end
                 if need_k:
-                    grad_k[c0:c1] += (g.T @ q) * s
+                    grad_k[c0:c1].addmm_(g.T, q)
         return (
-            grad_q.to(query.dtype) if need_q else None,
-            grad_k.to(key.dtype) if need_k else None,
+            grad_q.mul_(s).to(query.dtype) if need_q else None,
+            grad_k.mul_(s).to(key.dtype) if need_k else None,
             grad_s.to(scale.dtype) if need_s else None,
             None, None, None, None,
         )

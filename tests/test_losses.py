@@ -230,8 +230,12 @@ def test_auto_dispatch(monkeypatch):
     assert resolve_impl("auto", torch.device("cpu"), 16384 * 16384) == "chunked"
     with pytest.raises(ValueError, match="impl must be one of"):
         resolve_impl("fast", torch.device("cpu"), 10)
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    with pytest.raises(ValueError, match='impl="triton" cannot run on cpu'):
+    # Forcing an implementation that cannot run raises; "auto" falls back instead.
+    import mmcl.losses
+
+    monkeypatch.setattr(mmcl.losses, "_triton_usable", lambda device: (False, "no GPU here"))
+    assert resolve_impl("auto", torch.device("cuda"), 100) == "naive"
+    with pytest.raises(ValueError, match='impl="triton" cannot run on cpu tensors: no GPU here'):
         clip_loss(torch.randn(4, 8), torch.randn(4, 8), 10.0, impl="triton")
 
 
