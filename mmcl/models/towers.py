@@ -101,7 +101,9 @@ class HFTower(nn.Module):
     def gradient_checkpointing_enable(self):
         if not getattr(self.model, "supports_gradient_checkpointing", False):
             raise ValueError(f"{type(self.model).__name__} does not support gradient checkpointing")
-        self.model.gradient_checkpointing_enable()
+        # transformers 5 renamed the switch (the old name warns); older releases have only that.
+        enable = getattr(self.model, "activation_checkpointing_enable", None) or self.model.gradient_checkpointing_enable
+        enable()
 
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "spiece.model",
