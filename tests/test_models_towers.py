@@ -51,6 +51,21 @@ def test_open_clip_towers_match_open_clip(tiny_open_clip, tmp_path):
         torch.testing.assert_close(model.encode_text(**batch), reference.encode_text(batch["input_ids"], normalize=True))
         torch.testing.assert_close(model.logit_scale(), reference.logit_scale.exp())
 
+    # The same model as an open_clip directory (the layout open_clip publishes), with its own
+    # preprocessing numbers.
+    (tmp_path / "oc").mkdir()
+    mean, std = [0.25, 0.5, 0.75], [0.2, 0.3, 0.4]
+    (tmp_path / "oc" / "open_clip_config.json").write_text(json.dumps(
+        {"model_cfg": TINY_OPEN_CLIP, "preprocess_cfg": {"mean": mean, "std": std}}))
+    import shutil
+
+    shutil.copy(ckpt, tmp_path / "oc" / "open_clip_model.safetensors")
+    from_dir = DualEncoder.from_pretrained(tmp_path / "oc")
+    assert from_dir.processor.image_mean == pytest.approx(mean) and from_dir.processor.image_std == pytest.approx(std)
+    with torch.no_grad():
+        torch.testing.assert_close(from_dir.encode_image(pixels), reference.encode_image(pixels, normalize=True))
+        torch.testing.assert_close(from_dir.encode_text(**batch), reference.encode_text(batch["input_ids"], normalize=True))
+
     # As towers under new heads: features are open_clip's, heads are fresh linears; one shared model.
     fresh = DualEncoder.from_towers(spec, spec, projection_dim=6)
     with torch.no_grad():

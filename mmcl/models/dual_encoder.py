@@ -119,8 +119,9 @@ class DualEncoder(nn.Module):
     @classmethod
     def from_pretrained(cls, path_or_spec: str) -> "DualEncoder":
         """Load an mmcl directory (save_pretrained), a transformers CLIPModel or
-        VisionTextDualEncoderModel directory (or cached hub id), or "open_clip:NAME[:CHECKPOINT]"
-        (then the heads are identities and the logit scale is open_clip's)."""
+        VisionTextDualEncoderModel directory (or cached hub id), or an open_clip model:
+        "open_clip:NAME[:CHECKPOINT]" or a directory with open_clip_config.json (then the heads
+        are identities and the logit scale is open_clip's)."""
         from mmcl.models import hf_interop
 
         if isinstance(path_or_spec, os.PathLike):
@@ -130,6 +131,9 @@ class DualEncoder(nn.Module):
         if _is_open_clip(path_or_spec):
             return hf_interop.from_open_clip(cls, path_or_spec)
         directory = hf_interop.resolve_directory(path_or_spec)
+        if os.path.isfile(os.path.join(directory, "open_clip_config.json")) and not os.path.isfile(
+                os.path.join(directory, "config.json")):
+            return hf_interop.from_open_clip(cls, directory)
         config = hf_interop.read_config(directory)
         if "mmcl_model_type" in config:
             return cls._from_mmcl_dir(directory, config)

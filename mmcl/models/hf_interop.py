@@ -92,15 +92,18 @@ def from_transformers_dir(cls, directory: str, config: dict):
 
 
 def from_open_clip(cls, spec: str):
-    """Both towers of one open_clip model, open_clip's own heads (mmcl heads are identities)."""
-    from mmcl.models.open_clip_towers import open_clip_tokenizer_for, open_clip_towers_from_cfg, \
-        parse_open_clip_spec
+    """Both towers of one open_clip model ("open_clip:NAME[:CKPT]" or an open_clip model
+    directory), open_clip's own heads (mmcl heads are identities) and logit scale."""
+    from mmcl.models import open_clip_towers as oc
 
-    name, ckpt = parse_open_clip_spec(spec)
-    image, text, scale = open_clip_towers_from_cfg(name, None, ckpt)
+    if os.path.isdir(spec):
+        image, text, scale = oc.open_clip_towers_from_dir(spec)
+    else:
+        name, ckpt = oc.parse_open_clip_spec(spec)
+        image, text, scale = oc.open_clip_towers_from_cfg(name, None, ckpt)
     cfg = image.image_processing()
     processor = DualProcessor(TransformImageProcessor(cfg["size"], cfg["mean"], cfg["std"], 1.0, cfg["interpolation"]),
-                              open_clip_tokenizer_for(image.model_cfg), text.max_length)
+                              oc.open_clip_tokenizer_for(image.model_cfg), text.max_length)
     model = cls(image, text, processor, projection="none", init_temperature=1.0 / scale,
                 max_scale=max(100.0, scale))
     with torch.no_grad():

@@ -119,9 +119,35 @@ def _load_checkpoint(model: nn.Module, path: str) -> None:
         )
 
 
+OPEN_CLIP_DIR_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+
+
+def open_clip_towers_from_dir(directory: str):
+    """Towers of an open_clip model directory (open_clip_config.json + open_clip_model.safetensors,
+    the layout open_clip publishes on the Hugging Face hub)."""
+    import json
+
+    import open_clip
+
+    with open(os.path.join(directory, "open_clip_config.json")) as f:
+        model_cfg = json.load(f).get("model_cfg")
+    if not isinstance(model_cfg, dict):
+        raise ValueError(f"{directory!r}: open_clip_config.json has no 'model_cfg'")
+    weights = [os.path.join(directory, w) for w in OPEN_CLIP_DIR_WEIGHTS if os.path.isfile(os.path.join(directory, w))]
+    if not weights:
+        raise ValueError(f"{directory!r} has none of the open_clip weight files {OPEN_CLIP_DIR_WEIGHTS}")
+    model = open_clip.create_model(f"local-dir:{directory}", force_custom_text=True, load_weights=False,
+                                   pretrained_text=False)
+    return _split(model, os.path.basename(os.path.normpath(directory)), model_cfg, weights[0])
+
+
 def open_clip_towers_from_cfg(name: str, model_cfg: dict | None, checkpoint: str | None):
-    """(image tower, text tower, logit_scale multiplier, tokenizer) of one open_clip model."""
+    """(image tower, text tower, logit_scale multiplier) of one open_clip model."""
     model, cfg = _create(name, model_cfg)
+    return _split(model, name, cfg, checkpoint)
+
+
+def _split(model, name: str, cfg: dict, checkpoint: str | None):
     if checkpoint:
         _load_checkpoint(model, checkpoint)
     model = model.float()
