@@ -50,8 +50,9 @@ def _common(p: argparse.ArgumentParser, data: bool = True) -> None:
 def _labels_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--labels", help='comma-separated class names, e.g. "cat,dog,car", or @FILE with one per line')
     p.add_argument("--templates", default="default",
-                   help="prompt set: default (7 prompts), imagenet (CLIP's 80), none (bare names), or a file "
-                        "with one prompt per line containing {} (default: default)")
+                   help="prompt set: default (CLIP's 7), imagenet (CLIP's 80), digits (the demo's held-out "
+                        "prompts), none (bare names), or a file with one prompt per line containing {} "
+                        "(default: default)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -120,8 +121,11 @@ def _load_model(args):
     if not path.is_dir() or not (path / "config.json").is_file():
         raise UsageError(f"--model {args.model}: not a model directory (expected config.json from save_pretrained)")
     import torch
+    import transformers
 
     from mmcl.models import DualEncoder
+
+    transformers.utils.logging.disable_progress_bar()  # mmcl's own bars show the work that takes time
 
     device = args.device if getattr(args, "device", None) else ("cuda" if torch.cuda.is_available() else "cpu")
     return DualEncoder.from_pretrained(str(path)).to(device).eval()
@@ -146,6 +150,10 @@ def _templates(value: str):
 
     if value in TEMPLATE_SETS:
         return value
+    if value == "digits":  # the demo's held-out prompts, disjoint from its training captions
+        from mmcl.data import EVAL_TEMPLATES
+
+        return list(EVAL_TEMPLATES)
     lines = [t.strip() for t in _read_text(value, "--templates").splitlines() if t.strip()]
     if not lines:
         raise UsageError(f"--templates {value}: the file has no prompts")
@@ -160,9 +168,17 @@ def _read_text(path: str, what: str) -> str:
 
 
 def _check_files(paths: list[str]) -> None:
+    """Fail before the (slow) model load when an image file is missing or not an image."""
+    from PIL import Image, UnidentifiedImageError
+
     for p in paths:
         if not os.path.isfile(p):
             raise UsageError(f"image file not found: {p}")
+        try:
+            with Image.open(p) as im:
+                im.verify()
+        except (UnidentifiedImageError, OSError, SyntaxError) as err:
+            raise UsageError(f"cannot read image {p}: {err}") from None
 
 
 def _dataset(args, split=None):

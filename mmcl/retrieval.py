@@ -2,13 +2,14 @@
 
 Image -> text: an image is a hit at k when at least one of its captions is among the k
 captions most similar to it. Text -> image: a caption is a hit at k when its image is among the
-k most similar images. Ties are counted against the model (an equal-scoring wrong item ranks
-ahead of the right one), so a collapsed model whose embeddings are all equal scores
-recall@k = k / N rather than a perfect 1.0.
+k most similar images. Equal scores count as in a random order (the exact expectation, not a
+sample): a collapsed model whose embeddings are all equal scores chance, not a perfect 1.0, and a
+caption duplicated under another image (template-made captions often are) competes as a coin
+toss rather than as a certain loss or win.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -16,7 +17,7 @@ import torch
 from mmcl.eval._checks import positive_int
 from mmcl.eval.embed import embed_images, embed_texts
 
-__all__ = ["recall_at_k", "retrieval_ranks", "flatten_captions", "evaluate"]
+__all__ = ["recall_at_k", "retrieval_ranks", "hit_probability", "Ranks", "flatten_captions", "evaluate"]
 
 
 def _check_similarity(similarity, text_to_image):
@@ -45,55 +46,93 @@ def _check_similarity(similarity, text_to_image):
     return similarity, t2i
 
 
-def retrieval_ranks(similarity, text_to_image, *, block: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
-    """0-based ranks of the first correct item, counting ties pessimistically.
+class Ranks(NamedTuple):
+    """Where the first correct item lands for each query, as counts of competing items.
+
+    above: wrong items scoring strictly higher than the best correct one; tied_wrong: wrong items
+    scoring exactly the same; tied_right: correct items at that same best score (>= 1).
+    """
+
+    above: torch.Tensor
+    tied_wrong: torch.Tensor
+    tied_right: torch.Tensor
+
+
+def retrieval_ranks(similarity, text_to_image, *, block: int = 1024) -> tuple[Ranks, Ranks]:
+    """Rank counts for image->text (I queries) and text->image (T queries).
 
     Args:
         similarity: (I, T) scores, row i = image i, column j = text j.
         text_to_image: (T,) the image index each text describes.
-        block: rows processed at a time (bounds extra memory at block x T).
+        block: rows/columns processed at a time (bounds extra memory at block x T or I x block).
 
     Returns:
-        (image_ranks (I,), text_ranks (T,)): image_ranks[i] = number of wrong captions scoring >= the
-        best correct caption of image i; text_ranks[j] = number of other images scoring >= image
-        text_to_image[j] on text j.
+        (image_ranks, text_ranks): `Ranks` of (I,) and (T,) long tensors on CPU.
     """
     sim, t2i = _check_similarity(similarity, text_to_image)
     n_img, n_txt = sim.shape
     block = positive_int("block", block)
-    image_ranks = []
+    img = ([], [], [])
     for start in range(0, n_img, block):
         rows = sim[start : start + block]
-        correct = t2i[None, :] == torch.arange(start, start + rows.shape[0], device=sim.device)[:, None]
-        best = rows.masked_fill(~correct, float("-inf")).max(dim=1, keepdim=True).values
-        image_ranks.append(((rows >= best) & ~correct).sum(dim=1))
-    cols = torch.arange(n_txt, device=sim.device)
-    text_ranks = []
+        right = t2i[None, :] == torch.arange(start, start + rows.shape[0], device=sim.device)[:, None]
+        best = rows.masked_fill(~right, float("-inf")).max(dim=1, keepdim=True).values
+        for out, mask in zip(img, ((rows > best) & ~right, (rows == best) & ~right, (rows == best) & right)):
+            out.append(mask.sum(dim=1))
+    txt = ([], [], [])
     for start in range(0, n_txt, block):
-        c = cols[start : start + block]
-        scores = sim[:, c]  # (I, b)
-        own = scores[t2i[c], torch.arange(c.numel(), device=sim.device)]
-        # Every image scoring >= the right one, minus the right one itself.
-        text_ranks.append((scores >= own[None, :]).sum(dim=0) - 1)
-    return torch.cat(image_ranks).cpu(), torch.cat(text_ranks).cpu()
+        cols = torch.arange(start, min(start + block, n_txt), device=sim.device)
+        scores = sim[:, cols]  # (I, b)
+        right = torch.arange(n_img, device=sim.device)[:, None] == t2i[cols][None, :]
+        own = scores[t2i[cols], torch.arange(cols.numel(), device=sim.device)][None, :]
+        for out, mask in zip(txt, ((scores > own) & ~right, (scores == own) & ~right, right)):
+            out.append(mask.sum(dim=0))
+    return (Ranks(*(torch.cat(x).cpu() for x in img)), Ranks(*(torch.cat(x).cpu() for x in txt)))
 
 
-def recall_at_k(similarity, text_to_image, ks: Sequence[int] = (1, 5, 10)) -> dict:
+def hit_probability(ranks: Ranks, k: int, ties: str = "random") -> torch.Tensor:
+    """(N,) float64 probability that some correct item is in the top k of each query.
+
+    ties="random": averaged over a uniformly random order of equal scores (exact, not sampled);
+    "pessimistic": every tied wrong item ranks first; "optimistic": the correct item ranks first.
+    """
+    above, tied_wrong, tied_right = (x.double() for x in ranks)
+    if ties == "optimistic":
+        return (above < k).double()
+    if ties == "pessimistic":
+        return (above + tied_wrong < k).double()
+    if ties != "random":
+        raise ValueError(f"ties must be 'random', 'pessimistic' or 'optimistic', got {ties!r}")
+    # m = tied slots left inside the top k. The first correct item among the tied ones falls outside
+    # them only if all m go to wrong items: probability C(w, m) / C(w + r, m), hypergeometric.
+    m = (k - above).clamp(min=0)
+    lg = torch.lgamma
+    m_ok = torch.minimum(m, tied_wrong)  # keeps lgamma's arguments valid where the miss chance is 0
+    log_all_wrong = (lg(tied_wrong + 1) - lg(tied_wrong - m_ok + 1)
+                     - lg(tied_wrong + tied_right + 1) + lg(tied_wrong + tied_right - m_ok + 1))
+    miss = torch.where(m > tied_wrong, torch.zeros_like(m), log_all_wrong.exp())
+    return torch.where(m <= 0, torch.zeros_like(m), 1.0 - miss)
+
+
+def recall_at_k(similarity, text_to_image, ks: Sequence[int] = (1, 5, 10), *, ties: str = "random") -> dict:
     """Recall@k for image->text and text->image from an (I, T) similarity matrix.
 
     `text_to_image` (T,) gives the image index of each caption (an image may have several).
+    Equal scores are resolved by `ties` (see `hit_probability`); the default, the expectation over
+    a random order, neither rewards a collapsed model nor punishes duplicate captions.
     Returns {"image_to_text_R@k": ..., "text_to_image_R@k": ... for k in ks, "mean_recall": ...},
-    each in [0, 1]; "mean_recall" averages all of them (the "rsum" of the retrieval literature / 2|ks|).
+    each in [0, 1]; "mean_recall" is the mean of all the others.
     """
     ks = [positive_int("k", k) for k in ks]
     if not ks:
         raise ValueError("ks is empty")
+    if ties not in ("random", "pessimistic", "optimistic"):
+        raise ValueError(f"ties must be 'random', 'pessimistic' or 'optimistic', got {ties!r}")
     image_ranks, text_ranks = retrieval_ranks(similarity, text_to_image)
     out = {}
-    for k in ks:
-        out[f"image_to_text_R@{k}"] = (image_ranks < k).double().mean().item()
-    for k in ks:
-        out[f"text_to_image_R@{k}"] = (text_ranks < k).double().mean().item()
+    for name, ranks in (("image_to_text", image_ranks), ("text_to_image", text_ranks)):
+        for k in ks:
+            out[f"{name}_R@{k}"] = hit_probability(ranks, k, ties).mean().item()
     out["mean_recall"] = float(np.mean(list(out.values())))
     return out
 
@@ -119,6 +158,7 @@ def evaluate(
     caption_column: str = "captions",
     *,
     ks: Sequence[int] = (1, 5, 10),
+    ties: str = "random",
     batch_size: int = 64,
     progress: bool = True,
     return_similarity: bool = False,
@@ -141,7 +181,7 @@ def evaluate(
     image_embeds = embed_images(model, dataset, image_column=image_column, batch_size=batch_size, progress=progress)
     text_embeds = embed_texts(model, texts, batch_size=4 * batch_size, progress=progress)
     similarity = image_embeds @ text_embeds.T
-    result = recall_at_k(similarity, owner, ks)
+    result = recall_at_k(similarity, owner, ks, ties=ties)
     result.update(num_images=len(dataset), num_texts=len(texts))
     if return_similarity:
         result.update(similarity=similarity, text_to_image=torch.tensor(owner))

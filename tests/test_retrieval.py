@@ -1,4 +1,6 @@
 """Retrieval recall@k: constructed similarity matrices whose ranks are known by construction."""
+import itertools
+import math
 import random
 
 import pytest
@@ -48,7 +50,8 @@ def test_image_to_text_recall_matches_construction(captions_per_image):
     ranks = [min(rng.choice(pool), w) for w in n_wrong]
     sim = _rows_with_ranks(owner, ranks, rng)
     image_ranks, _ = retrieval_ranks(sim, owner, block=4)  # several blocks, the last one partial
-    assert image_ranks.tolist() == ranks
+    assert image_ranks.above.tolist() == ranks
+    assert image_ranks.tied_wrong.sum() == 0 and (image_ranks.tied_right == 1).all()
     out = recall_at_k(sim, owner, ks=(1, 5, 10))
     for k in (1, 5, 10):
         expected = sum(r < k for r in ranks) / len(ranks)
@@ -63,24 +66,61 @@ def test_text_to_image_recall_matches_construction():
     ranks = [rng.choice([0, 0, 1, 4, 5, 9, 10, n_img - 1]) for _ in owner]
     sim = _columns_with_ranks(owner, n_img, ranks, rng)
     _, text_ranks = retrieval_ranks(sim, torch.tensor(owner), block=7)
-    assert text_ranks.tolist() == ranks
+    assert text_ranks.above.tolist() == ranks
     out = recall_at_k(sim, owner, ks=(1, 3, 5, 10))
     for k in (1, 3, 5, 10):
         assert out[f"text_to_image_R@{k}"] == pytest.approx(sum(r < k for r in ranks) / len(ranks), abs=1e-12)
     assert out["mean_recall"] == pytest.approx(sum(v for key, v in out.items() if "@" in key) / 8)
 
 
-def test_ties_count_against_the_model():
-    # A collapsed model (all scores equal) must not look perfect: every wrong item ties ahead.
+def _recall_over_all_tie_orders(sim, owner, k):
+    """Exact expected recall@k when equal scores are ordered uniformly at random, by enumerating
+    every tie-breaking permutation (sort by score, then by the permutation)."""
+    n_img, n_txt = len(sim), len(sim[0])
+    i2t = []
+    for i in range(n_img):
+        hits = [any(owner[j] == i for j in sorted(range(n_txt), key=lambda j: (-sim[i][j], perm[j]))[:k])
+                for perm in itertools.permutations(range(n_txt))]
+        i2t.append(sum(hits) / len(hits))
+    t2i = []
+    for j in range(n_txt):
+        hits = [owner[j] in sorted(range(n_img), key=lambda i: (-sim[i][j], perm[i]))[:k]
+                for perm in itertools.permutations(range(n_img))]
+        t2i.append(sum(hits) / len(hits))
+    return sum(i2t) / n_img, sum(t2i) / n_txt
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_ties_count_as_a_random_order(seed):
+    # Scores from a 3-value set: many ties, between right and wrong items alike (duplicate captions).
+    gen = torch.Generator().manual_seed(seed)
+    owner = [0, 0, 1, 2, 2, 3, 1]
+    sim = torch.randint(0, 3, (4, 7), generator=gen).double() / 2
+    got = recall_at_k(sim, owner, ks=(1, 2, 3, 5))
+    for k in (1, 2, 3, 5):
+        i2t, t2i = _recall_over_all_tie_orders(sim.tolist(), owner, k)
+        assert got[f"image_to_text_R@{k}"] == pytest.approx(i2t, abs=1e-9), k
+        assert got[f"text_to_image_R@{k}"] == pytest.approx(t2i, abs=1e-9), k
+
+
+def test_collapsed_model_scores_chance_not_perfect():
     captions_per_image = [1, 2, 3, 1, 1, 2]
     owner = _owners(captions_per_image)
     sim = torch.zeros(len(captions_per_image), len(owner))
-    out = recall_at_k(sim, owner, ks=(1, 5, 10))
     n_txt, n_img = len(owner), len(captions_per_image)
-    for k in (1, 5, 10):
-        expected_i2t = sum((n_txt - n) < k for n in captions_per_image) / n_img
-        assert out[f"image_to_text_R@{k}"] == pytest.approx(expected_i2t)
-        assert out[f"text_to_image_R@{k}"] == float(n_img - 1 < k)
+    random_ties = recall_at_k(sim, owner, ks=(1, 5))
+    pessimistic = recall_at_k(sim, owner, ks=(1, 5), ties="pessimistic")
+    optimistic = recall_at_k(sim, owner, ks=(1, 5), ties="optimistic")
+    for k in (1, 5):
+        # Chance: a text's own image is among k random picks of n_img with probability k / n_img.
+        assert random_ties[f"text_to_image_R@{k}"] == pytest.approx(min(k, n_img) / n_img)
+        # An image misses only if its k random picks from the captions are all someone else's.
+        miss = [math.comb(n_txt - n, k) / math.comb(n_txt, k) for n in captions_per_image]
+        assert random_ties[f"image_to_text_R@{k}"] == pytest.approx(1 - sum(miss) / n_img)
+        assert pessimistic[f"image_to_text_R@{k}"] == pytest.approx(
+            sum((n_txt - n) < k for n in captions_per_image) / n_img)
+        assert pessimistic[f"text_to_image_R@{k}"] == float(n_img - 1 < k)
+        assert optimistic[f"image_to_text_R@{k}"] == optimistic[f"text_to_image_R@{k}"] == 1.0
 
 
 def test_flatten_captions_mixes_strings_and_lists():
@@ -109,3 +149,5 @@ def test_bad_captions_are_named():
         flatten_captions(["ok", []])
     with pytest.raises(ValueError, match="k must be a positive integer"):
         recall_at_k(torch.eye(3), [0, 1, 2], ks=(0,))
+    with pytest.raises(ValueError, match="ties must be"):
+        recall_at_k(torch.eye(3), [0, 1, 2], ties="first")

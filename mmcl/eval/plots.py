@@ -75,13 +75,15 @@ def plot_confusion_matrix(labels, predictions, class_names, path, *, title: str 
 
 
 def plot_similarity(
-    similarity, path, *, texts=None, images=None, max_items: int = 16, title: str | None = None
+    similarity, path, *, texts=None, images=None, max_items: int = 16, title: str | None = None,
+    diagonal: bool = True,
 ) -> None:
     """Save an image x text cosine-similarity heat-map (the first `max_items` of each).
 
     similarity: (I, T) scores; texts: T caption strings for the x-axis; images: I PIL images drawn
     as thumbnails beside their rows (else rows are numbered). Pass matching pairs in order so the
-    diagonal holds the true pairs; a model that retrieves well shows a bright diagonal.
+    diagonal holds the true pairs (outlined when `diagonal`); a model that retrieves well shows
+    a bright diagonal.
     """
     path = _check_out(path)
     sim = np.asarray(torch.as_tensor(similarity, dtype=torch.float32).cpu())
@@ -114,9 +116,16 @@ def plot_similarity(
             ax.add_artist(box)
     else:
         ax.set_ylabel("image")
+    bright = sim > sim.min() + 0.6 * (sim.max() - sim.min())  # dark text on the yellow end of viridis
     for i in range(n_img):
         for j in range(n_txt):
-            ax.text(j, i, f"{sim[i, j]:.2f}", ha="center", va="center", fontsize=6, color="white")
+            ax.text(j, i, f"{sim[i, j]:.2f}", ha="center", va="center", fontsize=6,
+                    color="black" if bright[i, j] else "white")
+    if diagonal:
+        from matplotlib.patches import Rectangle
+
+        for i in range(min(n_img, n_txt)):  # outline the true pairs
+            ax.add_patch(Rectangle((i - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=1.5))
     ax.set_title(title or "image x text similarity")
     fig.tight_layout()
     fig.savefig(path, dpi=110, bbox_inches="tight")

@@ -22,6 +22,7 @@ def load_splits(source: str, *, image_column: str = "image") -> dict:
     """All splits of a local source as {split name: datasets.Dataset}; ValueError naming what is wrong."""
     import datasets
 
+    datasets.disable_progress_bars()  # loading a local file is quick; its bars would only clutter stderr
     if source == "digits":
         try:
             from mmcl.data import load_digits_dataset
