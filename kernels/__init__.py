@@ -14,6 +14,7 @@ try:
     # Imported eagerly so that the function `similarity_lse` below, defined after it, is what
     # the package attribute of that name stays bound to (a lazy submodule import would rebind
     # it to the module). TRITON_INTERPRET is read here, when the kernels are decorated.
+    from mmcl.kernels.row_dot import row_dot_triton
     from mmcl.kernels.similarity_lse import _interpreted, similarity_lse_triton
     _IMPORT_ERROR = None
 except Exception as exc:  # triton missing or broken: report it through is_available
@@ -39,3 +40,10 @@ def similarity_lse(query, key, scale, *, mask_diagonal=False, columns=False):
     if _IMPORT_ERROR is not None:
         raise ValueError(f"the Triton kernels are unavailable: triton is not importable ({_IMPORT_ERROR})")
     return similarity_lse_triton(query, key, scale, mask_diagonal=mask_diagonal, columns=columns)
+
+
+def row_dot(a, b):
+    """(B,) fp32 row-wise dot products of a (B, D) and b (B, D); see `row_dot_triton`."""
+    if _IMPORT_ERROR is not None:
+        raise ValueError(f"the Triton kernels are unavailable: triton is not importable ({_IMPORT_ERROR})")
+    return row_dot_triton(a, b)

@@ -18,7 +18,7 @@ import torch
 
 _PTR_TYPES = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32"}
 # Pointer arguments that carry the features (their dtype); every other pointer is fp32.
-_FEATURE_PTRS = {"a_ptr", "b_ptr", "da_ptr"}
+_FEATURE_PTRS = {"a_ptr", "b_ptr", "da_ptr", "db_ptr"}
 # Feature-dim strides of contiguous inputs: Triton specialises an int argument equal to 1.
 _UNIT_STRIDES = {"stride_ad", "stride_bd", "stride_dd"}
 
@@ -61,11 +61,13 @@ def compile_for_target(arch: int = 90, dtypes=(torch.bfloat16, torch.float16, to
     """Compile every kernel variant the launchers use for features of `dim`, for sm_`arch`.
 
     Returns a list of dicts: kernel, dtype, variant flags, registers, spill_bytes, shared_bytes,
-    pipelined (whether the D loop's loads became asynchronous copies).
+    pipelined (whether the loads in the D loop became asynchronous copies; the similarity
+    kernels' only, the row-dot kernels have no dot to overlap them with).
     """
     import importlib
 
     sl = importlib.import_module("mmcl.kernels.similarity_lse")
+    rd = importlib.import_module("mmcl.kernels.row_dot")
     if sl._interpreted():
         raise RuntimeError("compile_for_target needs TRITON_INTERPRET unset when triton is first imported")
     results = []
@@ -84,6 +86,12 @@ def compile_for_target(arch: int = 90, dtypes=(torch.bfloat16, torch.float16, to
                          BLOCK_DOUT=cfg["BLOCK_DOUT"], **common)
             info = _compile(sl._lse_bwd_kernel, dtype, flags, cfg["num_warps"], cfg["num_stages"], arch)
             results.append({"kernel": "backward", "dtype": str(dtype), "terms": terms, **info})
+        # The positive logits' kernels stream rows (no dot to pipeline), launched with defaults.
+        blocks = dict(BLOCK_M=rd.BLOCK_ROWS, BLOCK_D=rd.BLOCK_D)
+        info = _compile(rd._row_dot_fwd_kernel, dtype, blocks, 4, 3, arch)
+        results.append({"kernel": "row_dot_forward", "dtype": str(dtype), **info})
+        info = _compile(rd._row_dot_bwd_kernel, dtype, dict(WRITE_DA=True, WRITE_DB=True, **blocks), 4, 3, arch)
+        results.append({"kernel": "row_dot_backward", "dtype": str(dtype), **info})
     return results
 
 

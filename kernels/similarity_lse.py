@@ -291,8 +291,9 @@ class _SimilarityLSETriton(torch.autograd.Function):
 # --------------------------------------------------------------------------- public entry
 
 
-def _check_inputs(query, key, scale):
-    for name, x in (("query", query), ("key", key)):
+def _check_inputs(query, key, scale=None, names=("query", "key")):
+    """Raise TypeError/ValueError naming the argument unless the kernels can take these inputs."""
+    for name, x in zip(names, (query, key)):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
         if x.dim() != 2:
@@ -303,15 +304,17 @@ def _check_inputs(query, key, scale):
             hint = ' (use impl="chunked" or "naive" for float64)' if x.dtype == torch.float64 else ""
             raise TypeError(f"{name} must be float32, float16 or bfloat16 for the Triton kernels, "
                             f"got {x.dtype}{hint}")
+    (qname, kname) = names
     if query.shape[1] != key.shape[1]:
-        raise ValueError(f"query and key must have the same feature dim, got {tuple(query.shape)} "
+        raise ValueError(f"{qname} and {kname} must have the same feature dim, got {tuple(query.shape)} "
                          f"and {tuple(key.shape)}")
     if query.device != key.device:
-        raise ValueError(f"query is on {query.device} but key is on {key.device}")
-    if not isinstance(scale, torch.Tensor) or scale.numel() != 1 or not scale.is_floating_point():
-        raise TypeError("scale must be a one-element floating-point tensor (the logit multiplier)")
-    if scale.device != query.device:
-        raise ValueError(f"scale is on {scale.device} but query is on {query.device}")
+        raise ValueError(f"{qname} is on {query.device} but {kname} is on {key.device}")
+    if scale is not None:
+        if not isinstance(scale, torch.Tensor) or scale.numel() != 1 or not scale.is_floating_point():
+            raise TypeError("scale must be a one-element floating-point tensor (the logit multiplier)")
+        if scale.device != query.device:
+            raise ValueError(f"scale is on {scale.device} but {qname} is on {query.device}")
     device = query.device
     if device.type == "cpu" and not _interpreted():
         raise ValueError("the Triton kernels need CUDA tensors; CPU tensors run only under "

@@ -119,7 +119,11 @@ def similarity_lse(query, key, scale, *, mask_diagonal=False, columns=False, imp
     raise ValueError(f'similarity_lse takes impl="chunked" or "triton", got {impl!r}')
 
 
-def _row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def _row_dot(a: torch.Tensor, b: torch.Tensor, impl: str = "naive") -> torch.Tensor:
+    if impl == "triton":  # fp32 accumulation without fp32 copies of the features (kernels/row_dot.py)
+        from mmcl import kernels
+
+        return kernels.row_dot(a, b)
     dtype = torch.promote_types(a.dtype, torch.float32)
     return (a.to(dtype) * b.to(dtype)).sum(-1)
 
@@ -177,7 +181,7 @@ def clip_loss(
     if impl == "naive":
         return _clip_loss_reference(images, texts, all_images, all_texts, scale, logit_bias, labels)
 
-    positives = scale * _row_dot(images, texts)
+    positives = scale * _row_dot(images, texts, impl)
     if all_texts is texts:  # whole matrix: one pass gives both row and column logsumexps
         row_lse, col_lse = similarity_lse(images, texts, scale, columns=True, impl=impl)
         return 0.5 * ((row_lse - positives).mean() + (col_lse - positives).mean())
@@ -228,7 +232,7 @@ def info_nce(query: torch.Tensor, key: torch.Tensor, temperature, *, queue=None,
         queue = queue.detach()
     columns = queue if queue is not None else key
     impl = resolve_impl(impl, query.device, query.shape[0] * columns.shape[0])
-    positives = scale * _row_dot(query, key)
+    positives = scale * _row_dot(query, key, impl)
 
     if impl == "naive":
         dtype = positives.dtype
@@ -266,7 +270,7 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature, *, impl: str = "aut
     n2 = z.shape[0]
     impl = resolve_impl(impl, z.device, n2 * n2)
     partner = torch.cat([z2, z1])
-    positives = scale * _row_dot(z, partner)
+    positives = scale * _row_dot(z, partner, impl)
     if impl == "naive":
         logits = scale * z.to(positives.dtype) @ z.to(positives.dtype).T
         logits = logits.masked_fill(torch.eye(n2, dtype=torch.bool, device=z.device), float("-inf"))
