@@ -73,6 +73,10 @@ def build_model(cfg):
         model.lock_image(unlocked_layers=m.lock_image_unlocked_layers)
     if m.lock_text and model.has_text_tower:
         model.lock_text(unlocked_layers=m.lock_text_unlocked_layers)
+    if m.cache_text_features and model.has_text_tower:
+        from mmcl.train.textcache import cache_locked_text_tower
+
+        cache_locked_text_tower(model)
     if cfg.mode in ("simclr", "moco"):
         # Image-only losses use a fixed temperature: an untouched parameter would only confuse
         # DDP (no gradient) and the optimizer.

@@ -44,6 +44,7 @@ class ModelConfig:
     lock_text: bool = False
     lock_text_unlocked_layers: int = 0
     gradient_checkpointing: bool = False
+    cache_text_features: bool = False  # LiT: memoise a fully locked text tower's features per caption
     sync_bn: bool = False  # convert BatchNorm to SyncBatchNorm in multi-process runs
 
 

@@ -1,0 +1,16 @@
+"""Train with mmcl's moco mode.
+
+    accelerate launch recipes/train_moco.py [--config recipes/configs/NAME.yaml] [key.sub=value ...]
+    python recipes/train_moco.py            # the same, one process
+
+Default config: recipes/configs/moco_digits.yaml. See recipes/README.md for every reference run.
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from _common import main  # noqa: E402
+
+if __name__ == "__main__":
+    main("moco_digits.yaml")
