@@ -263,3 +263,34 @@ def test_unknown_hub_ids_raise_naming_them():
         DualEncoder.from_pretrained("no-such-org/no-such-model")
     with pytest.raises(TypeError, match="image_tower"):
         DualEncoder.from_towers(42)
+
+
+def test_towers_from_a_clip_dir_and_a_vit_without_pooler(tmp_path):
+    config = CLIPConfig(text_config=dict(vocab_size=99, max_position_embeddings=16, **TINY),
+                        vision_config=dict(image_size=24, patch_size=8, **TINY), projection_dim=10)
+    hf = CLIPModel(config).eval()
+    hf.save_pretrained(tmp_path / "clip")
+    model = DualEncoder.from_towers(tmp_path / "clip", tmp_path / "clip", projection_dim=4)
+    pixels, ids = torch.randn(2, 3, 24, 24), torch.randint(1, 99, (3, 7))
+    with torch.no_grad():
+        torch.testing.assert_close(model.image_tower(pixel_values=pixels), hf.vision_model(pixel_values=pixels).pooler_output)
+        torch.testing.assert_close(model.text_tower(input_ids=ids), hf.text_model(input_ids=ids).pooler_output)
+
+    # A ViT checkpoint without pooler weights would get a random dense+tanh pooler: use CLS.
+    vit = ViTModel(ViTConfig(image_size=12, patch_size=6, **TINY), add_pooling_layer=False).eval()
+    vit.save_pretrained(tmp_path / "vit")
+    model = DualEncoder.from_towers(tmp_path / "vit", projection_dim=4)
+    assert model.image_tower.pooling == "cls"
+    pixels = torch.randn(2, 3, 12, 12)
+    with torch.no_grad():
+        torch.testing.assert_close(model.image_tower(pixel_values=pixels), vit(pixel_values=pixels).last_hidden_state[:, 0])
+
+    # A checkpoint missing real weights is refused, not silently filled with random ones.
+    from safetensors.torch import load_file, save_file
+
+    weights = tmp_path / "vit" / "model.safetensors"
+    state = load_file(str(weights))
+    del state["embeddings.cls_token"]
+    save_file(state, str(weights), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="lacks weights.*cls_token"):
+        DualEncoder.from_towers(tmp_path / "vit")

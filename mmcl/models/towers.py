@@ -170,9 +170,21 @@ def hf_tower_from_pretrained(path: str, modality: str, pooling: str = "auto") ->
             f"(or another tower spec: 'open_clip:NAME', 'timm:NAME', 'torchvision:NAME'): {exc}"
         ) from exc
     cls = _hf_class_for(config, modality)
-    model, info = cls.from_pretrained(path, dtype=torch.float32, output_loading_info=True)
+    from transformers.utils import logging as hf_logging
+
+    # Taking one tower of a two-tower checkpoint leaves the other's weights "unexpected": that
+    # report is noise here. Missing weights are not, and are checked below.
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        model, info = cls.from_pretrained(path, dtype=torch.float32, output_loading_info=True)
+    finally:
+        hf_logging.set_verbosity(verbosity)
     if _hf_modality(model) != modality:
         raise ValueError(f"{path!r} is a {_hf_modality(model)} model, but was given as the {modality} tower")
+    missing = [k for k in info.get("missing_keys", ()) if not k.startswith("pooler.")]
+    if missing:
+        raise ValueError(f"{path!r} lacks weights of its {type(model).__name__}: {sorted(missing)[:5]}")
     if pooling == "auto":
         pooling = (os.path.isdir(path) and _sentence_transformers_pooling(path)) or default_pooling(
             model, info.get("missing_keys", ())
