@@ -234,6 +234,9 @@ def test_bad_input(towers, tmp_path):
         bert.encode_text(torch.tensor([[1, 30522]]))
     with pytest.raises(ValueError, match="attention_mask"):
         bert.encode_text(torch.tensor([[1, 2]]), torch.ones(1, 3))
+    with pytest.raises(ValueError, match="max_length=65 exceeds.*64 positions"):
+        bert.processor.tokenize(["a"], max_length=65)
+    assert bert.processor.tokenize(["word " * 100])["input_ids"].shape == (1, 64)  # truncated to the tower
     with pytest.raises(ValueError, match="bert.*transformers 'bert' model"):
         DualEncoder.from_pretrained(towers["bert"])
 
@@ -263,6 +266,8 @@ def test_unknown_hub_ids_raise_naming_them():
         DualEncoder.from_pretrained("no-such-org/no-such-model")
     with pytest.raises(TypeError, match="image_tower"):
         DualEncoder.from_towers(42)
+    with pytest.raises(ValueError, match="unknown tower spec 'tfhub:resnet'"):
+        DualEncoder.from_towers("tfhub:resnet")
 
 
 def test_towers_from_a_clip_dir_and_a_vit_without_pooler(tmp_path):

@@ -157,6 +157,8 @@ class DualProcessor:
         texts = _check_texts(texts)
         if max_length is not None and (not isinstance(max_length, int) or max_length < 2):
             raise ValueError(f"max_length must be an int >= 2, got {max_length!r}")
+        if max_length is not None and self.text_max_length is not None and max_length > self.text_max_length:
+            raise ValueError(f"max_length={max_length} exceeds the text tower's {self.text_max_length} positions")
         limit = max_length or self.text_max_length
         if not hasattr(self.tokenizer, "save_pretrained"):  # open_clip's fixed-length BPE
             return self.tokenizer(texts, max_length=limit)

@@ -80,6 +80,9 @@ class HFTower(nn.Module):
         if self.pooling == "pooler":
             return out.pooler_output.flatten(1)
         hidden = out.last_hidden_state
+        if hidden.dim() != 3:
+            raise ValueError(f"pooling {self.pooling!r} needs a token sequence, but {self.model.config.model_type} "
+                             f"returns feature maps {tuple(hidden.shape)}: use pooling 'pooler'")
         if self.pooling == "cls":
             return hidden[:, 0]
         if self.modality == "text" and attention_mask is not None:
@@ -345,6 +348,10 @@ def build_tower(spec, modality: str, pooling: str = "auto") -> nn.Module:
         if modality != "image":
             raise ValueError(f"{kind} towers are image towers, got {spec!r} as the {modality} tower")
         return (TimmTower if kind == "timm" else TorchvisionTower)(name, weights)
+    prefix = spec.partition(":")[0]
+    if ":" in spec and not os.path.exists(spec) and prefix.replace("_", "").isalnum():
+        raise ValueError(f"unknown tower spec {spec!r}: the prefixes are 'open_clip:', 'timm:' and 'torchvision:'; "
+                         "anything else is a transformers directory or hub id")
     if os.path.exists(spec) and not os.path.isdir(spec):
         raise ValueError(f"{modality}_tower {spec!r} is a file; a transformers tower is a directory")
     if not os.path.isdir(spec) and (spec.startswith((".", "/", "~")) or spec.count("/") > 1):
