@@ -34,7 +34,8 @@ class UsageError(Exception):
 
 
 def _common(p: argparse.ArgumentParser, data: bool = True) -> None:
-    p.add_argument("--model", required=True, metavar="DIR", help="model directory written by save_pretrained / mmcl training")
+    p.add_argument("--model", required=True, metavar="DIR",
+                   help="model directory written by save_pretrained / mmcl training")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -82,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
         _common(p)
         p.add_argument("--plot", metavar="FILE.png", help="save a confusion matrix (or similarity heat-map) here")
         if name == "retrieval":
-            p.add_argument("--caption-column", default="captions", help="caption string or list column (default: captions)")
+            p.add_argument("--caption-column", default="captions",
+                           help="caption string or list column (default: captions)")
         else:
             p.add_argument("--label-column", default="label", help="integer/ClassLabel or string label column")
         if name == "zeroshot":
@@ -216,7 +218,8 @@ def cmd_zeroshot(args) -> None:
     results = []
     for path, row in zip(args.images, probs):
         p, idx = row.topk(top)
-        results.append({"image": path, "labels": [names[i] for i in idx.tolist()], "probs": [round(v, 6) for v in p.tolist()]})
+        results.append({"image": path, "labels": [names[i] for i in idx.tolist()],
+                        "probs": [round(v, 6) for v in p.tolist()]})
     if args.json:
         print(json.dumps(results))
         return
@@ -253,7 +256,8 @@ def _eval_zeroshot(model, args):
     names = _class_names(args.labels) if args.labels else class_names_of(ds, args.label_column)
     if names is None:
         raise UsageError(f"column {args.label_column!r} has no class names; give them with --labels")
-    clf = ZeroShotClassifier(model, names, _templates(args.templates), batch_size=args.batch_size, progress=not args.quiet)
+    clf = ZeroShotClassifier(model, names, _templates(args.templates), batch_size=args.batch_size,
+                             progress=not args.quiet)
     res = clf.evaluate(ds, image_column=args.image_column, label_column=args.label_column, return_predictions=True)
     labels, preds = res.pop("labels"), res.pop("predictions")
     return res, lambda out: plot_confusion_matrix(labels, preds, names, out, title="zero-shot")

@@ -26,7 +26,9 @@ def _check_similarity(similarity, text_to_image):
     if not isinstance(similarity, torch.Tensor) or not similarity.is_floating_point():
         raise TypeError("similarity must be a floating-point tensor (num_images, num_texts)")
     if similarity.dim() != 2 or 0 in similarity.shape:
-        raise ValueError(f"similarity must be a non-empty (num_images, num_texts) matrix, got {tuple(similarity.shape)}")
+        raise ValueError(
+            f"similarity must be a non-empty (num_images, num_texts) matrix, got {tuple(similarity.shape)}"
+        )
     if torch.isnan(similarity).any():
         raise ValueError("similarity contains NaN")
     t2i = torch.as_tensor(np.asarray(text_to_image) if not isinstance(text_to_image, torch.Tensor) else text_to_image)

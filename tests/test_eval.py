@@ -15,7 +15,9 @@ def _clustered(n, d, labels, rng, spread=1.5):
     return np.stack([centres[c] + spread * rng.standard_normal(d) for c in labels])
 
 
-@pytest.mark.parametrize("n_train, n_test, dim, k, temperature", [(97, 31, 48, 7, 0.1), (53, 11, 32, 53, 0.07), (200, 17, 5, 1, 0.5)])
+@pytest.mark.parametrize(
+    "n_train, n_test, dim, k, temperature", [(97, 31, 48, 7, 0.1), (53, 11, 32, 53, 0.07), (200, 17, 5, 1, 0.5)]
+)
 def test_knn_matches_sklearn_weighted_vote(n_train, n_test, dim, k, temperature):
     rng = np.random.default_rng(n_train)
     classes = np.array([3, 7, 11, 20, 42])  # non-contiguous labels

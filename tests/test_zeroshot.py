@@ -140,3 +140,12 @@ def test_bad_input_is_named(tiny, tmp_path):
         clf.evaluate(ds)
     with pytest.raises(ValueError, match="label_column 'y' is not in the dataset"):
         clf.evaluate(ds, label_column="y")
+    # A corrupt image inside a dataset: the error names its row and file, not a PIL internals trace.
+    real_images(1)[0].save(tmp_path / "img.png")
+    good = {"bytes": (tmp_path / "img.png").read_bytes(), "path": "img.png"}
+    broken = {"bytes": b"not an image", "path": "broken.jpg"}
+    corrupt = datasets.Dataset.from_dict({"image": [good, good, broken], "label": [0, 1, 0]},
+                                         features=datasets.Features({"image": datasets.Image(),
+                                                                     "label": datasets.Value("int64")}))
+    with pytest.raises(ValueError, match="image 2: cannot read image broken.jpg"):
+        clf.evaluate(corrupt)

@@ -19,6 +19,12 @@ from mmcl.eval._checks import positive_int
 __all__ = ["load_image", "embed_images", "embed_texts", "model_device", "iter_image_batches"]
 
 
+def _show_progress(progress: bool) -> bool:
+    from mmcl.distributed import rank
+
+    return bool(progress) and rank() == 0  # one bar per run, not one per process
+
+
 def model_device(model: torch.nn.Module) -> torch.device:
     """The device of the model's first parameter (CPU for a parameterless module)."""
     for p in model.parameters():
@@ -108,13 +114,20 @@ def _as_items(images, image_column: str):
         return [images]  # a single image
     if isinstance(images, Sequence):
         return images
-    raise TypeError(f"images must be a list of images/paths, a tensor or a datasets.Dataset, got {type(images).__name__}")
+    raise TypeError(
+        f"images must be a list of images/paths, a tensor or a datasets.Dataset, got {type(images).__name__}"
+    )
 
 
 class _DatasetColumn:
-    """Lazy view of one column; slicing decodes only that slice's images."""
+    """Lazy view of one column; slicing reads only that slice. An `Image` column is read undecoded
+    and decoded by `load_image`, so a corrupt file raises mmcl's ValueError naming its row."""
 
     def __init__(self, dataset, column: str):
+        import datasets
+
+        if isinstance(dataset.features.get(column), datasets.Image):
+            dataset = dataset.cast_column(column, datasets.Image(decode=False))
         self.dataset, self.column = dataset, column
 
     def __len__(self) -> int:
@@ -136,8 +149,15 @@ def iter_image_batches(model, images, *, image_column: str = "image", batch_size
         if _is_pixel_tensor(chunk):
             pixels = chunk
         else:
-            pixels = model.processor.preprocess_images([load_image(x) for x in chunk])
+            pixels = model.processor.preprocess_images([_load_at(x, start + i) for i, x in enumerate(chunk)])
         yield pixels.to(device)
+
+
+def _load_at(item, index: int):
+    try:
+        return load_image(item)
+    except (ValueError, TypeError) as err:
+        raise type(err)(f"image {index}: {err}") from None
 
 
 def _count(images, image_column: str) -> int:
@@ -163,7 +183,8 @@ def embed_images(
 
     total = _count(images, image_column)
     out = []
-    with eval_mode(model), tqdm(total=total, desc="images", unit="img", disable=not progress) as bar:
+    bar = tqdm(total=total, desc="images", unit="img", disable=not _show_progress(progress))
+    with eval_mode(model), bar:
         for pixels in iter_image_batches(model, images, image_column=image_column, batch_size=batch_size):
             out.append(model.encode_image(pixels, normalize=normalize).float().cpu())
             bar.update(pixels.shape[0])
@@ -185,7 +206,8 @@ def embed_texts(model, texts, *, batch_size: int = 256, normalize: bool = True, 
         raise ValueError("this model has no text tower; text embeddings need an image-text model")
     device = model_device(model)
     out = []
-    with eval_mode(model), tqdm(total=len(texts), desc="texts", unit="txt", disable=not progress) as bar:
+    bar = tqdm(total=len(texts), desc="texts", unit="txt", disable=not _show_progress(progress))
+    with eval_mode(model), bar:
         for start in range(0, len(texts), batch_size):
             chunk = list(texts[start : start + batch_size])
             tokens = model.processor.tokenize(chunk)

@@ -31,7 +31,9 @@ def load_splits(source: str, *, image_column: str = "image") -> dict:
         return _LazySplits({s: (lambda s=s: load_digits_dataset(s)) for s in ("train", "test")})
     path = Path(source).expanduser()
     if not path.exists():
-        raise ValueError(f"data source not found: {source} (give a parquet/CSV/JSON file, a dataset directory or 'digits')")
+        raise ValueError(
+            f"data source not found: {source} (give a parquet/CSV/JSON file, a dataset directory or 'digits')"
+        )
     if path.is_file():
         builder = _FILE_BUILDERS.get(path.suffix.lower())
         if builder is None:
