@@ -9,6 +9,8 @@ The Triton kernels in `mmcl.kernels` implement the same contract on GPUs.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 # Tile edge lengths. A tile of fp32 logits is 1024 x 2048 x 4 B = 8 MiB; backward keeps three alive.
@@ -30,6 +32,32 @@ def _mask_diagonal(tile: torch.Tensor, r0: int, c0: int) -> None:
         tile[idx - r0, idx - c0] = float("-inf")
 
 
+def _tile_logsumexps(logits: torch.Tensor, columns: bool):
+    """Row (and column) logsumexps of one tile from a single exp pass.
+
+    exp(logits − tile max) serves rows and columns alike. A row (column) whose values all lie far
+    below the tile max would lose precision to underflow; those few are recomputed exactly.
+    """
+    top = logits.max()
+    if not torch.isfinite(top):  # an all-masked tile (or non-finite input): take the exact route
+        return logits.logsumexp(1), (logits.logsumexp(0) if columns else None)
+    exps = torch.sub(logits, top).exp_()
+    # Kept terms are ≥ e^-floor relative to the tile max; a sum above e^-(floor/2) makes the dropped
+    # (underflowed) ones negligible at this precision.
+    floor = -math.log(torch.finfo(logits.dtype).tiny) / 2
+
+    def reduce(dim: int) -> torch.Tensor:
+        sums = exps.sum(dim)
+        out = sums.log_().add_(top)
+        weak = sums < math.exp(-floor / 2)
+        if bool(weak.any()):
+            exact = logits[weak].logsumexp(1) if dim == 1 else logits[:, weak].logsumexp(0)
+            out[weak] = exact
+        return out
+
+    return reduce(1), (reduce(0) if columns else None)
+
+
 class _SimilarityLSE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, query, key, scale, mask_diagonal, columns, block_rows, block_cols):
@@ -44,11 +72,12 @@ class _SimilarityLSE(torch.autograd.Function):
                 logits = (q @ key[c0 : c0 + block_cols].to(dtype).T) * s
                 if mask_diagonal:
                     _mask_diagonal(logits, r0, c0)
+                tile_rows, tile_cols = _tile_logsumexps(logits, columns)
                 rows = row_lse[r0 : r0 + q.shape[0]]
-                torch.logaddexp(rows, torch.logsumexp(logits, dim=1), out=rows)
+                torch.logaddexp(rows, tile_rows, out=rows)
                 if columns:
                     cols = col_lse[c0 : c0 + logits.shape[1]]
-                    torch.logaddexp(cols, torch.logsumexp(logits, dim=0), out=cols)
+                    torch.logaddexp(cols, tile_cols, out=cols)
         ctx.save_for_backward(query, key, scale, row_lse, col_lse if columns else row_lse)
         ctx.config = (mask_diagonal, columns, block_rows, block_cols)
         return (row_lse, col_lse) if columns else row_lse
