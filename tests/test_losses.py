@@ -263,3 +263,17 @@ BAD_INPUTS = [
 def test_bad_inputs_raise_clear_errors(call, error, message):
     with pytest.raises(error, match=message):
         call()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_chunked_lse_exact_when_rows_lie_far_below_the_tile_max(dtype):
+    # Rows and columns with wildly different magnitudes: one exp pass relative to the tile max would
+    # underflow the small ones, which must be recomputed exactly.
+    q = torch.randn(12, 16, dtype=F64) * torch.logspace(-2, 2.5, 12, dtype=F64)[:, None]
+    k = torch.randn(9, 16, dtype=F64) * torch.logspace(2, -2, 9, dtype=F64)[:, None]
+    rows, cols = similarity_lse_chunked(q.to(dtype), k.to(dtype), torch.tensor(3.0, dtype=dtype), columns=True,
+                                        block_rows=5, block_cols=4)
+    logits = 3.0 * q @ k.T
+    tol = 1e-12 if dtype == F64 else 2e-6
+    _assert_close(rows, logits.logsumexp(1), "row logsumexp", atol=tol, rtol=tol)
+    _assert_close(cols, logits.logsumexp(0), "column logsumexp", atol=tol, rtol=tol)
