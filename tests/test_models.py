@@ -1,8 +1,6 @@
 """DualEncoder with transformers towers: equality with transformers' own models, pooling,
 save/load round trip, processor, bad input."""
-import copy
 import json
-import os
 
 import numpy as np
 import pytest
@@ -51,7 +49,10 @@ TEXTS = ["a cat", "a small dog sitting on the red mat", "x", "two birds", "an ae
 
 def test_top_level_exports():
     assert mmcl.DualEncoder is DualEncoder
-    from mmcl.models import DualProcessor, FeatureQueue, MomentumEncoder  # noqa: F401
+    import mmcl.models as models
+
+    assert set(models.__all__) >= {"DualEncoder", "DualEncoderOutput", "DualProcessor", "MomentumEncoder", "FeatureQueue"}
+    assert mmcl.MomentumEncoder is models.MomentumEncoder and mmcl.FeatureQueue is models.FeatureQueue
 
 
 def test_from_towers_matches_transformers_pooler_and_gradients(towers):

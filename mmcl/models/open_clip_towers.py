@@ -12,7 +12,6 @@ import copy
 import os
 import tempfile
 
-import torch
 import torch.nn as nn
 
 from mmcl.models.weights import read_state_dict
