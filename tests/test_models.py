@@ -157,6 +157,8 @@ def test_from_pretrained_clip_model_logits_and_round_trip(tmp_path):
     config = CLIPConfig(text_config=dict(vocab_size=99, max_position_embeddings=16, **TINY),
                         vision_config=dict(image_size=24, patch_size=8, **TINY), projection_dim=10)
     hf = CLIPModel(config).eval()
+    with torch.no_grad():  # above mmcl's default clamp of 100: the loaded model must not clamp it
+        hf.logit_scale.fill_(np.log(120.0))
     hf.save_pretrained(tmp_path / "clip")
     model = DualEncoder.from_pretrained(tmp_path / "clip")
     assert model.processor.tokenizer is None  # none was saved with it
