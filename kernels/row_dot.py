@@ -12,8 +12,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from torch.autograd.function import once_differentiable
 
-from mmcl.kernels.similarity_lse import _check_inputs
+from mmcl.kernels.similarity_lse import _check_inputs, _on_device
 
 __all__ = ["row_dot_triton"]
 
@@ -61,12 +62,15 @@ class _RowDotTriton(torch.autograd.Function):
     def forward(ctx, a, b):
         M, D = a.shape
         out = torch.empty(M, dtype=torch.float32, device=a.device)
-        _row_dot_fwd_kernel[(triton.cdiv(M, BLOCK_ROWS),)](
-            a, b, out, M, D, a.stride(0), a.stride(1), b.stride(0), b.stride(1), BLOCK_M=BLOCK_ROWS, BLOCK_D=BLOCK_D)
+        with _on_device(a):
+            _row_dot_fwd_kernel[(triton.cdiv(M, BLOCK_ROWS),)](
+                a, b, out, M, D, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+                BLOCK_M=BLOCK_ROWS, BLOCK_D=BLOCK_D)
         ctx.save_for_backward(a, b)
         return out
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad):
         a, b = ctx.saved_tensors
         need_a, need_b = ctx.needs_input_grad[:2]
@@ -76,10 +80,11 @@ class _RowDotTriton(torch.autograd.Function):
         g = grad.float().contiguous()
         da = torch.empty((M, D), dtype=a.dtype, device=a.device) if need_a else None
         db = torch.empty((M, D), dtype=b.dtype, device=b.device) if need_b else None
-        _row_dot_bwd_kernel[(triton.cdiv(M, BLOCK_ROWS),)](
-            a, b, g, da if need_a else g, db if need_b else g, M, D,
-            a.stride(0), a.stride(1), b.stride(0), b.stride(1),
-            WRITE_DA=need_a, WRITE_DB=need_b, BLOCK_M=BLOCK_ROWS, BLOCK_D=BLOCK_D)
+        with _on_device(a):
+            _row_dot_bwd_kernel[(triton.cdiv(M, BLOCK_ROWS),)](
+                a, b, g, da if need_a else g, db if need_b else g, M, D,
+                a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+                WRITE_DA=need_a, WRITE_DB=need_b, BLOCK_M=BLOCK_ROWS, BLOCK_D=BLOCK_D)
         return da, db
 
 

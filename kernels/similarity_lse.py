@@ -24,7 +24,10 @@ Memory: O((B + N) * D) for inputs and gradients plus O(B + N) for the logsumexps
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
+from torch.autograd.function import once_differentiable
 import triton
 import triton.language as tl
 
@@ -212,16 +215,21 @@ def _dot_fp32(dtype: torch.dtype) -> bool:
     return dtype == torch.bfloat16 and _interpreted()
 
 
+def _on_device(t: torch.Tensor):
+    """Launch on t's GPU: Triton uses the current CUDA device, which may be another one."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
 def _forward_lse(a, b, scale32, mask_diagonal, cfg):
     M, D = a.shape
     lse = torch.empty(M, dtype=torch.float32, device=a.device)
-    grid = (triton.cdiv(M, cfg["BLOCK_M"]),)
-    _lse_fwd_kernel[grid](
-        a, b, scale32, lse, M, b.shape[0], D, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
-        MASK_DIAGONAL=mask_diagonal, PRECISION=_precision(a.dtype), DOT_FP32=_dot_fp32(a.dtype),
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"],
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-    )
+    with _on_device(a):
+        _lse_fwd_kernel[(triton.cdiv(M, cfg["BLOCK_M"]),)](
+            a, b, scale32, lse, M, b.shape[0], D, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+            MASK_DIAGONAL=mask_diagonal, PRECISION=_precision(a.dtype), DOT_FP32=_dot_fp32(a.dtype),
+            BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"],
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        )
     return lse
 
 
@@ -234,18 +242,19 @@ def _backward_side(a, b, scale32, gmax, lse_a, g_a, lse_b, g_b, mask_diagonal, w
     ds = torch.empty(n_row_blocks, dtype=torch.float32, device=a.device) if write_ds else None
     dummy = lse_a if lse_a is not None else lse_b  # unused pointer slots still need a tensor
     n_slices = triton.cdiv(D, cfg["BLOCK_DOUT"]) if write_da else 1
-    _lse_bwd_kernel[(n_row_blocks, n_slices)](
-        a, b, scale32, gmax,
-        lse_a if lse_a is not None else dummy, g_a if g_a is not None else dummy,
-        lse_b if lse_b is not None else dummy, g_b if g_b is not None else dummy,
-        da if write_da else dummy, ds if write_ds else dummy,
-        M, b.shape[0], D, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
-        da.stride(0) if write_da else 0, da.stride(1) if write_da else 0,
-        MASK_DIAGONAL=mask_diagonal, HAS_A_TERM=lse_a is not None, HAS_B_TERM=lse_b is not None,
-        WRITE_DA=write_da, WRITE_DSCALE=write_ds, PRECISION=_precision(a.dtype), DOT_FP32=_dot_fp32(a.dtype),
-        BLOCK_M=bm, BLOCK_N=cfg["BWD_BLOCK_N"], BLOCK_D=cfg["BLOCK_D"], BLOCK_DOUT=cfg["BLOCK_DOUT"],
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-    )
+    with _on_device(a):
+        _lse_bwd_kernel[(n_row_blocks, n_slices)](
+            a, b, scale32, gmax,
+            lse_a if lse_a is not None else dummy, g_a if g_a is not None else dummy,
+            lse_b if lse_b is not None else dummy, g_b if g_b is not None else dummy,
+            da if write_da else dummy, ds if write_ds else dummy,
+            M, b.shape[0], D, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+            da.stride(0) if write_da else 0, da.stride(1) if write_da else 0,
+            MASK_DIAGONAL=mask_diagonal, HAS_A_TERM=lse_a is not None, HAS_B_TERM=lse_b is not None,
+            WRITE_DA=write_da, WRITE_DSCALE=write_ds, PRECISION=_precision(a.dtype), DOT_FP32=_dot_fp32(a.dtype),
+            BLOCK_M=bm, BLOCK_N=cfg["BWD_BLOCK_N"], BLOCK_D=cfg["BLOCK_D"], BLOCK_DOUT=cfg["BLOCK_DOUT"],
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        )
     return da, ds
 
 
@@ -260,6 +269,7 @@ class _SimilarityLSETriton(torch.autograd.Function):
         return (row_lse, col_lse) if columns else row_lse
 
     @staticmethod
+    @once_differentiable  # the kernels' gradients are not themselves differentiable
     def backward(ctx, grad_row, grad_col=None):
         query, key, scale32, row_lse, col_lse = ctx.saved_tensors
         mask_diagonal, columns, cfg, scale_shape, scale_dtype = ctx.config

@@ -164,6 +164,13 @@ def test_fully_masked_row_is_minus_infinity_with_zero_gradient():
     assert torch.all(gx == 0) and gs.item() == 0
 
 
+def test_double_backward_is_refused():
+    q, s = _features(8, 16).requires_grad_(), torch.tensor(3.0, device=DEVICE, requires_grad=True)
+    (gq,) = torch.autograd.grad(similarity_lse_triton(q, q, s).sum(), q, create_graph=True)
+    with pytest.raises(RuntimeError, match="grad"):  # refused, never silently wrong
+        gq.sum().backward()
+
+
 def test_mixed_dtypes_promote():
     q, k = _features(20, 32), _features(30, 32, torch.bfloat16)
     s = torch.tensor(10.0, device=DEVICE)
