@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import math
 import os
 import statistics
@@ -175,7 +176,7 @@ def run(args) -> list[str]:
         device, dtype = torch.device("cuda"), torch.bfloat16
         sizes, dims = args.sizes, args.dims
     clock = Clock(device)
-    header = ("| B=N | D | impl | fwd ms | bwd ms | full ms | peak MiB | peak / (in+grad) | passes | "
+    header = ("| B=N | D | impl | fwd ms | bwd ms | full ms | extra MiB | extra / (in+grad) | passes | "
               "TFLOP/s | % of matmul |")
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     print(lines[0], flush=True)
@@ -191,6 +192,9 @@ def run(args) -> list[str]:
                 except Exception as exc:  # noqa: BLE001 - OOM is a result, anything else is a bug
                     if not is_oom(exc):
                         raise
+                    r = None
+                if r is None:  # outside the except block, so the traceback no longer pins tensors
+                    gc.collect()
                     torch.cuda.empty_cache()
                     row = f"| {B} | {D} | {provider} | OOM | OOM | OOM | OOM | | | | |"
                 else:
@@ -223,8 +227,9 @@ def main(argv=None) -> int:
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     title = (f"\n## {stamp} — {torch.cuda.get_device_name()}, torch {torch.__version__}, "
              f"triton {triton.__version__}, bf16, CLIP symmetric loss (fwd+bwd)\n\n")
-    note = ("\npasses: matmul passes of 2·B·N·D done (forward+backward); TFLOP/s counts those passes; "
-            "peak: max allocated during fwd+bwd above the inputs.\n")
+    note = ("\npasses: matmul passes of 2·B·N·D done (forward+backward); TFLOP/s counts those passes. "
+            "extra: peak memory allocated during fwd+bwd above the inputs (gradients included); "
+            "in+grad: bytes of the two inputs and their gradients. Times are medians.\n")
     with RESULTS.open("a") as f:
         if RESULTS.stat().st_size == 0:
             f.write("# Kernel benchmarks (written by bench/bench_kernels.py)\n")

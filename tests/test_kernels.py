@@ -423,3 +423,21 @@ def test_gathered_clip_loss_with_triton_on_two_processes(tmp_path):
             assert case["loss_err"] < 2e-5, f"{label}: loss differs by {case['loss_err']:.3e}"
             assert case["grad_err"] < 2e-5, f"{label}: feature gradients differ by {case['grad_err']:.3e}"
             assert case["scale_grad_err"] < 2e-5, f"{label}: scale gradient differs by {case['scale_grad_err']:.3e}"
+
+
+def test_bench_script_smoke_mode(tmp_path):
+    """bench/bench_kernels.py end to end on CPU (interpreter, tiny sizes); it must not record
+    interpreter timings in bench/RESULTS.md."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    results = os.path.join(root, "bench", "RESULTS.md")
+    before = open(results).read() if os.path.exists(results) else None
+    proc = subprocess.run([sys.executable, os.path.join(root, "bench", "bench_kernels.py"), "--smoke", "--repeats", "1"],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| 64 ") or line.startswith("| 97 ")]
+    providers = sorted(r.split("|")[3].strip() for r in rows)
+    assert providers == sorted(["triton", "naive", "open_clip"] * 2), f"rows {rows}\n{proc.stdout}"
+    full_ms = [float(r.split("|")[6]) for r in rows]
+    assert all(t > 0 for t in full_ms), f"full fwd+bwd times {full_ms}"
+    after = open(results).read() if os.path.exists(results) else None
+    assert after == before, "the smoke run changed bench/RESULTS.md"
