@@ -43,6 +43,13 @@ def tiny_overrides(mode: str, output_dir, tokenizer_dir, *, steps: int = 3, batc
     return out
 
 
+def recipe_overrides(mode: str, output_dir, tokenizer_dir, **kw) -> list:
+    """tiny_overrides that also clear what the recipe YAMLs set for their real towers."""
+    return tiny_overrides(mode, output_dir, tokenizer_dir, **kw) + [
+        "model.text_tower=null", "model.lock_text=false", "model.cache_text_features=false",
+        "model.image_mean=null", "model.image_std=null"]
+
+
 def run_python(args, timeout=240, env_extra=None):
     """Run `python args...` from the repository root, offline; returns the CompletedProcess."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONPATH=REPO)

@@ -4,6 +4,8 @@ from __future__ import annotations
 import importlib.util
 import os
 
+import torch
+
 
 def resolve_path(spec):
     """"pkg:PACKAGE/sub/dir" → the directory inside the installed PACKAGE; anything else as is.
@@ -83,4 +85,15 @@ def build_model(cfg):
         model.logit_scale.log_scale.requires_grad_(False)
     if m.gradient_checkpointing:
         model.gradient_checkpointing_enable()
+    # Norm conversions happen here, before MoCo copies the model into its key encoder, so the
+    # key encoder (whose BatchNorm is what could leak the positive) gets them too.
+    if m.bn_splits > 1:
+        from mmcl.models.cifar_resnet import convert_split_batchnorm
+
+        convert_split_batchnorm(model, m.bn_splits)
+    if m.sync_bn:
+        from mmcl import distributed
+
+        if distributed.is_distributed():
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     return model

@@ -46,6 +46,7 @@ class ModelConfig:
     gradient_checkpointing: bool = False
     cache_text_features: bool = False  # LiT: memoise a fully locked text tower's features per caption
     sync_bn: bool = False  # convert BatchNorm to SyncBatchNorm in multi-process runs
+    bn_splits: int = 1  # > 1: BatchNorm2d statistics per 1/bn_splits of the batch (one GPU acting as several)
 
 
 @dataclass
@@ -104,6 +105,7 @@ class EvalConfig:
     class_names: list | None = None  # None: from the digits / the label column's ClassLabel names
     knn_k: int = 20
     knn_temperature: float = 0.1
+    knn_train_samples: int | None = 5000  # training images in the kNN memory bank; null: all of them
     batch_size: int = 128
 
 
@@ -259,6 +261,11 @@ def validate(cfg: Config) -> None:
     _check(isinstance(lo.queue_size, int) and lo.queue_size >= 1, f"loss.queue_size must be an int >= 1, got {lo.queue_size!r}")
     _check(0 <= lo.momentum < 1, f"loss.momentum must be in [0, 1), got {lo.momentum}")
     _check(lo.simclr_weight >= 0, f"loss.simclr_weight must be >= 0, got {lo.simclr_weight}")
+    _check(isinstance(m.bn_splits, int) and m.bn_splits >= 1, f"model.bn_splits must be an int >= 1, got {m.bn_splits!r}")
+    _check(m.bn_splits == 1 or t.batch_size % m.bn_splits == 0,
+           f"train.batch_size ({t.batch_size}) must be divisible by model.bn_splits ({m.bn_splits})")
+    kts = cfg.eval.knn_train_samples
+    _check(kts is None or (isinstance(kts, int) and kts >= 1), f"eval.knn_train_samples must be null or an int >= 1, got {kts!r}")
     _check(m.projection in ("linear", "mlp"), f"model.projection must be 'linear' or 'mlp', got {m.projection!r}")
     _check(isinstance(m.projection_dim, int) and m.projection_dim >= 1, f"model.projection_dim must be an int >= 1, got {m.projection_dim!r}")
     has_image = m.pretrained or m.image_tower or m.image_tower_config

@@ -36,7 +36,7 @@ class Evaluator:
         self._eval_ds = ds
         if self.mode in ("simclr", "moco"):
             train = load_source(data.source, data.split, seed=self.cfg.seed)
-            limit = min(len(train), 5000)
+            limit = min(len(train), self.cfg.eval.knn_train_samples or len(train))
             self._train_ds = train.select(range(limit))
 
     def class_names(self, ds) -> list[str]:

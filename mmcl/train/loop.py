@@ -8,6 +8,7 @@ evaluates, checkpoints, and saves the final model with `save_pretrained` to `out
 from __future__ import annotations
 
 import math
+import os
 import time
 from pathlib import Path
 
@@ -46,15 +47,19 @@ def _to_device(batch: dict, device) -> dict:
 
 def _make_accelerator(cfg: Config):
     from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs
+    from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
 
     from mmcl.train.trackers import build_trackers
 
     out = Path(cfg.output_dir)
+    # `accelerate launch --multi_gpu` on a machine without GPUs starts the processes but Accelerate
+    # would then run each alone; with cpu=True they form one gloo group (multi-CPU training).
+    cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
     return Accelerator(
+        cpu=cpu,
         mixed_precision=cfg.train.mixed_precision,
         log_with=build_trackers(cfg.train.trackers, str(out / "logs")) or None,
-        project_dir=str(out),
+        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
         dynamo_backend="inductor" if cfg.train.compile else "no",
         # Towers may hold parameters that a given loss never reaches (a pooler next to mean pooling).
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
@@ -204,6 +209,8 @@ def fit(config, *, on_batch=None, on_step_end=None) -> dict:
 
     results = {"step": step, "loss": last_loss, "skipped_images": skipped_images,
                "nonfinite_steps": nonfinite_steps, "train_seconds": train_seconds}
+    if world > 1:
+        results["ranks_agree"] = _ranks_agree(accelerator, unwrapped)
     results.update(_log_eval(accelerator, evaluator, unwrapped, step))
     final_dir = out / "final"
     if main:
@@ -255,6 +262,20 @@ def _save(accelerator, cfg, step, model, extra, optimizer, scheduler, stream) ->
                  "scaler": scaler, "data": stream.state_dict(), "world_size": accelerator.num_processes}
         ckpt.finish_checkpoint(tmp, out, step, model, extra, state, cfg.train.keep_checkpoints)
     accelerator.wait_for_everyone()
+
+
+@torch.no_grad()
+def _ranks_agree(accelerator, model) -> bool:
+    """Every rank must end with the same weights (DDP / the manual all-reduce keep them in step):
+    compare a float64 checksum of all parameters across ranks; raise if they diverged."""
+    sums = torch.stack([sum(p.double().sum() for p in model.parameters()),
+                        sum(p.double().square().sum() for p in model.parameters())]).to(accelerator.device)
+    gathered = accelerator.gather(sums[None]).cpu()
+    if not bool((gathered == gathered[0]).all()):
+        raise RuntimeError(f"the {accelerator.num_processes} processes ended with different weights: {gathered.tolist()}")
+    if accelerator.is_main_process:
+        print(f"mmcl: weights identical on all {accelerator.num_processes} processes")
+    return True
 
 
 def _report(results: dict, final_dir: Path) -> None:

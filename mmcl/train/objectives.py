@@ -132,13 +132,12 @@ class MoCoObjective:
     @torch.no_grad()
     def keys(self, batch) -> dict:
         x = batch["view2"]
-        shuffle = self.cfg.shuffle_bn and distributed.is_distributed()
-        if shuffle:
-            x, unshuffle = _shuffle_across_ranks(x)
+        if not self.cfg.shuffle_bn:
+            return {"k": self.key_encoder(pixel_values=x).image_embeds.float()}
+        # One process: a local shuffle, which matters with split BatchNorm (model.bn_splits).
+        x, unshuffle_index = distributed.shuffle_batch(x)
         k = self.key_encoder(pixel_values=x).image_embeds
-        if shuffle:
-            k = unshuffle(k)
-        return {"k": k.float()}
+        return {"k": distributed.unshuffle_batch(k, unshuffle_index).float()}
 
     def loss(self, emb: dict, keys: dict, scale):
         queue = self.queue.valid_features()
@@ -163,29 +162,6 @@ def projection_dim(model) -> int:
     if not linears:
         raise ValueError("cannot tell the embedding width: model.image_projection has no nn.Linear")
     return linears[-1].out_features
-
-
-@torch.no_grad()
-def _shuffle_across_ranks(x: torch.Tensor):
-    """Gather the key batch from all ranks, permute it with one permutation shared by all ranks
-    (drawn on rank 0, broadcast), keep this rank's slice; returns it and the inverse map."""
-    import torch.distributed as dist
-
-    all_x = distributed.gather_no_grad(x)
-    n, world, rank = x.shape[0], distributed.world_size(), distributed.rank()
-    if all_x.shape[0] != n * world:  # uneven batches: skip shuffling rather than misalign keys
-        return x, lambda k: k
-    perm = torch.randperm(all_x.shape[0], device=x.device)
-    dist.broadcast(perm, src=0)
-    mine = perm[rank * n:(rank + 1) * n]
-
-    def unshuffle(k: torch.Tensor) -> torch.Tensor:
-        all_k = distributed.gather_no_grad(k)
-        restored = torch.empty_like(all_k)
-        restored[perm] = all_k
-        return restored[rank * n:(rank + 1) * n]
-
-    return all_x[mine], unshuffle
 
 
 def build_objective(mode: str, loss_cfg, model, total_steps: int):
