@@ -44,7 +44,8 @@ def _common(p: argparse.ArgumentParser, data: bool = True) -> None:
                        help="parquet/CSV/JSON file, image folder, save_to_disk directory, or 'digits'")
         p.add_argument("--split", default=None, help="split to evaluate (default: the only one, else test)")
         p.add_argument("--image-column", default="image", help="column holding images (default: image)")
-        p.add_argument("--max-samples", type=int, default=None, help="use only the first N rows")
+        p.add_argument("--max-samples", type=int, default=None,
+                       help="use N random rows (seeded; for knn/linear, N of each of train and test)")
         p.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
 
 
@@ -290,7 +291,7 @@ def _eval_features(model, args):
 
     from mmcl.eval import embed_images, knn_predict, linear_probe_predict
     from mmcl.eval.plots import plot_confusion_matrix
-    from mmcl.eval.sources import class_names_of, holdout_split, load_splits, pick_split
+    from mmcl.eval.sources import class_names_of, holdout_split, load_splits, pick_split, subsample
 
     splits = load_splits(args.data, image_column=args.image_column)
     test_split = pick_split(splits, args.split)
@@ -301,8 +302,7 @@ def _eval_features(model, args):
     if train_source == args.data and train_split == test_split:
         print(f"mmcl: note: no separate training split; holding out 20% of {test_split!r} for testing", file=sys.stderr)
         train_ds, test_ds = holdout_split(test_ds)
-    if args.max_samples:
-        test_ds = test_ds.select(range(min(args.max_samples, len(test_ds))))
+    train_ds, test_ds = subsample(train_ds, args.max_samples), subsample(test_ds, args.max_samples)
     for ds in (train_ds, test_ds):
         if args.label_column not in ds.column_names:
             raise UsageError(f"--label-column {args.label_column!r} is not in the data; columns: {ds.column_names}")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-__all__ = ["load_splits", "pick_split", "load_source", "class_names_of", "holdout_split"]
+__all__ = ["load_splits", "pick_split", "load_source", "subsample", "class_names_of", "holdout_split"]
 
 _FILE_BUILDERS = {".parquet": "parquet", ".csv": "csv", ".json": "json", ".jsonl": "json"}
 # Which split to evaluate on when several exist and none is named, in order of preference.
@@ -94,18 +94,25 @@ def pick_split(splits: dict, split: str | None, *, default: str | None = None, w
 
 
 def load_source(source: str, split: str | None = None, *, image_column: str = "image", max_samples: int | None = None):
-    """One split of a local source as a `datasets.Dataset` (the first `max_samples` rows if given)."""
+    """One split of a local source as a `datasets.Dataset` (`max_samples` random rows if given)."""
     splits = load_splits(source, image_column=image_column)
     ds = splits[pick_split(splits, split)]
-    return _head(ds, max_samples)
+    return subsample(ds, max_samples)
 
 
-def _head(ds, max_samples):
-    if max_samples is not None:
-        if max_samples < 1:
-            raise ValueError(f"--max-samples must be positive, got {max_samples}")
-        ds = ds.select(range(min(max_samples, len(ds))))
-    return ds
+def subsample(ds, max_samples: int | None, seed: int = 0):
+    """`max_samples` rows drawn without replacement (seeded, kept in their original order), or all.
+
+    Random rather than the first rows: many sources (image folders above all) are sorted by class.
+    """
+    if max_samples is None or max_samples >= len(ds):
+        return ds
+    if max_samples < 1:
+        raise ValueError(f"--max-samples must be positive, got {max_samples}")
+    import numpy as np
+
+    rows = np.random.default_rng(seed).choice(len(ds), size=max_samples, replace=False)
+    return ds.select(np.sort(rows))
 
 
 def holdout_split(ds, fraction: float = 0.2, seed: int = 0):
