@@ -142,6 +142,11 @@ def _coerce(path: str, value, hint):
     allowed = tuple(typing.get_origin(a) or a for a in allowed if a is not type(None))
     if float in allowed and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if float in allowed and isinstance(value, str):
+        try:  # PyYAML reads "3e-4" (no dot) as a string
+            return float(value)
+        except ValueError:
+            pass
     if tuple in allowed and isinstance(value, list):
         return tuple(value)
     if str in allowed and not isinstance(value, str) and not any(isinstance(value, a) for a in allowed):
@@ -187,7 +192,11 @@ def parse_overrides(overrides) -> dict:
         key = key.strip().lstrip("-")
         if not key:
             raise ValueError(f"override {item!r} has an empty key")
-        _set_dotted(raw, key, yaml.safe_load(text) if text.strip() else None)
+        try:
+            value = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError as exc:
+            raise ValueError(f"override {item!r}: the value is not valid YAML (quote it?): {exc}") from exc
+        _set_dotted(raw, key, value)
     return raw
 
 

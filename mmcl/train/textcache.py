@@ -26,7 +26,11 @@ class _CachedForward:
             return self.forward(pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
         keys = [tuple(ids[m.bool()].tolist()) for ids, m in zip(input_ids.cpu(), mask.cpu())]
-        missing = [i for i, k in enumerate(keys) if k not in self.cache]
+        first_seen: dict = {}
+        for i, k in enumerate(keys):  # each new caption once, even if repeated in the batch
+            if k not in self.cache and k not in first_seen:
+                first_seen[k] = i
+        missing = list(first_seen.values())
         self.hits += len(keys) - len(missing)
         self.misses += len(missing)
         if missing:
