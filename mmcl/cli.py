@@ -4,116 +4,23 @@
     mmcl eval {zeroshot,retrieval,knn,linear} --model DIR --data PATH_OR_DATASET [--plot out.png]
     mmcl embed --model DIR --data PATH --out feats.npy|feats.parquet
     mmcl export --model DIR --to transformers OUT
+    mmcl index --embeddings FILE --out DIR;  mmcl search --index DIR --model DIR --text "..."
 
 Errors a user can fix (a bad path, an empty label list, an unreadable image) print one line and
 exit with status 2; set MMCL_DEBUG=1 to see the traceback instead.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 from pathlib import Path
 
-EXAMPLES = """examples:
-  mmcl zeroshot --model runs/clip/final --labels "cat,dog,car" photo.jpg
-  mmcl eval zeroshot --model runs/clip/final --data ../shared/data/cifar10/test.parquet --plot cm.png
-  mmcl eval retrieval --model runs/clip/final --data flickr8k/dev_500.parquet --caption-column captions
-  mmcl eval knn --model runs/simclr/final --data digits
-  mmcl embed --model runs/clip/final --data images/ --out embeddings.parquet
-  mmcl export --model runs/clip/final --to transformers hf_model/
-"""
+from mmcl.cli_parser import build_parser
 
 
 class UsageError(Exception):
     """A mistake in the command line or its inputs: reported in one line, exit status 2."""
-
-
-# --------------------------------------------------------------------------- arguments
-
-
-def _common(p: argparse.ArgumentParser, data: bool = True) -> None:
-    p.add_argument("--model", required=True, metavar="DIR",
-                   help="model directory written by save_pretrained / mmcl training")
-    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    if data:
-        p.add_argument("--data", metavar="PATH_OR_DATASET",
-                       help="parquet/CSV/JSON file, image folder, save_to_disk directory, or 'digits'")
-        p.add_argument("--split", default=None, help="split to evaluate (default: the only one, else test)")
-        p.add_argument("--image-column", default="image", help="column holding images (default: image)")
-        p.add_argument("--max-samples", type=int, default=None,
-                       help="use N random rows (seeded; for knn/linear, N of each of train and test)")
-        p.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
-
-
-def _labels_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--labels", help='comma-separated class names, e.g. "cat,dog,car", or @FILE with one per line')
-    p.add_argument("--templates", default="default",
-                   help="prompt set: default (CLIP's 7), imagenet (CLIP's 80), digits (the demo's held-out "
-                        "prompts), none (bare names), or a file with one prompt per line containing {} "
-                        "(default: default)")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="mmcl", description="Zero-shot classification, retrieval, evaluation and export for mmcl models.",
-        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    zs = sub.add_parser("zeroshot", help="rank class names for each image",
-                        description="Classify images among the given labels with no training (CLIP-style).")
-    _common(zs, data=False)
-    _labels_args(zs)
-    zs.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
-    zs.add_argument("--top", type=int, default=5, help="labels shown per image (default 5)")
-    zs.add_argument("--json", action="store_true", help="print JSON instead of a table")
-
-    ev = sub.add_parser("eval", help="evaluate a model on a dataset",
-                        description="Evaluate on a local dataset: zero-shot top-1/top-5, retrieval recall@k, "
-                                    "or kNN / linear-probe top-1 on frozen image features.")
-    kinds = ev.add_subparsers(dest="task", required=True, metavar="TASK")
-    for name, text in (("zeroshot", "zero-shot top-1/top-5 over the label column's classes"),
-                       ("retrieval", "image<->text recall@1/5/10"),
-                       ("knn", "weighted kNN (k=200, T=0.1) top-1 on image features"),
-                       ("linear", "logistic-regression probe top-1 on image features")):
-        p = kinds.add_parser(name, help=text, description=text)
-        _common(p)
-        p.add_argument("--plot", metavar="FILE.png", help="save a confusion matrix (or similarity heat-map) here")
-        if name == "retrieval":
-            p.add_argument("--caption-column", default="captions",
-                           help="caption string or list column (default: captions)")
-        else:
-            p.add_argument("--label-column", default="label", help="integer/ClassLabel or string label column")
-        if name == "zeroshot":
-            _labels_args(p)
-        if name in ("knn", "linear"):
-            p.add_argument("--train-data", default=None, help="labelled reference set (default: --data)")
-            p.add_argument("--train-split", default=None, help="its split (default: train; 80/20 hold-out if "
-                                                                "it is the same data as --data/--split)")
-        if name == "knn":
-            p.add_argument("--k", type=int, default=200, help="neighbours (default 200)")
-            p.add_argument("--temperature", type=float, default=0.1, help="vote weight exp(cos/T) (default 0.1)")
-        if name == "linear":
-            p.add_argument("--C", type=float, default=1.0, help="inverse L2 penalty of the probe (default 1.0)")
-
-    em = sub.add_parser("embed", help="write image or text embeddings to .npy or .parquet",
-                        description="Embed images (files or a dataset column) or texts and save them.")
-    _common(em)
-    em.add_argument("images", nargs="*", metavar="IMAGE", help="image files (instead of --data)")
-    em.add_argument("--text", action="append", default=None, help="a text to embed (repeatable)")
-    em.add_argument("--caption-column", default=None, help="with --data: embed this text column instead of images")
-    em.add_argument("--out", required=True, metavar="FILE", help="output .npy (N, P) or .parquet (id, embedding)")
-
-    ex = sub.add_parser("export", help="save a model in plain transformers layout",
-                        description="Write the model as a transformers VisionTextDualEncoderModel directory.")
-    ex.add_argument("--model", required=True, metavar="DIR", help="model directory")
-    ex.add_argument("--to", required=True, choices=["transformers"], help="target format")
-    ex.add_argument("out", metavar="OUT", help="output directory")
-    return parser
 
 
 # --------------------------------------------------------------------------- helpers
@@ -377,15 +284,71 @@ def cmd_export(args) -> None:
     print(f"exported {args.model} to {out} (transformers layout)", file=sys.stderr)
 
 
+def cmd_index(args) -> None:
+    import numpy as np
+
+    from mmcl.eval.index import build_index
+
+    path = Path(args.embeddings)
+    if not path.is_file():
+        raise UsageError(f"--embeddings {args.embeddings}: file not found")
+    if path.suffix == ".npy":
+        array, ids = np.load(path, allow_pickle=False), None
+    elif path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(path)
+        if "embedding" not in table.column_names:
+            raise UsageError(f"--embeddings {args.embeddings}: no 'embedding' column (write it with mmcl embed)")
+        array = np.stack(table["embedding"].to_numpy(zero_copy_only=False)).astype(np.float32)
+        ids = table["id"].to_pylist() if "id" in table.column_names else None
+    else:
+        raise UsageError(f"--embeddings {args.embeddings}: expected a .npy or .parquet file")
+    index = build_index(array, ids, kind=args.kind, nlist=args.nlist)
+    index.save(args.out)
+    print(f"indexed {len(index)} x {index.dim} embeddings ({args.kind}) in {args.out}", file=sys.stderr)
+
+
+def cmd_search(args) -> None:
+    from mmcl.eval import embed_images, embed_texts
+    from mmcl.eval.index import EmbeddingIndex
+
+    if not args.text and not args.image:
+        raise UsageError("give at least one query with --text or --image")
+    _check_files(args.image)
+    index = EmbeddingIndex.load(args.index)
+    model = _load_model(args)
+    queries, names = [], []
+    if args.text:
+        queries.append(embed_texts(model, args.text))
+        names += args.text
+    if args.image:
+        queries.append(embed_images(model, args.image, batch_size=args.batch_size))
+        names += args.image
+    import torch
+
+    scores, ids = index.search(torch.cat(queries), k=args.k, nprobe=args.nprobe)
+    results = [{"query": q, "ids": row, "scores": [round(v, 6) for v in s]}
+               for q, row, s in zip(names, ids, scores.tolist())]
+    if args.json:
+        print(json.dumps(results))
+        return
+    for r in results:
+        print(r["query"])
+        for rank, (i, v) in enumerate(zip(r["ids"], r["scores"]), 1):
+            print(f"  {rank:>3}. {v:7.4f}  {i}")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `mmcl` console script; returns the exit status."""
     args = build_parser().parse_args(argv)
-    command = {"zeroshot": cmd_zeroshot, "eval": cmd_eval, "embed": cmd_embed, "export": cmd_export}[args.command]
+    command = {"zeroshot": cmd_zeroshot, "eval": cmd_eval, "embed": cmd_embed, "export": cmd_export,
+               "index": cmd_index, "search": cmd_search}[args.command]
     try:
         if getattr(args, "batch_size", 1) < 1:
             raise UsageError("--batch-size must be at least 1")
         command(args)
-    except (UsageError, ValueError, TypeError, OSError) as err:
+    except (UsageError, ValueError, TypeError, OSError, ImportError) as err:
         if os.environ.get("MMCL_DEBUG"):
             raise
         message = " ".join(str(err).split()) or type(err).__name__

@@ -189,3 +189,24 @@ def test_help_lists_the_commands(capsys):
     with pytest.raises(SystemExit):
         main(["eval", "knn", "--help"])
     assert "--temperature" in capsys.readouterr().out
+
+
+def test_index_and_search_in_process(setup, tmp_path, capsys):
+    pytest.importorskip("faiss", reason="mmcl index/search need faiss-cpu")
+    model = str(setup["model"])
+    emb = tmp_path / "e.parquet"
+    assert main(["embed", "--model", model, "--data", str(setup["root"] / "data.parquet"), "--out", str(emb),
+                 "--quiet"]) == 0
+    assert main(["index", "--embeddings", str(emb), "--out", str(tmp_path / "idx")]) == 0
+    capsys.readouterr()
+    assert main(["search", "--index", str(tmp_path / "idx"), "--model", model, "--image", str(setup["files"][1]),
+                 "--text", "a photo of the dog", "--k", "4", "--json", "--quiet"]) == 0
+    results = json.loads(capsys.readouterr().out)
+    text_query = reference_features(setup["hf_model"], setup["hf_processor"], texts=["a photo of the dog"])
+    for result, query in zip(results, [text_query[0], setup["ref_feats"][1]]):  # texts are searched first
+        cos = setup["ref_feats"] @ query
+        assert result["ids"] == [str(i) for i in cos.topk(4).indices.tolist()]
+        np.testing.assert_allclose(result["scores"], cos.topk(4).values.numpy(), atol=1e-5)
+    assert results[1]["ids"][0] == "1"  # an indexed image finds itself first
+    assert main(["search", "--index", str(tmp_path), "--model", model, "--text", "x"]) == 2
+    assert "is not an mmcl embedding index" in capsys.readouterr().err

@@ -117,3 +117,41 @@ def test_confusion_plot_counts_and_file(tmp_path):
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(ValueError, match="does not exist"):
         plot_confusion_matrix(labels, preds, names, tmp_path / "missing" / "cm.png")
+
+
+def test_faiss_index_matches_brute_force(tmp_path):
+    pytest.importorskip("faiss", reason="the optional embedding index needs faiss-cpu")
+    from mmcl.eval.index import EmbeddingIndex, build_index
+
+    gen = torch.Generator().manual_seed(0)
+    base = torch.randn(503, 48, generator=gen) * torch.rand(503, 1, generator=gen)  # rows of unequal norm
+    queries = torch.randn(9, 48, generator=gen)
+    cos = torch.nn.functional.normalize(queries.double(), dim=1) @ torch.nn.functional.normalize(base.double(), dim=1).T
+    expected = cos.topk(7, dim=1)
+    ids = [f"row{i}" for i in range(503)]
+    flat = build_index(base, ids)
+    scores, found = flat.search(queries, k=7)
+    assert found == [[ids[j] for j in row] for row in expected.indices.tolist()]
+    torch.testing.assert_close(scores.double(), expected.values, atol=1e-5, rtol=0)
+    # IVF scanning every list is exhaustive, so it must agree with the exact search too.
+    ivf = build_index(base, ids, kind="ivf", nlist=11)
+    assert ivf.search(queries, k=7, nprobe=11)[1] == found
+    ivf.save(tmp_path / "ivf")
+    loaded = EmbeddingIndex.load(tmp_path / "ivf")
+    assert loaded.search(queries, k=7, nprobe=11)[1] == found and len(loaded) == 503
+    assert len(flat.search(queries[:1], k=10_000)[1][0]) == 503  # k capped at the index size
+
+
+def test_faiss_index_bad_input_is_named(tmp_path):
+    pytest.importorskip("faiss", reason="the optional embedding index needs faiss-cpu")
+    from mmcl.eval.index import EmbeddingIndex, build_index
+
+    x = torch.randn(50, 8)
+    with pytest.raises(ValueError, match="ids has 3 entries but embeddings has 50 rows"):
+        build_index(x, ["a", "b", "c"])
+    with pytest.raises(ValueError, match="kind must be one of"):
+        build_index(x, kind="hnsw")
+    with pytest.raises(ValueError, match="queries have dim 4 but the index holds dim 8"):
+        build_index(x).search(torch.randn(2, 4))
+    with pytest.raises(ValueError, match="is not an mmcl embedding index"):
+        EmbeddingIndex.load(tmp_path)
