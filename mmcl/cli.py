@@ -28,16 +28,19 @@ class UsageError(Exception):
 
 def _load_model(args):
     path = Path(args.model)
-    if not path.is_dir() or not (path / "config.json").is_file():
-        raise UsageError(f"--model {args.model}: not a model directory (expected config.json from save_pretrained)")
+    if not path.is_dir():
+        raise UsageError(f"--model {args.model}: no such directory (give a model saved with save_pretrained)")
     import torch
     import transformers
 
     from mmcl.models import DualEncoder
 
     transformers.utils.logging.disable_progress_bar()  # mmcl's own bars show the work that takes time
-
-    device = args.device if getattr(args, "device", None) else ("cuda" if torch.cuda.is_available() else "cpu")
+    device = getattr(args, "device", None) or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {device}: CUDA is not available on this machine")
+    # from_pretrained reads mmcl, transformers (CLIP / VisionTextDualEncoder) and open_clip directories
+    # and raises a ValueError naming what is missing from anything else.
     return DualEncoder.from_pretrained(str(path)).to(device).eval()
 
 
@@ -91,13 +94,12 @@ def _check_files(paths: list[str]) -> None:
             raise UsageError(f"cannot read image {p}: {err}") from None
 
 
-def _dataset(args, split=None):
+def _dataset(args):
     from mmcl.eval.sources import load_source
 
     if not args.data:
         raise UsageError("--data is required")
-    return load_source(args.data, split if split is not None else args.split,
-                       image_column=args.image_column, max_samples=args.max_samples)
+    return load_source(args.data, args.split, image_column=args.image_column, max_samples=args.max_samples)
 
 
 def _print_metrics(metrics: dict, as_json: bool, title: str) -> None:

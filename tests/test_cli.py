@@ -78,7 +78,7 @@ def test_error_paths_are_one_line_with_status_2(setup, tmp_path, capsys):
     bad.write_bytes(b"\x89PNG but not really")
     _one_line_error(run_mmcl("zeroshot", "--model", setup["model"], "--labels", "cat", bad), "cannot read image")
     _one_line_error(run_mmcl("eval", "knn", "--model", tmp_path / "no_model", "--data", "digits"),
-                    "not a model directory")
+                    "no such directory")
     # The same reporting in-process, where each further case costs no interpreter start.
     for argv, fragment in [
         (["zeroshot", "--model", str(setup["model"]), "--labels", " , ,", str(setup["files"][0])], "label list is empty"),
