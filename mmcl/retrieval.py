@@ -181,7 +181,12 @@ def evaluate(
         raise ValueError("dataset is empty")
     texts, owner = flatten_captions(dataset[caption_column], caption_column)
     image_embeds = embed_images(model, dataset, image_column=image_column, batch_size=batch_size, progress=progress)
-    text_embeds = embed_texts(model, texts, batch_size=4 * batch_size, progress=progress)
+    # Each distinct caption is embedded once: template-made captions repeat a lot, and identical
+    # texts then get identical embeddings, i.e. exact ties rather than padding-dependent noise.
+    unique = list(dict.fromkeys(texts))
+    position = {t: i for i, t in enumerate(unique)}
+    unique_embeds = embed_texts(model, unique, batch_size=4 * batch_size, progress=progress)
+    text_embeds = unique_embeds[torch.tensor([position[t] for t in texts])]
     similarity = image_embeds @ text_embeds.T
     result = recall_at_k(similarity, owner, ks, ties=ties)
     result.update(num_images=len(dataset), num_texts=len(texts))

@@ -151,3 +151,28 @@ def test_bad_captions_are_named():
         recall_at_k(torch.eye(3), [0, 1, 2], ks=(0,))
     with pytest.raises(ValueError, match="ties must be"):
         recall_at_k(torch.eye(3), [0, 1, 2], ties="first")
+
+
+def test_evaluate_with_a_model_and_duplicate_captions(tmp_path):
+    import datasets
+    from tiny_dual_encoder import build_tiny_vtde, real_images, reference_features
+
+    from mmcl.models import DualEncoder
+    from mmcl.retrieval import evaluate
+
+    hf_model, hf_processor = build_tiny_vtde(str(tmp_path / "model"))
+    model = DualEncoder.from_pretrained(str(tmp_path / "model"))
+    images = real_images(6)
+    # Images 0, 1 and 4 share a caption: identical texts must tie exactly, whatever the batching.
+    captions = [["a photo of the cat"], ["a photo of the cat", "art of the dog"], ["itap of a car"],
+                ["a photo of the dog", "art of the bird", "a bad photo of a ship"], ["a photo of the cat"], ["truck"]]
+    ds = datasets.Dataset.from_dict({"image": images, "captions": captions})
+    got = evaluate(model, ds, batch_size=4, progress=False, ks=(1, 2, 5))
+    texts, owner = flatten_captions(captions)
+    # The reference embeds all texts in one batch, where equal texts get equal embeddings.
+    sim = reference_features(hf_model, hf_processor, images=images) @ \
+        reference_features(hf_model, hf_processor, texts=texts).T
+    expected = recall_at_k(sim, owner, ks=(1, 2, 5))
+    for key, value in expected.items():
+        assert got[key] == pytest.approx(value, abs=1e-9), key
+    assert (got["num_images"], got["num_texts"]) == (6, len(texts))
