@@ -168,6 +168,25 @@ def is_oom(exc: BaseException) -> bool:
     return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
 
 
+def check_correctness(D, dtype, device, n=None) -> float:
+    """Largest relative error of the Triton loss and its gradients against float64, at a small
+    size: timings of a wrong kernel are worth nothing, so the run stops when it is off."""
+    n = n or (97 if device.type == "cpu" else 1031)
+    gen = torch.Generator(device=device).manual_seed(1)
+    feats = [F.normalize(torch.randn(n, D, device=device, generator=gen), dim=-1).to(dtype) for _ in range(2)]
+    errors = []
+    results = []
+    for impl, cast in (("triton", lambda t: t), ("naive", lambda t: t.double())):
+        img, txt = (cast(f).detach().requires_grad_() for f in feats)
+        scale = torch.tensor(1 / 0.07, device=device, dtype=img.dtype if impl == "naive" else torch.float32,
+                             requires_grad=True)
+        loss = clip_loss(img, txt, scale, impl=impl)
+        results.append([loss, *torch.autograd.grad(loss, (img, txt, scale))])
+    for got, ref in zip(*results):
+        errors.append(((got.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-12)).item())
+    return max(errors)
+
+
 def run(args) -> list[str]:
     if args.smoke:
         device, dtype = torch.device("cpu"), torch.bfloat16
@@ -175,6 +194,11 @@ def run(args) -> list[str]:
     else:
         device, dtype = torch.device("cuda"), torch.bfloat16
         sizes, dims = args.sizes, args.dims
+    for D in dims:
+        err = check_correctness(D, dtype, device)
+        print(f"correctness at D={D}: max relative error of loss and gradients vs float64 = {err:.2e}", flush=True)
+        if not err < 2e-2:  # bf16 gradients carry ~4e-3 relative rounding
+            raise SystemExit(f"the Triton loss is off by {err:.2e} at D={D}: not benchmarking a wrong kernel")
     clock = Clock(device)
     header = ("| B=N | D | impl | fwd ms | bwd ms | full ms | extra MiB | extra / (in+grad) | passes | "
               "TFLOP/s | % of matmul |")

@@ -83,7 +83,7 @@ def compile_for_target(arch: int = 90, dtypes=(torch.bfloat16, torch.float16, to
         for terms in ((True, True, True, True), (False, True, True, False), (True, False, False, True)):
             flags = dict(MASK_DIAGONAL=True, HAS_A_TERM=terms[0], HAS_B_TERM=terms[1], WRITE_DA=terms[2],
                          WRITE_DSCALE=terms[3], BLOCK_M=cfg["BWD_BLOCK_M"], BLOCK_N=cfg["BWD_BLOCK_N"],
-                         BLOCK_DOUT=cfg["BLOCK_DOUT"], **common)
+                         BLOCK_DOUT=cfg["BLOCK_DOUT"], FLATTEN=cfg["BWD_FLATTEN"], **common)
             info = _compile(sl._lse_bwd_kernel, dtype, flags, cfg["num_warps"], cfg["num_stages"], arch)
             results.append({"kernel": "backward", "dtype": str(dtype), "terms": terms, **info})
         # The positive logits' kernels stream rows (no dot to pipeline), launched with defaults.

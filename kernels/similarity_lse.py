@@ -106,7 +106,7 @@ def _lse_bwd_kernel(a_ptr, b_ptr, scale_ptr, gmax_ptr, lse_a_ptr, g_a_ptr, lse_b
                     WRITE_DA: tl.constexpr, WRITE_DSCALE: tl.constexpr, PRECISION: tl.constexpr,
                     DOT_FP32: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                    BLOCK_DOUT: tl.constexpr):
+                    BLOCK_DOUT: tl.constexpr, FLATTEN: tl.constexpr):
     """dA[rows, D slice] = scale * gmax * sum_j G_ij B_j[D slice], and the partial d scale.
 
     G_ij = g_a_i exp(S_ij - lse_a_i) + g_b_j exp(S_ij - lse_b_j), with the g's divided by gmax
@@ -126,7 +126,10 @@ def _lse_bwd_kernel(a_ptr, b_ptr, scale_ptr, gmax_ptr, lse_a_ptr, g_a_ptr, lse_b
     out_ok = offs_out < D
     acc = tl.zeros([BLOCK_M, BLOCK_DOUT], dtype=tl.float32)
     ds_acc = tl.zeros([BLOCK_M], dtype=tl.float32)
-    for c0 in range(0, N, BLOCK_N):
+    # Flattening the (column, D) loop nest lets the compiler pipeline the loads of this loop
+    # level too: the (BLOCK_N, BLOCK_DOUT) tile of B is prefetched during the S computation
+    # instead of being waited for after it.
+    for c0 in tl.range(0, N, BLOCK_N, flatten=FLATTEN):
         cols = (c0 + tl.arange(0, BLOCK_N)).to(tl.int64)
         col_ok = cols < N
         dots = _tile_dots(a_ptr, b_ptr, rows, cols, row_ok, col_ok, D, stride_am, stride_ad,
@@ -188,17 +191,17 @@ def default_block_sizes(dim: int, dtype: torch.dtype, interpreted: bool) -> dict
     if interpreted:
         # The interpreter's cost is per operation, not per element: fewer, larger D chunks.
         return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_D=64, BLOCK_DOUT=min(512, max(16, _next_pow2(dim))),
-                    BWD_BLOCK_M=32, BWD_BLOCK_N=32, num_warps=4, num_stages=1)
+                    BWD_BLOCK_M=32, BWD_BLOCK_N=32, BWD_FLATTEN=False, num_warps=4, num_stages=1)
     if dtype == torch.float32:
         # fp32 tiles take twice the bytes and, without TF32, the dot runs on FMAs: smaller
         # tiles keep it free of register spills (checked with kernels/aot.py for sm_90).
         return dict(BLOCK_M=128, BLOCK_N=64, BLOCK_D=32, BLOCK_DOUT=min(256, max(16, _next_pow2(dim))),
-                    BWD_BLOCK_M=64, BWD_BLOCK_N=32, num_warps=8, num_stages=2)
+                    BWD_BLOCK_M=64, BWD_BLOCK_N=32, BWD_FLATTEN=True, num_warps=8, num_stages=2)
     # A D slice of 512 recomputes S less often than 256 (D = 512: once instead of twice;
     # D = 768: twice instead of 3 times, the second slice a third empty); with 32-column tiles
     # its (64, 512) fp32 accumulator fits the registers without spills.
     return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_D=64, BLOCK_DOUT=min(512, max(16, _next_pow2(dim))),
-                BWD_BLOCK_M=64, BWD_BLOCK_N=32, num_warps=8, num_stages=3)
+                BWD_BLOCK_M=64, BWD_BLOCK_N=32, BWD_FLATTEN=True, num_warps=8, num_stages=3)
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -253,7 +256,7 @@ def _backward_side(a, b, scale32, gmax, lse_a, g_a, lse_b, g_b, mask_diagonal, w
             MASK_DIAGONAL=mask_diagonal, HAS_A_TERM=lse_a is not None, HAS_B_TERM=lse_b is not None,
             WRITE_DA=write_da, WRITE_DSCALE=write_ds, PRECISION=_precision(a.dtype), DOT_FP32=_dot_fp32(a.dtype),
             BLOCK_M=bm, BLOCK_N=cfg["BWD_BLOCK_N"], BLOCK_D=cfg["BLOCK_D"], BLOCK_DOUT=cfg["BLOCK_DOUT"],
-            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+            FLATTEN=cfg["BWD_FLATTEN"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
     return da, ds
 

@@ -449,6 +449,7 @@ def test_bench_script_smoke_mode(tmp_path):
     proc = subprocess.run([sys.executable, os.path.join(root, "bench", "bench_kernels.py"), "--smoke", "--repeats", "1"],
                           capture_output=True, text=True, timeout=300, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "correctness at D=32: max relative error" in proc.stdout, proc.stdout
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| 64 ") or line.startswith("| 97 ")]
     providers = sorted(r.split("|")[3].strip() for r in rows)
     assert providers == sorted(["triton", "naive", "open_clip"] * 2), f"rows {rows}\n{proc.stdout}"
