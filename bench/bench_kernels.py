@@ -24,14 +24,15 @@ import time
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
-PROVIDERS = ("triton", "naive", "open_clip")
+PROVIDERS = ("triton", "naive", "open_clip", "chunked")
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", type=int, nargs="+", default=[4096, 16384, 65536, 262144], help="B = N values")
     p.add_argument("--dims", type=int, nargs="+", default=[512, 768], help="feature dims D")
-    p.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=PROVIDERS)
+    p.add_argument("--providers", nargs="+", default=["triton", "naive", "open_clip"], choices=PROVIDERS,
+                   help="also: chunked (mmcl's tiled torch path)")
     p.add_argument("--repeats", type=int, default=5, help="timed repeats per measurement (median reported)")
     p.add_argument("--max-seconds", type=float, default=20.0,
                    help="fewer repeats (at least 1) when one iteration would exceed this budget")
@@ -67,6 +68,8 @@ def make_loss(provider):
         return lambda img, txt, scale: clip_loss(img, txt, scale, impl="triton")
     if provider == "naive":
         return naive_clip_loss
+    if provider == "chunked":  # mmcl's tiled torch path (fp32 tiles of the logits, cuBLAS matmuls)
+        return lambda img, txt, scale: clip_loss(img, txt, scale, impl="chunked")
     from open_clip.loss import ClipLoss
 
     open_clip_loss = ClipLoss()
@@ -80,8 +83,8 @@ def matmul_passes(provider, dim, dtype, interpreted):
         # of S per D slice plus the G·K (or Gᵀ·Q) product.
         slices = math.ceil(dim / default_block_sizes(dim, dtype, interpreted)["BLOCK_DOUT"])
         return 2, 2 * (slices + 1)
-    if provider == "naive":
-        return 1, 2  # logits; dQ = G·K and dK = Gᵀ·Q
+    if provider in ("naive", "chunked"):
+        return 1, 3 if provider == "chunked" else 2  # chunked recomputes each logit tile in backward
     return 2, 4  # open_clip computes image@text.T and text@image.T separately
 
 
