@@ -74,10 +74,12 @@ def compile_for_target(arch: int = 90, dtypes=(torch.bfloat16, torch.float16, to
     for dtype in dtypes:
         cfg = sl.default_block_sizes(dim, dtype, interpreted=False)
         common = dict(PRECISION=sl._precision(dtype), DOT_FP32=False, BLOCK_D=cfg["BLOCK_D"])
-        for mask in (False, True):
-            flags = dict(MASK_DIAGONAL=mask, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], **common)
+        # CLIP (row + fused column lse), SimCLR (diagonal masked), InfoNCE / MoCo queue (rows only).
+        for mask, columns in ((False, True), (True, False), (False, False)):
+            flags = dict(MASK_DIAGONAL=mask, COLUMNS=columns, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], **common)
             info = _compile(sl._lse_fwd_kernel, dtype, flags, cfg["num_warps"], cfg["num_stages"], arch)
-            results.append({"kernel": "forward", "dtype": str(dtype), "mask_diagonal": mask, **info})
+            results.append({"kernel": "forward", "dtype": str(dtype), "mask_diagonal": mask, "columns": columns,
+                            **info})
         # (HAS_A_TERM, HAS_B_TERM, WRITE_DA, WRITE_DSCALE): dQ side of CLIP, dK side without
         # columns, the scale-only launch (MoCo queue with a frozen query is not a case).
         for terms in ((True, True, True, True), (False, True, True, False), (True, False, False, True)):

@@ -7,8 +7,10 @@ For query Q (B, D), key K (N, D) and a scale s this computes
 
 without ever holding the (B, N) logits: a program owns a block of rows, walks over the column
 blocks, builds each logit tile with `tl.dot` (looping over D in chunks, fp32 accumulation) and
-folds it into a running max / sum (online softmax). The column logsumexps are the same kernel
-with the roles of Q and K swapped.
+folds it into a running max / sum (online softmax). The column logsumexps come from the same
+pass: each finished tile also yields, per column, the logsumexp over the program's rows; these
+(row blocks, N) partials are reduced with torch, in launches over row chunks sized so that the
+partials never outgrow the key tensor.
 
 Backward follows flash-attention: with the upstream gradients g_row (B,) and g_col (N,),
 
@@ -16,9 +18,10 @@ Backward follows flash-attention: with the upstream gradients g_row (B,) and g_c
     dQ = s G K,   dK = s G^T Q,   d s = sum_ij G_ij (q_i . k_j)
 
 and every tile of S (hence of G) is recomputed from Q, K and the saved logsumexps. dQ and dK
-are again one kernel with swapped roles. A (BLOCK_M, D) fp32 accumulator does not fit in
-registers for D up to 1024, so the output columns are split across the grid (BLOCK_DOUT per
-program): each program recomputes its S tiles and accumulates one D slice of dQ.
+are one kernel with swapped roles. A (BLOCK_M, D) fp32 accumulator does not fit in registers
+for D up to 1024, so the output columns are split across the grid (BLOCK_DOUT = 512 per program
+for 16-bit inputs): each program recomputes its S tiles and accumulates one D slice of dQ.
+Matmul passes of 2·B·N·D for CLIP: 1 forward, 2 * (slices + 1) backward (6 at D = 768).
 
 Memory: O((B + N) * D) for inputs and gradients plus O(B + N) for the logsumexps.
 """
@@ -64,11 +67,15 @@ def _tile_dots(a_ptr, b_ptr, rows, cols, row_ok, col_ok, D, stride_am, stride_ad
 
 
 @triton.jit
-def _lse_fwd_kernel(a_ptr, b_ptr, scale_ptr, lse_ptr, M, N, D,
+def _lse_fwd_kernel(a_ptr, b_ptr, scale_ptr, lse_ptr, col_part_ptr, M, N, D, row_offset,
                     stride_am, stride_ad, stride_bn, stride_bd,
-                    MASK_DIAGONAL: tl.constexpr, PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    """lse_i = logsumexp_j scale * A_i . B_j for the BLOCK_M rows of this program."""
+                    MASK_DIAGONAL: tl.constexpr, COLUMNS: tl.constexpr, PRECISION: tl.constexpr,
+                    DOT_FP32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_D: tl.constexpr):
+    """lse_i = logsumexp_j scale * A_i . B_j for the BLOCK_M rows of this program; with COLUMNS
+    also, for every column j, the logsumexp over this program's rows only (col_part[pid, j]),
+    which the launcher reduces over row blocks. `row_offset` is the global index of A's row 0
+    (A may be a chunk of the query), for the diagonal."""
     pid = tl.program_id(0)
     # int64 offsets: rows * stride overflows int32 for big or strided inputs.
     rows = (pid * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
@@ -82,8 +89,10 @@ def _lse_fwd_kernel(a_ptr, b_ptr, scale_ptr, lse_ptr, M, N, D,
         dots = _tile_dots(a_ptr, b_ptr, rows, cols, row_ok, col_ok, D, stride_am, stride_ad,
                           stride_bn, stride_bd, PRECISION, DOT_FP32, BLOCK_M, BLOCK_N, BLOCK_D)
         keep = col_ok[None, :]
+        if COLUMNS:  # padding rows must not enter the column sums
+            keep = keep & row_ok[:, None]
         if MASK_DIAGONAL:
-            keep = keep & (rows[:, None] != cols[None, :])
+            keep = keep & ((rows + row_offset)[:, None] != cols[None, :])
         logits = tl.where(keep, dots * scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(logits, axis=1))
         # A row whose logits so far are all masked has max -inf; shift by 0 there so that
@@ -94,6 +103,13 @@ def _lse_fwd_kernel(a_ptr, b_ptr, scale_ptr, lse_ptr, M, N, D,
         p = tl.exp2((logits - m_use[:, None]) * LOG2E)
         l_i = l_i * tl.exp2((m_i - m_use) * LOG2E) + tl.sum(p, axis=1)
         m_i = m_new
+        if COLUMNS:
+            # This tile is complete for its columns within this row block: its column lse costs
+            # one more exp per logit instead of a second pass of dot products over K Q^T.
+            c_max = tl.max(logits, axis=0)
+            c_use = tl.where(c_max == float("-inf"), 0.0, c_max)
+            c_sum = tl.sum(tl.exp2((logits - c_use[None, :]) * LOG2E), axis=0)
+            tl.store(col_part_ptr + pid.to(tl.int64) * N + cols, c_max + tl.log(c_sum), mask=col_ok)
     # A fully masked row (B = N = 1 with the diagonal masked) ends at -inf + log(0) = -inf.
     tl.store(lse_ptr + rows, m_i + tl.log(l_i), mask=row_ok)
 
@@ -191,17 +207,20 @@ def default_block_sizes(dim: int, dtype: torch.dtype, interpreted: bool) -> dict
     if interpreted:
         # The interpreter's cost is per operation, not per element: fewer, larger D chunks.
         return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_D=64, BLOCK_DOUT=min(512, max(16, _next_pow2(dim))),
-                    BWD_BLOCK_M=32, BWD_BLOCK_N=32, BWD_FLATTEN=False, num_warps=4, num_stages=1)
+                    BWD_BLOCK_M=32, BWD_BLOCK_N=32, BWD_FLATTEN=False, FWD_COL_BLOCKS=None,
+                    num_warps=4, num_stages=1)
     if dtype == torch.float32:
         # fp32 tiles take twice the bytes and, without TF32, the dot runs on FMAs: smaller
         # tiles keep it free of register spills (checked with kernels/aot.py for sm_90).
         return dict(BLOCK_M=128, BLOCK_N=64, BLOCK_D=32, BLOCK_DOUT=min(256, max(16, _next_pow2(dim))),
-                    BWD_BLOCK_M=64, BWD_BLOCK_N=32, BWD_FLATTEN=True, num_warps=8, num_stages=2)
+                    BWD_BLOCK_M=64, BWD_BLOCK_N=32, BWD_FLATTEN=True, FWD_COL_BLOCKS=None,
+                    num_warps=8, num_stages=2)
     # A D slice of 512 recomputes S less often than 256 (D = 512: once instead of twice;
     # D = 768: twice instead of 3 times, the second slice a third empty); with 32-column tiles
     # its (64, 512) fp32 accumulator fits the registers without spills.
     return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_D=64, BLOCK_DOUT=min(512, max(16, _next_pow2(dim))),
-                BWD_BLOCK_M=64, BWD_BLOCK_N=32, BWD_FLATTEN=True, num_warps=8, num_stages=3)
+                BWD_BLOCK_M=64, BWD_BLOCK_N=32, BWD_FLATTEN=True, FWD_COL_BLOCKS=None,
+                num_warps=8, num_stages=3)
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -223,17 +242,35 @@ def _on_device(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
-def _forward_lse(a, b, scale32, mask_diagonal, cfg):
-    M, D = a.shape
-    lse = torch.empty(M, dtype=torch.float32, device=a.device)
-    with _on_device(a):
-        _lse_fwd_kernel[(triton.cdiv(M, cfg["BLOCK_M"]),)](
-            a, b, scale32, lse, M, b.shape[0], D, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
-            MASK_DIAGONAL=mask_diagonal, PRECISION=_precision(a.dtype), DOT_FP32=_dot_fp32(a.dtype),
-            BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"],
-            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-        )
-    return lse
+def _column_chunk_rows(n_cols: int, dim: int, itemsize: int, cfg: dict) -> int:
+    """Query rows per forward launch when column lse's are fused in: the launch's (row blocks, N)
+    fp32 partials stay within the bytes of the key itself, so memory stays O((B + N) * D)."""
+    blocks = cfg.get("FWD_COL_BLOCKS") or max(1, (dim * itemsize) // 4)
+    return blocks * cfg["BLOCK_M"]
+
+
+def _forward(query, key, scale32, mask_diagonal, columns, cfg):
+    """row_lse (B,) and, with `columns`, col_lse (N,) from one pass over the logits."""
+    (B, D), N = query.shape, key.shape[0]
+    row_lse = torch.empty(B, dtype=torch.float32, device=query.device)
+    col_lse = None
+    chunk = _column_chunk_rows(N, D, key.element_size(), cfg) if columns else B
+    with _on_device(query):
+        for r0 in range(0, B, chunk):
+            a = query[r0:r0 + chunk]
+            n_blocks = triton.cdiv(a.shape[0], cfg["BLOCK_M"])
+            part = torch.empty((n_blocks, N), dtype=torch.float32, device=query.device) if columns else row_lse
+            _lse_fwd_kernel[(n_blocks,)](
+                a, key, scale32, row_lse[r0:], part, a.shape[0], N, D, r0,
+                a.stride(0), a.stride(1), key.stride(0), key.stride(1),
+                MASK_DIAGONAL=mask_diagonal, COLUMNS=columns, PRECISION=_precision(a.dtype),
+                DOT_FP32=_dot_fp32(a.dtype), BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+                BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+            )
+            if columns:  # torch's logsumexp / logaddexp keep all -inf columns at -inf
+                chunk_lse = torch.logsumexp(part, dim=0)
+                col_lse = chunk_lse if col_lse is None else torch.logaddexp(col_lse, chunk_lse)
+    return row_lse, col_lse
 
 
 def _backward_side(a, b, scale32, gmax, lse_a, g_a, lse_b, g_b, mask_diagonal, write_da, write_ds, cfg):
@@ -265,8 +302,7 @@ class _SimilarityLSETriton(torch.autograd.Function):
     @staticmethod
     def forward(ctx, query, key, scale, mask_diagonal, columns, cfg):
         scale32 = scale.detach().reshape(1).to(torch.float32)  # stays on the device: no host sync
-        row_lse = _forward_lse(query, key, scale32, mask_diagonal, cfg)
-        col_lse = _forward_lse(key, query, scale32, mask_diagonal, cfg) if columns else None
+        row_lse, col_lse = _forward(query, key, scale32, mask_diagonal, columns, cfg)
         ctx.save_for_backward(query, key, scale32, row_lse, col_lse if columns else row_lse)
         ctx.config = (mask_diagonal, columns, cfg, scale.shape, scale.dtype)
         return (row_lse, col_lse) if columns else row_lse
@@ -371,4 +407,6 @@ def similarity_lse_triton(query: torch.Tensor, key: torch.Tensor, scale: torch.T
         bad = {k: v for k, v in tiles.items() if not (isinstance(v, int) and v >= 16 and v & (v - 1) == 0)}
         if bad:
             raise ValueError(f"block sizes must be powers of two >= 16 (tl.arange, tl.dot), got {bad}")
+        if cfg["FWD_COL_BLOCKS"] is not None and not (isinstance(cfg["FWD_COL_BLOCKS"], int) and cfg["FWD_COL_BLOCKS"] > 0):
+            raise ValueError(f"FWD_COL_BLOCKS must be a positive int or None, got {cfg['FWD_COL_BLOCKS']!r}")
     return _SimilarityLSETriton.apply(query, key, scale, bool(mask_diagonal), bool(columns), cfg)

@@ -16,6 +16,9 @@ from mmcl.kernels.row_dot import row_dot_triton
 from mmcl.kernels.similarity_lse import similarity_lse_triton
 from mmcl.losses import clip_loss, info_nce, nt_xent, supcon_loss
 
+# log(0) = -inf is how fully masked rows/columns get lse = -inf; the interpreter's numpy warns.
+pytestmark = pytest.mark.filterwarnings("ignore:divide by zero encountered in log:RuntimeWarning")
+
 F64 = torch.float64
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -109,6 +112,14 @@ def test_kernel_with_ragged_d_tiles():
                                    BWD_BLOCK_N=16, num_warps=4))
 
 
+@pytest.mark.parametrize("B,N,mask_diagonal", [(131, 131, True), (37, 131, False), (100, 20, False)])
+def test_column_lse_over_several_row_chunks(B, N, mask_diagonal):
+    """The fused column lse's are reduced over row blocks and, for large B, over launches of
+    FWD_COL_BLOCKS row blocks each; one block per launch makes every chunk boundary (and the
+    diagonal's global row offset) count here."""
+    _compare_fp32(B, N, 32, mask_diagonal=mask_diagonal, columns=True, block_sizes=dict(FWD_COL_BLOCKS=1))
+
+
 def test_queue_without_gradient():
     """MoCo: 517 queue rows as keys, detached; the query and the scale still get gradients."""
     grads = _compare_fp32(16, 517, 32, key_grad=False)
@@ -151,7 +162,6 @@ def test_large_scale_and_unnormalised_features():
     _low_precision_check(20, 70, 32, torch.float32, False, True, atol=1e-5, scale=100.0, magnitude=2.0)
 
 
-@pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning")  # the interpreter's numpy log(0)
 def test_fully_masked_row_is_minus_infinity_with_zero_gradient():
     x = _features(1, 32).requires_grad_()
     s = torch.tensor(5.0, device=DEVICE, requires_grad=True)
@@ -269,6 +279,8 @@ def test_bad_inputs_raise_clear_errors():
         similarity_lse_triton(q, k, s, block_sizes={"BLOCK_Q": 16})
     with pytest.raises(ValueError, match="powers of two"):
         similarity_lse_triton(q, k, s, block_sizes={"BLOCK_D": 24})
+    with pytest.raises(ValueError, match="FWD_COL_BLOCKS"):
+        similarity_lse_triton(q, k, s, block_sizes={"FWD_COL_BLOCKS": 0})
 
 
 # --------------------------------------------------------------------------- losses end to end
