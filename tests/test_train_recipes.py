@@ -2,9 +2,9 @@
 scripts, CLIP through `accelerate launch --multi_gpu --num_processes 2` (gloo) checked against a
 one-process run of the same global batches."""
 import os
+import re
 import runpy
 import socket
-import sys
 
 import pytest
 import torch
@@ -17,19 +17,12 @@ RECIPES = os.path.join(REPO, "recipes")
 
 
 def _run_recipe(script, argv):
-    """Run recipes/<script> as `python recipes/<script> ARGV` in this process; returns fit's dict."""
-    old = sys.argv
-    sys.argv = [os.path.join(RECIPES, script), *argv]
-    try:
-        namespace = runpy.run_path(sys.argv[0], run_name="not_main")  # import only, then call main
-        return namespace["main"](namespace["__doc__"] and _default_config(script), argv)
-    finally:
-        sys.argv = old
-
-
-def _default_config(script):
-    return {"train_clip.py": "clip_digits.yaml", "train_simclr.py": "simclr_digits.yaml",
-            "train_moco.py": "moco_digits.yaml"}[script]
+    """Run recipes/<script> as `python recipes/<script> ARGV` would, in this process; returns
+    fit's dict. The script's own main(...) line names its default config."""
+    path = os.path.join(RECIPES, script)
+    default = re.search(r'main\("([^"]+)"\)', open(path).read()).group(1)
+    namespace = runpy.run_path(path, run_name="recipe")  # executes the imports, not the __main__ block
+    return namespace["main"](default, argv)
 
 
 @pytest.mark.parametrize("script,mode", [("train_simclr.py", "simclr"), ("train_moco.py", "moco")])

@@ -103,8 +103,17 @@ def fit(config, *, on_batch=None, on_step_end=None) -> dict:
     model = build_model(cfg)
     objective = build_objective(cfg.mode, cfg.loss, model, t.max_steps)
     if cfg.model.sync_bn and world > 1:
+        if device.type != "cuda":
+            raise ValueError("model.sync_bn=true needs CUDA GPUs (torch's SyncBatchNorm is GPU-only); "
+                             "on CPU leave it off (MoCo's loss.shuffle_bn works everywhere)")
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    loader = build_dataloader(cfg.data, model.processor, mode=cfg.mode, batch_size=t.batch_size, seed=cfg.seed)
+    loader = build_dataloader(cfg.data, model.processor, mode=cfg.mode, batch_size=t.batch_size, seed=cfg.seed,
+                              device_views=bool(t.device_augment))
+    device_augment = None
+    if t.device_augment:
+        from mmcl.train.device_augment import DeviceAugment
+
+        device_augment = DeviceAugment(t.device_augment, model.processor)
     stream = BatchStream(loader, t.batch_size, rank, world, seed=cfg.seed)
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, t.max_steps)
@@ -156,7 +165,8 @@ def fit(config, *, on_batch=None, on_step_end=None) -> dict:
             skipped_images += int(batch.get("num_skipped", 0))
             if on_batch is not None:
                 batch = on_batch(step + 1, batch) or batch
-            batches.append(_to_device(batch, device))
+            batch = _to_device(batch, device)
+            batches.append(device_augment(batch) if device_augment is not None else batch)
         if t.accumulate > 1:
             loss, logs, keys = cached_step(model, scale_fn, objective, batches, accelerator.backward, no_sync, device)
         else:
