@@ -80,9 +80,10 @@ def compile_for_target(arch: int = 90, dtypes=(torch.bfloat16, torch.float16, to
             info = _compile(sl._lse_fwd_kernel, dtype, flags, cfg["num_warps"], cfg["num_stages"], arch)
             results.append({"kernel": "forward", "dtype": str(dtype), "mask_diagonal": mask, "columns": columns,
                             **info})
-        # (HAS_A_TERM, HAS_B_TERM, WRITE_DA, WRITE_DSCALE): dQ side of CLIP, dK side without
-        # columns, the scale-only launch (MoCo queue with a frozen query is not a case).
-        for terms in ((True, True, True, True), (False, True, True, False), (True, False, False, True)):
+        # (HAS_A_TERM, HAS_B_TERM, WRITE_DA, WRITE_DSCALE): dQ side of CLIP, dQ side of the
+        # row-only losses (InfoNCE, MoCo, SimCLR), their dK side, the scale-only launch.
+        for terms in ((True, True, True, True), (True, False, True, True), (False, True, True, False),
+                      (True, False, False, True)):
             flags = dict(MASK_DIAGONAL=True, HAS_A_TERM=terms[0], HAS_B_TERM=terms[1], WRITE_DA=terms[2],
                          WRITE_DSCALE=terms[3], BLOCK_M=cfg["BWD_BLOCK_M"], BLOCK_N=cfg["BWD_BLOCK_N"],
                          BLOCK_DOUT=cfg["BLOCK_DOUT"], FLATTEN=cfg["BWD_FLATTEN"], **common)
