@@ -88,8 +88,11 @@ def _triton_usable(device: torch.device) -> tuple[bool, str]:
     return kernels.is_available(device)
 
 
-def resolve_impl(impl: str, device: torch.device, num_logits: int) -> str:
-    """The implementation a loss will use. Forcing an unusable one raises; "auto" falls back."""
+def resolve_impl(impl: str, device: torch.device, num_logits: int, dtype: torch.dtype | None = None) -> str:
+    """The implementation a loss will use. Forcing an unusable one raises; "auto" falls back.
+
+    The kernels compute in fp32 at most, so "auto" keeps float64 inputs on the torch paths.
+    """
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     if impl == "triton":
@@ -99,7 +102,7 @@ def resolve_impl(impl: str, device: torch.device, num_logits: int) -> str:
         return impl
     if impl != "auto":
         return impl
-    if device.type == "cuda" and _triton_usable(device)[0]:
+    if device.type == "cuda" and dtype != torch.float64 and _triton_usable(device)[0]:
         return "triton"
     return "chunked" if num_logits >= AUTO_CHUNKED_MIN_LOGITS else "naive"
 
@@ -175,7 +178,7 @@ def clip_loss(
     else:
         all_images, all_texts = images, texts
     B, N = images.shape[0], all_texts.shape[0]
-    impl = resolve_impl(impl, images.device, B * N)
+    impl = resolve_impl(impl, images.device, B * N, images.dtype)
     labels = torch.arange(offset, offset + B, device=images.device)
 
     if impl == "naive":
@@ -231,7 +234,7 @@ def info_nce(query: torch.Tensor, key: torch.Tensor, temperature, *, queue=None,
             raise ValueError(f"queue is on {queue.device} but query is on {query.device}")
         queue = queue.detach()
     columns = queue if queue is not None else key
-    impl = resolve_impl(impl, query.device, query.shape[0] * columns.shape[0])
+    impl = resolve_impl(impl, query.device, query.shape[0] * columns.shape[0], query.dtype)
     positives = scale * _row_dot(query, key, impl)
 
     if impl == "naive":
@@ -268,7 +271,7 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature, *, impl: str = "aut
     scale = 1.0 / T
     z = torch.cat([z1, z2])
     n2 = z.shape[0]
-    impl = resolve_impl(impl, z.device, n2 * n2)
+    impl = resolve_impl(impl, z.device, n2 * n2, z.dtype)
     partner = torch.cat([z2, z1])
     positives = scale * _row_dot(z, partner, impl)
     if impl == "naive":
@@ -318,7 +321,7 @@ def supcon_loss(features: torch.Tensor, labels=None, temperature=0.1, *, impl: s
     has_pos = n_pos > 0
     if not bool(has_pos.any()):
         raise ValueError("supcon_loss needs at least one positive pair: use V >= 2 views or repeated labels")
-    impl = resolve_impl(impl, z.device, (V * B) ** 2)
+    impl = resolve_impl(impl, z.device, (V * B) ** 2, z.dtype)
     dtype = torch.promote_types(z.dtype, torch.float32)
     if impl == "naive":
         logits = scale * z.to(dtype) @ z.to(dtype).T

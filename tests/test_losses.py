@@ -235,6 +235,10 @@ def test_auto_dispatch(monkeypatch):
 
     monkeypatch.setattr(mmcl.losses, "_triton_usable", lambda device: (False, "no GPU here"))
     assert resolve_impl("auto", torch.device("cuda"), 100) == "naive"
+    monkeypatch.setattr(mmcl.losses, "_triton_usable", lambda device: (True, ""))
+    assert resolve_impl("auto", torch.device("cuda"), 100, torch.bfloat16) == "triton"
+    assert resolve_impl("auto", torch.device("cuda"), 16384 * 16384, torch.float64) == "chunked"
+    monkeypatch.setattr(mmcl.losses, "_triton_usable", lambda device: (False, "no GPU here"))
     with pytest.raises(ValueError, match='impl="triton" cannot run on cpu tensors: no GPU here'):
         clip_loss(torch.randn(4, 8), torch.randn(4, 8), 10.0, impl="triton")
 
