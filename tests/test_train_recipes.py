@@ -1,6 +1,7 @@
 """Few-step runs of every recipe on CPU: SimCLR, MoCo and SLIP-style in-process through the recipe
 scripts, CLIP through `accelerate launch --multi_gpu --num_processes 2` (gloo) checked against a
 one-process run of the same global batches."""
+import json
 import os
 import re
 import runpy
@@ -27,7 +28,7 @@ def _run_recipe(script, argv):
 
 @pytest.mark.parametrize("script,mode", [("train_simclr.py", "simclr"), ("train_moco.py", "moco")])
 def test_image_only_recipe_trains_and_evaluates(script, mode, tmp_path):
-    res = _run_recipe(script, recipe_overrides(mode, tmp_path / "run", None, steps=3))
+    res = _run_recipe(script, recipe_overrides(mode, tmp_path / "run", None, steps=3) + ["train.eval_every=2"])
     assert res["step"] == 3 and torch.isfinite(torch.tensor(res["loss"]))
     assert 0.0 <= res["knn_top1"] <= 1.0 and res["skipped_images"] == 0
     final = tmp_path / "run" / "final"
@@ -38,7 +39,9 @@ def test_image_only_recipe_trains_and_evaluates(script, mode, tmp_path):
     # TensorBoard event file and the jsonl tracker both got the metrics.
     assert any((tmp_path / "run" / "logs").rglob("events.out.tfevents*"))
     lines = (tmp_path / "run" / "logs" / "metrics.jsonl").read_text().splitlines()
-    assert sum('"loss"' in line for line in lines) == 3 and any("eval/knn_top1" in line for line in lines)
+    assert sum('"loss"' in line for line in lines) == 3
+    evals = [json.loads(line) for line in lines if "eval/knn_top1" in line]
+    assert [row["step"] for row in evals] == [2, 3]  # periodic (eval_every=2) and final
 
 
 def test_slip_recipe_config(tmp_path):

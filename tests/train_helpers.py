@@ -33,7 +33,7 @@ def tiny_overrides(mode: str, output_dir, tokenizer_dir, *, steps: int = 3, batc
     out = [f"mode={mode}", f"output_dir={output_dir}", f"model.image_tower_config={VIT % dropout}",
            "model.projection_dim=16", "model.image_size=16", f"train.batch_size={batch}", f"train.max_steps={steps}",
            "train.log_every=1", f"data.max_samples={samples}", "eval.max_samples=30", "train.progress=false",
-           "optim.warmup_steps=1", "seed=3"]
+           "optim.warmup_steps=1", "seed=3", "eval.knn_train_samples=200"]
     if mode in ("clip", "clip+simclr"):
         out += [f"model.text_tower_config={BERT % (vocab_size(), dropout)}", f"model.tokenizer={tokenizer_dir}"]
     if mode != "clip":

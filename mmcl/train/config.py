@@ -95,6 +95,7 @@ class TrainConfig:
     eval_every: int = 0  # steps; 0: evaluate only at the end
     progress: bool = True
     trackers: list = field(default_factory=lambda: ["tensorboard", "jsonl"])  # + "wandb" when installed
+    device_augment: str | None = None  # simclr/moco: "mocov2" | "simclr" | "moco_cifar" views made on the device
 
 
 @dataclass
@@ -284,5 +285,13 @@ def validate(cfg: Config) -> None:
         _check(bool(has_text), f"mode {cfg.mode!r} needs a text tower: set model.text_tower or model.text_tower_config")
     _check(t.resume is None or isinstance(t.resume, str), f"train.resume must be null, 'auto' or a path, got {t.resume!r}")
     _check(isinstance(t.trackers, list), f"train.trackers must be a list, got {t.trackers!r}")
+    if t.device_augment is not None:
+        from mmcl.train.device_augment import PRESETS
+
+        _check(t.device_augment in PRESETS, f"train.device_augment must be one of {', '.join(PRESETS)} or null, "
+                                            f"got {t.device_augment!r}")
+        _check(cfg.mode in ("simclr", "moco"), f"train.device_augment needs mode simclr or moco, got {cfg.mode!r}")
+        _check(cfg.data.augment == "none", "train.device_augment augments on the device: set data.augment=none "
+                                           f"(got {cfg.data.augment!r})")
     for tr in t.trackers:
         _check(tr in ("tensorboard", "jsonl", "wandb"), f"train.trackers: unknown tracker {tr!r} (tensorboard, jsonl, wandb)")

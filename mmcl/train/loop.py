@@ -108,7 +108,7 @@ def fit(config, *, on_batch=None, on_step_end=None) -> dict:
                              "on CPU leave it off (MoCo's loss.shuffle_bn works everywhere)")
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     loader = build_dataloader(cfg.data, model.processor, mode=cfg.mode, batch_size=t.batch_size, seed=cfg.seed,
-                              device_views=bool(t.device_augment))
+                              **({"device_views": True} if t.device_augment else {}))
     device_augment = None
     if t.device_augment:
         from mmcl.train.device_augment import DeviceAugment
@@ -119,6 +119,9 @@ def fit(config, *, on_batch=None, on_step_end=None) -> dict:
     scheduler = build_scheduler(optimizer, cfg.optim, t.max_steps)
     if getattr(accelerator.state, "deepspeed_plugin", None) is not None:
         accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = t.batch_size
+    if t.accumulate > 1 and accelerator.distributed_type.value in ("DEEPSPEED", "FSDP"):
+        raise ValueError(f"train.accumulate (GradCache) is not supported with {accelerator.distributed_type.value}: "
+                         "its backward passes bypass the engine; use DDP (multi_gpu) or train.grad_accum_steps")
     model, optimizer = accelerator.prepare(model, optimizer)
     unwrapped = accelerator.unwrap_model(model)
     if hasattr(objective, "to"):
