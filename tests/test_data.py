@@ -208,6 +208,10 @@ def test_bad_config_raises_clear_errors(tmp_path, processor):
         build_dataloader(DataConfig(), processor, mode="byol", batch_size=2, dataset=ds)
     with pytest.raises(ValueError, match="two random views"):
         build_dataloader(DataConfig(augment="clip"), processor, mode="moco", batch_size=2, dataset=ds)
+    # Views augmented later on the device (mmcl.train's train.device_augment): plain, identical views.
+    b = next(iter(build_dataloader(DataConfig(augment="none"), processor, mode="moco", batch_size=3, dataset=ds,
+                                   device_views=True)))
+    assert torch.equal(b["view1"], b["view2"]) and b["view1"].shape == (3, 3, 20, 20)
     with pytest.raises(ValueError, match="cutmix"):
         build_dataloader(DataConfig(cutmix=0.5), processor, mode="clip", batch_size=2, dataset=ds)
     with pytest.raises(ValueError, match="batch_size"):

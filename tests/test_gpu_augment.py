@@ -121,3 +121,8 @@ def test_cuda_matches_cpu():
     cuda = apply_augment(images.cuda(), params, (32, 32))
     assert cuda.is_cuda
     torch.testing.assert_close(cuda.cpu(), cpu, atol=1e-5, rtol=0)
+    # The module on CUDA images with a CPU generator draws the same parameters as on CPU.
+    aug = GPUAugment(24, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    on_cpu = aug(images, generator=torch.Generator().manual_seed(1))
+    on_cuda = aug(images.cuda(), generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(on_cuda.cpu(), on_cpu, atol=1e-4, rtol=0)

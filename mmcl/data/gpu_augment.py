@@ -227,7 +227,9 @@ class GPUAugment(torch.nn.Module):
         if images.dtype == torch.uint8:
             images = images.float() / 255
         b, _, h, w = images.shape
-        params = sample_augment_params(b, h, w, generator=generator, device=images.device, **self.kwargs)
+        # Parameters are drawn where the generator lives (a CPU generator for CUDA images is fine).
+        device = generator.device if generator is not None else images.device
+        params = sample_augment_params(b, h, w, generator=generator, device=device, **self.kwargs)
         x = apply_augment(images, params, self.size, self.jitter)
         if self.mean is not None:
             x = (x - self.mean.to(x)) / self.std.to(x)

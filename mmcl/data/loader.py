@@ -145,7 +145,8 @@ class ContrastiveCollator:
 
 
 def build_dataloader(cfg: DataConfig, processor, *, mode: str, batch_size: int, seed: int = 0,
-                     dataset=None, shuffle: bool = True, drop_last: bool | None = None) -> DataLoader:
+                     dataset=None, shuffle: bool = True, drop_last: bool | None = None,
+                     device_views: bool = False) -> DataLoader:
     """A DataLoader of contrastive batches for ``mode``.
 
     Args:
@@ -164,6 +165,8 @@ def build_dataloader(cfg: DataConfig, processor, *, mode: str, batch_size: int, 
         dataset: a ready ``datasets.Dataset`` to use instead of ``cfg.source``.
         shuffle: shuffle each epoch (``loader.sampler`` is a ``ResumableSampler``).
         drop_last: default True when the dataset holds at least one full batch.
+        device_views: the caller augments the views on the device (mmcl.train's
+            ``train.device_augment``), so ``augment='none'`` (identical, un-augmented views) is allowed.
     """
     import datasets
 
@@ -176,7 +179,7 @@ def build_dataloader(cfg: DataConfig, processor, *, mode: str, batch_size: int, 
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     text = mode in ("clip", "clip+simclr")
     views = mode != "clip"
-    if views and cfg.augment in ("none", "clip"):
+    if views and cfg.augment in ("none", "clip") and not device_views:
         raise ValueError(f"mode {mode!r} needs two random views: set augment to 'simclr' or 'mocov2' "
                          f"(augment={cfg.augment!r} would make both views identical)")
     if cfg.cutmix > 0 and not views:
