@@ -75,3 +75,42 @@ def gather_no_grad(x: torch.Tensor) -> torch.Tensor:
         return x
     sizes = _all_sizes(x.shape[0], x.device)
     return _GatherWithGrad.apply(x, sizes)
+
+
+@torch.no_grad()
+def shuffle_batch(x: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """MoCo's batch shuffle across ranks (its guard against BatchNorm leaking the positive key).
+
+    All ranks' (B, ...) batches are gathered into (W*B, ...); one random permutation `perm` of
+    W*B rows is drawn on rank 0 and broadcast; rank r keeps rows perm[r*B:(r+1)*B]. Every rank
+    must hold the same B. Outside a distributed run it shuffles the local batch (W = 1), which
+    matters with split BatchNorm (mmcl.models.cifar_resnet.SplitBatchNorm2d).
+
+    Returns:
+        (shuffled (B, ...), unshuffle index (W*B,) long: argsort(perm), for `unshuffle_batch`).
+    """
+    n = x.shape[0]
+    all_x = gather_no_grad(x)
+    if all_x.shape[0] != n * world_size():
+        raise ValueError(f"shuffle_batch needs the same batch size on every rank; this rank has {n}, "
+                         f"all ranks together {all_x.shape[0]}")
+    device = generator.device if generator is not None else x.device
+    perm = torch.randperm(all_x.shape[0], generator=generator, device=device).to(x.device)
+    if is_distributed():
+        dist.broadcast(perm, src=0)  # one permutation for all ranks: each row lands on exactly one rank
+    r = rank()
+    return all_x[perm[r * n:(r + 1) * n]], torch.argsort(perm)
+
+
+@torch.no_grad()
+def unshuffle_batch(y: torch.Tensor, unshuffle_index: torch.Tensor) -> torch.Tensor:
+    """Undo `shuffle_batch`: gather every rank's (B, ...) outputs of the shuffled rows, put them
+    back in the original order with `unshuffle_index` (W*B,), return this rank's (B, ...) rows,
+    i.e. the outputs of this rank's own original rows."""
+    n = y.shape[0]
+    all_y = gather_no_grad(y)
+    if all_y.shape[0] != unshuffle_index.shape[0]:
+        raise ValueError(f"unshuffle_batch: got {all_y.shape[0]} rows from all ranks, but the index "
+                         f"from shuffle_batch covers {unshuffle_index.shape[0]}")
+    r = rank()
+    return all_y[unshuffle_index[r * n:(r + 1) * n]]

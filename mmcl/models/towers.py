@@ -348,9 +348,16 @@ def build_tower(spec, modality: str, pooling: str = "auto") -> nn.Module:
         if modality != "image":
             raise ValueError(f"{kind} towers are image towers, got {spec!r} as the {modality} tower")
         return (TimmTower if kind == "timm" else TorchvisionTower)(name, weights)
+    if spec.startswith("mmcl:"):  # mmcl's own image towers (the CIFAR-stem ResNets)
+        from mmcl.models.cifar_resnet import CifarResNetTower
+
+        _, name, weights = _split_spec(spec)
+        if modality != "image":
+            raise ValueError(f"mmcl towers are image towers, got {spec!r} as the {modality} tower")
+        return CifarResNetTower(name, weights)
     prefix = spec.partition(":")[0]
     if ":" in spec and not os.path.exists(spec) and prefix.replace("_", "").isalnum():
-        raise ValueError(f"unknown tower spec {spec!r}: the prefixes are 'open_clip:', 'timm:' and 'torchvision:'; "
+        raise ValueError(f"unknown tower spec {spec!r}: the prefixes are 'open_clip:', 'timm:', 'torchvision:' and 'mmcl:'; "
                          "anything else is a transformers directory or hub id")
     if os.path.exists(spec) and not os.path.isdir(spec):
         raise ValueError(f"{modality}_tower {spec!r} is a file; a transformers tower is a directory")
@@ -368,6 +375,10 @@ def tower_from_spec(spec: dict, modality: str) -> nn.Module:
         return TimmTower(spec["name"])
     if kind == "torchvision":
         return TorchvisionTower(spec["name"])
+    if kind == "mmcl":
+        from mmcl.models.cifar_resnet import CifarResNetTower
+
+        return CifarResNetTower(spec["name"])
     if kind == "open_clip":
         from mmcl.models.open_clip_towers import open_clip_towers_from_cfg
 
