@@ -28,7 +28,9 @@ def _run_recipe(script, argv):
 
 @pytest.mark.parametrize("script,mode", [("train_simclr.py", "simclr"), ("train_moco.py", "moco")])
 def test_image_only_recipe_trains_and_evaluates(script, mode, tmp_path):
+    threads = torch.get_num_threads()
     res = _run_recipe(script, recipe_overrides(mode, tmp_path / "run", None, steps=3) + ["train.eval_every=2"])
+    assert torch.get_num_threads() == threads  # the YAML's train.num_threads=1 held only during fit
     assert res["step"] == 3 and torch.isfinite(torch.tensor(res["loss"]))
     assert 0.0 <= res["knn_top1"] <= 1.0 and res["skipped_images"] == 0
     final = tmp_path / "run" / "final"

@@ -87,6 +87,7 @@ class TrainConfig:
     grad_accum_steps: int = 1  # plain accumulation: k separate losses, gradients summed
     mixed_precision: str = "no"  # "no" | "fp16" | "bf16" (through Accelerate)
     compile: bool = False
+    num_threads: int | None = None  # torch intra-op threads; None: torch's default (one per core)
     save_every: int = 0  # steps; 0: only the final model
     keep_checkpoints: int = 2
     resume: str | None = None  # None | "auto" | a checkpoint directory
@@ -253,6 +254,8 @@ def validate(cfg: Config) -> None:
         _check(isinstance(value, int) and value >= 1, f"train.{name} must be an int >= 1, got {value!r}")
     _check(not (t.accumulate > 1 and t.grad_accum_steps > 1),
            "train.accumulate (GradCache) and train.grad_accum_steps cannot both be > 1")
+    _check(t.num_threads is None or (isinstance(t.num_threads, int) and t.num_threads >= 1),
+           f"train.num_threads must be null or an int >= 1, got {t.num_threads!r}")
     for name in ("save_every", "eval_every"):
         value = getattr(t, name)
         _check(isinstance(value, int) and value >= 0, f"train.{name} must be an int >= 0, got {value!r}")

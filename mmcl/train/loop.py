@@ -83,6 +83,17 @@ def fit(config, *, on_batch=None, on_step_end=None) -> dict:
     Raises:
         FloatingPointError: a non-finite loss, naming the step (unless train.skip_nonfinite).
     """
+    cfg = _as_config(config)
+    threads = torch.get_num_threads()
+    if cfg.train.num_threads is not None:
+        torch.set_num_threads(cfg.train.num_threads)
+    try:
+        return _fit(cfg, on_batch, on_step_end)
+    finally:  # the setting is process-wide: leave the caller's as it was
+        torch.set_num_threads(threads)
+
+
+def _fit(cfg: Config, on_batch, on_step_end) -> dict:
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
 
@@ -93,7 +104,6 @@ def fit(config, *, on_batch=None, on_step_end=None) -> dict:
     from mmcl.train.optim import build_optimizer, build_scheduler
     from mmcl.train.stream import BatchStream
 
-    cfg = _as_config(config)
     t, out = cfg.train, Path(cfg.output_dir)
     accelerator = _make_accelerator(cfg)
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device

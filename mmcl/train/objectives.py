@@ -135,7 +135,12 @@ class MoCoObjective:
         if not self.cfg.shuffle_bn:
             return {"k": self.key_encoder(pixel_values=x).image_embeds.float()}
         # One process: a local shuffle, which matters with split BatchNorm (model.bn_splits).
-        x, unshuffle_index = distributed.shuffle_batch(x)
+        try:
+            x, unshuffle_index = distributed.shuffle_batch(x)
+        except ValueError:
+            # Ranks hold different batch sizes (a corrupt image was dropped on one of them): every
+            # rank sees the same gathered size, so all skip the shuffle for this batch together.
+            return {"k": self.key_encoder(pixel_values=x).image_embeds.float()}
         k = self.key_encoder(pixel_values=x).image_embeds
         return {"k": distributed.unshuffle_batch(k, unshuffle_index).float()}
 
