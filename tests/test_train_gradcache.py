@@ -121,3 +121,26 @@ def test_gradcache_replays_dropout_masks(mode, tmp_path):
     torch.manual_seed(321)
     _, other = _cached(model, objective, batches)
     assert not all(torch.allclose(other[n], want[n], rtol=1e-6) for n in want)
+
+
+def test_gradcache_moves_batchnorm_statistics_once(tmp_path):
+    """A BatchNorm tower (ResNet config): after GradCache the running statistics are those of
+    one ordinary forward per micro-batch, not two (the graph-free pass must leave them alone)."""
+    resnet = ("model.image_tower_config={model_type: resnet, embedding_size: 8, hidden_sizes: [8, 16], "
+              "depths: [1, 1], layer_type: basic}")
+    cfg = load_config(None, tiny_overrides("simclr", tmp_path / "r", None) + [resnet])
+    torch.manual_seed(0)
+    model = build_model(cfg).double().train()
+    reference = build_model(cfg).double().train()
+    reference.load_state_dict(model.state_dict())
+    objective = _objective("simclr", cfg)
+    batches = _batches("simclr", SIZES)
+    _cached(model, objective, batches)
+    with torch.no_grad():
+        for b in batches:
+            objective.embed(reference, b)
+    stats = {n: b for n, b in model.named_buffers() if "running" in n or "num_batches_tracked" in n}
+    want = dict(reference.named_buffers())
+    assert stats, "the tower has no BatchNorm statistics"
+    for name, value in stats.items():
+        torch.testing.assert_close(value, want[name], rtol=1e-12, atol=1e-12, msg=name)

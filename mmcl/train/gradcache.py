@@ -71,12 +71,17 @@ def cached_step(model, scale_fn, objective, batches: list[dict], backward, no_sy
     snapshots, cached, keys = [], [], []
     with no_sync():
         with torch.no_grad():
+            # The graph-free pass must not move BatchNorm running statistics: the replay below
+            # updates them once per micro-batch, as one ordinary pass would.
+            buffers = [b.detach().clone() for b in model.buffers()]
             for batch in batches:
                 snapshots.append(_rng_snapshot(device))
                 emb = objective.embed(model, batch)
                 emb.pop("scale", None)
                 cached.append(emb)
                 keys.append(objective.keys(batch))
+            for b, saved in zip(model.buffers(), buffers):
+                b.copy_(saved)
         names = list(cached[0])
         sizes = [c[names[0]].shape[0] for c in cached]
         leaves = {n: torch.cat([c[n] for c in cached]).detach().requires_grad_(True) for n in names}
