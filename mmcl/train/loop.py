@@ -206,16 +206,17 @@ def _fit(cfg: Config, on_batch, on_step_end) -> dict:
             optimizer.zero_grad(set_to_none=True)
             objective.after_step(unwrapped, keys, step)
             last_loss = loss_value
+        lr_used = scheduler.get_last_lr()[0]
         scheduler.step()
         step += 1
         window_samples += sum(b[objective.batch_keys[0]].shape[0] for b in batches) * world
         pbar.update(1)
         if step % t.log_every == 0 or step == t.max_steps:
             now = time.perf_counter()
-            metrics = {"loss": loss_value, "lr": scheduler.get_last_lr()[0],
+            metrics = {"loss": loss_value, "lr": lr_used,
                        "samples_per_s": window_samples / max(now - window_start, 1e-9),
-                       "epoch": stream.epoch, "skipped_images": skipped_images, "nonfinite_steps": nonfinite_steps,
-                       **logs}
+                       "epoch": stream.epoch, "skipped_images": _sum_over_ranks(accelerator, skipped_images),
+                       "nonfinite_steps": nonfinite_steps, **logs}
             if grad_norm is not None:
                 metrics["grad_norm"] = grad_norm
             accelerator.log(metrics, step=step)
@@ -230,7 +231,7 @@ def _fit(cfg: Config, on_batch, on_step_end) -> dict:
     pbar.close()
     train_seconds = time.perf_counter() - started
 
-    results = {"step": step, "loss": last_loss, "skipped_images": skipped_images,
+    results = {"step": step, "loss": last_loss, "skipped_images": _sum_over_ranks(accelerator, skipped_images),
                "nonfinite_steps": nonfinite_steps, "train_seconds": train_seconds}
     if world > 1:
         results["ranks_agree"] = _ranks_agree(accelerator, unwrapped)
@@ -243,6 +244,13 @@ def _fit(cfg: Config, on_batch, on_step_end) -> dict:
     accelerator.end_training()
     results["final_dir"] = str(final_dir)
     return results
+
+
+def _sum_over_ranks(accelerator, count: int) -> int:
+    """Images skipped by all processes together (each reads its own shard)."""
+    if accelerator.num_processes == 1:
+        return count
+    return int(accelerator.reduce(torch.tensor([count], device=accelerator.device), reduction="sum").item())
 
 
 def _resume_path(cfg: Config):
