@@ -59,14 +59,16 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def test_accelerate_launch_two_processes_matches_one_process(tmp_path):
-    """2 gloo processes x micro-batch 2 x GradCache accumulate 2 train on the same 8-image global
-    batches as one process with batch 8: the features are gathered across ranks with gradients
-    and the towers' gradients all-reduced, so the final weights must agree; both ranks must end
-    with identical weights."""
+@pytest.mark.parametrize("accumulate", [1, 2], ids=["ddp", "gradcache"])
+def test_accelerate_launch_two_processes_matches_one_process(accumulate, tmp_path):
+    """2 gloo processes x batch 4 (DDP), or x micro-batch 2 x GradCache accumulate 2, train on the
+    same 8-image global batches as one process with batch 8: the features are gathered across
+    ranks with gradients and the towers' gradients averaged (by DDP, or by hand after GradCache),
+    so the final weights must agree; both ranks must end with identical weights."""
     tok = write_tokenizer(tmp_path / "tok")
     common = ["eval.enabled=false", "optim.name=sgd", "optim.lr=0.2", "train.max_steps=2"]
-    two = recipe_overrides("clip", tmp_path / "two", tok, batch=2) + common + ["train.accumulate=2"]
+    two = recipe_overrides("clip", tmp_path / "two", tok, batch=8 // (2 * accumulate)) + common + [
+        f"train.accumulate={accumulate}"]
     r = run_python(["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
                     "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
                     "recipes/train_clip.py", *two], timeout=300)
