@@ -104,3 +104,22 @@ def test_corrupt_image_is_skipped_and_counted(tmp_path):
     res = fit(cfg)
     assert res["skipped_images"] == 1
     assert res["step"] == 2 and res["loss"] == res["loss"]  # finite, trained
+
+
+def test_batch_of_only_corrupt_images_is_dropped(tmp_path):
+    """Batch size 1 over 4 images, one unreadable: its batch is empty and is dropped, the run
+    trains its 3 steps on the readable images and counts the skipped one."""
+    from PIL import Image
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    rows = ["file_name,caption"]
+    for i in range(4):
+        Image.new("RGB", (16, 16), (60 * i, 30, 200 - 40 * i)).save(folder / f"{i}.png")
+        rows.append(f"{i}.png,a small {['zero', 'one', 'two', 'three'][i]}")
+    (folder / "2.png").write_bytes(b"not a png")
+    (folder / "metadata.csv").write_text("\n".join(rows) + "\n")
+    cfg = load_config(None, tiny_overrides("simclr", tmp_path / "run", None, batch=1) + [
+        "train.max_steps=3", "eval.enabled=false", f"data.source={folder}", "data.max_samples=null"])
+    res = fit(cfg)
+    assert res["step"] == 3 and res["skipped_images"] == 1 and res["loss"] == res["loss"]

@@ -174,8 +174,11 @@ def _fit(cfg: Config, on_batch, on_step_end) -> dict:
     while step < t.max_steps:
         batches = []
         for _ in range(k):
-            batch = stream.next()
-            skipped_images += int(batch.get("num_skipped", 0))
+            while True:  # a batch whose every image was unreadable is dropped (on all ranks at once)
+                batch = stream.next()
+                skipped_images += int(batch.get("num_skipped", 0))
+                if _min_over_ranks(accelerator, batch[objective.batch_keys[0]].shape[0]) > 0:
+                    break
             if on_batch is not None:
                 batch = on_batch(step + 1, batch) or batch
             batch = _to_device(batch, device)
@@ -244,6 +247,16 @@ def _fit(cfg: Config, on_batch, on_step_end) -> dict:
     accelerator.end_training()
     results["final_dir"] = str(final_dir)
     return results
+
+
+def _min_over_ranks(accelerator, count: int) -> int:
+    if accelerator.num_processes == 1:
+        return count
+    import torch.distributed as dist
+
+    t = torch.tensor([count], device=accelerator.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return int(t.item())
 
 
 def _sum_over_ranks(accelerator, count: int) -> int:
