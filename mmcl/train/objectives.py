@@ -118,6 +118,11 @@ class MoCoObjective:
         self.cfg = loss_cfg
         self.key_encoder = MomentumEncoder(model, momentum=loss_cfg.momentum,
                                            final_momentum=loss_cfg.final_momentum, total_steps=total_steps)
+        # The copy inherits the model's mode, and built models come back in eval mode. MoCo's key
+        # encoder runs in train mode: BatchNorm on the (shuffled) key batch's own statistics. In
+        # eval mode it would use running statistics that never move (the EMA touches parameters
+        # only), and the keys would not match the queries: the loss stays at chance.
+        self.key_encoder.train()
         dim = projection_dim(model)
         self.queue = FeatureQueue(dim, loss_cfg.queue_size)
 
