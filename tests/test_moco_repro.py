@@ -234,3 +234,34 @@ def test_protocol_config_errors(override, match):
 
     with pytest.raises(ValueError, match=match):
         load_config(RECIPES / "moco_digits.yaml", ["train.batch_size=64", override])
+
+
+# --------------------------------------------------------------------------- MoCo keys and learning
+
+TINY_RESNET = ("model.image_tower_config={model_type: resnet, num_channels: 3, embedding_size: 8, "
+               "hidden_sizes: [8, 16], depths: [1, 1], layer_type: basic}")
+
+
+@pytest.mark.parametrize("shuffle_bn", [False, True])
+def test_moco_keys_come_from_a_train_mode_key_encoder(shuffle_bn):
+    """MoCo's builder runs the key encoder in train mode (BatchNorm on the key batch's own
+    statistics). Right after construction the key encoder equals the query encoder, so its keys
+    must equal the train-mode query embeddings of the same images (shuffling one process's batch
+    changes nothing for plain BatchNorm), and its own running statistics must move."""
+    from mmcl.train import load_config
+    from mmcl.train.builders import build_model
+    from mmcl.train.objectives import build_objective
+
+    cfg = load_config(None, ["mode=moco", TINY_RESNET, "model.image_size=16", "model.projection_dim=8",
+                             "data.augment=mocov2", "loss.queue_size=16", f"loss.shuffle_bn={str(shuffle_bn).lower()}"])
+    model = build_model(cfg)
+    objective = build_objective("moco", cfg.loss, model, total_steps=10)
+    model.train()
+    x = torch.randn(7, 3, 16, 16)
+    bn = next(m for m in objective.key_encoder.modules() if isinstance(m, nn.BatchNorm2d))
+    before = bn.running_mean.clone()
+    keys = objective.keys({"view2": x})["k"]
+    with torch.no_grad():
+        expected = model(pixel_values=x).image_embeds
+    torch.testing.assert_close(keys, expected, rtol=1e-5, atol=1e-5)
+    assert not torch.equal(bn.running_mean, before)
