@@ -1,5 +1,5 @@
-"""Evaluation during and after training: zero-shot top-1 for image-text modes, kNN top-1 for
-image-only modes, on the held-out data of the data config (the digits' test split for the demo)."""
+"""Evaluation during and after training: zero-shot top-1 for image-text modes (image<->text
+recall@k when the held-out data has captions but no labels), kNN top-1 for image-only modes, on the held-out data of the data config (the digits' test split for the demo)."""
 from __future__ import annotations
 
 import torch
@@ -17,7 +17,7 @@ class Evaluator:
     def __init__(self, cfg):
         self.cfg, self.mode = cfg, cfg.mode
         self._eval_ds = self._train_ds = None
-        self._loaded = False
+        self._loaded = self._retrieval = False
 
     def _label_column(self, ds) -> str | None:
         col = self.cfg.data.label_column or "label"
@@ -29,8 +29,14 @@ class Evaluator:
         self._loaded = True
         data, ecfg = self.cfg.data, self.cfg.eval
         ds = load_eval_dataset(data, seed=self.cfg.seed)
-        if ds is None or self._label_column(ds) is None:
+        if ds is None:
             return
+        if self._label_column(ds) is None:
+            # Image-text data without labels (Flickr8k, COCO captions): image<->text retrieval.
+            if self.mode in ("clip", "clip+simclr") and data.caption_column in ds.column_names:
+                self._retrieval = True
+            else:
+                return
         if ecfg.max_samples is not None and ecfg.max_samples < len(ds):
             ds = ds.select(range(ecfg.max_samples))
         self._eval_ds = ds
@@ -73,6 +79,8 @@ class Evaluator:
         was_training = model.training
         model.eval()
         try:
+            if self._retrieval:
+                return self._recall(model)
             if self.mode in ("clip", "clip+simclr"):
                 return self._zero_shot(model)
             return self._knn(model)
@@ -87,6 +95,14 @@ class Evaluator:
                                  batch_size=self.cfg.eval.batch_size, progress=False)
         res = clf.evaluate(ds, image_column=self.cfg.data.image_column, label_column=self._label_column(ds))
         return {"zeroshot_top1": res["top1"], "zeroshot_top5": res["top5"]}
+
+    def _recall(self, model) -> dict:
+        from mmcl.retrieval import evaluate
+
+        res = evaluate(model, self._eval_ds, image_column=self.cfg.data.image_column,
+                       caption_column=self.cfg.data.caption_column, batch_size=self.cfg.eval.batch_size,
+                       progress=False)
+        return {f"retrieval_{k}": v for k, v in res.items() if "R@" in k or k == "mean_recall"}
 
     def _knn(self, model) -> dict:
         from mmcl.eval import embed_images, knn_accuracy
