@@ -7,6 +7,7 @@ import platform
 from pathlib import Path
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
+HEADER = "# Benchmark results\n\nEvery figure below was measured by the script named in its section, on the machine named there.\n"
 
 
 def machine_description() -> str:
@@ -26,8 +27,9 @@ def markdown_table(headers: list[str], rows: list[list[str]]) -> str:
 def append_section(title: str, body: str) -> None:
     """Add `## title` with today's date and this machine to RESULTS.md."""
     stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    text = f"\n## {title}\n\n{stamp} · {machine_description()}\n\n{body.strip()}\n"
+    load = f", load average {os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else ""
+    text = f"\n### {title}, {stamp}\n\n{machine_description()}{load}.\n\n{body.strip()}\n"
     if not RESULTS.exists():
-        RESULTS.write_text("# Benchmark results\n\nEvery figure below was measured by the script named in its section.\n")
+        RESULTS.write_text(HEADER)
     with RESULTS.open("a") as f:
         f.write(text)
