@@ -35,3 +35,14 @@ def test_fit_reports_recall_on_captioned_eval_data(tmp_path):
                         caption_column="captions", progress=False)
     for key in keys:
         assert results[key] == pytest.approx(expected[key.removeprefix("retrieval_")], abs=1e-6), key
+
+
+def test_eval_subsets_are_seeded_random_rows_not_the_first_ones():
+    from mmcl.train.evaluation import _subset
+
+    # Sorted by label, as CIFAR-10's parquet files are: the first 20 rows are all class 0.
+    ds = datasets.Dataset.from_dict({"label": [c for c in range(10) for _ in range(20)]})
+    picked = _subset(ds, 20, seed=0)
+    assert len(picked) == 20 and len(set(picked["label"])) > 3
+    assert picked["label"] == _subset(ds, 20, seed=0)["label"]  # reproducible
+    assert _subset(ds, 500, seed=0) is ds

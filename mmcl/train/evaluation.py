@@ -5,6 +5,12 @@ from __future__ import annotations
 import torch
 
 
+def _subset(ds, n: int, seed: int):
+    """A seeded random subset of n rows: files are often sorted by label (CIFAR-10's parquet is),
+    so the first n rows could be a single class."""
+    return ds if n >= len(ds) else ds.shuffle(seed=seed).select(range(n))
+
+
 class Evaluator:
     """Loads the held-out data once; `__call__(model)` returns a dict of metrics (may be empty).
 
@@ -38,12 +44,12 @@ class Evaluator:
             else:
                 return
         if ecfg.max_samples is not None and ecfg.max_samples < len(ds):
-            ds = ds.select(range(ecfg.max_samples))
+            ds = _subset(ds, ecfg.max_samples, self.cfg.seed)
         self._eval_ds = ds
         if self.mode in ("simclr", "moco"):
             train = load_source(data.source, data.split, seed=self.cfg.seed)
             limit = min(len(train), self.cfg.eval.knn_train_samples or len(train))
-            self._train_ds = train.select(range(limit))
+            self._train_ds = _subset(train, limit, self.cfg.seed)
 
     def class_names(self, ds) -> list[str]:
         if self.cfg.eval.class_names:
