@@ -110,13 +110,11 @@ def _fit(cfg: Config, on_batch, on_step_end) -> dict:
     main = accelerator.is_main_process
 
     set_seed(cfg.seed)  # same initial weights on every rank (DDP also broadcasts rank 0's)
-    model = build_model(cfg)
+    if cfg.model.sync_bn and world > 1 and device.type != "cuda":
+        raise ValueError("model.sync_bn=true needs CUDA GPUs (torch's SyncBatchNorm is GPU-only); "
+                         "on CPU leave it off (MoCo's loss.shuffle_bn works everywhere)")
+    model = build_model(cfg)  # converts to SyncBatchNorm before MoCo copies the key encoder
     objective = build_objective(cfg.mode, cfg.loss, model, t.max_steps)
-    if cfg.model.sync_bn and world > 1:
-        if device.type != "cuda":
-            raise ValueError("model.sync_bn=true needs CUDA GPUs (torch's SyncBatchNorm is GPU-only); "
-                             "on CPU leave it off (MoCo's loss.shuffle_bn works everywhere)")
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     loader = build_dataloader(cfg.data, model.processor, mode=cfg.mode, batch_size=t.batch_size, seed=cfg.seed,
                               **({"device_views": True} if t.device_augment else {}))
     device_augment = None
