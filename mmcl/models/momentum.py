@@ -27,7 +27,10 @@ class MomentumEncoder(nn.Module):
 
     With `final_momentum` and `total_steps`, m follows BYOL's cosine ramp from `momentum` at
     step 0 to `final_momentum` at `total_steps`: m(t) = final − (final − m0)·(cos(π t / T) + 1) / 2.
-    Buffers (e.g. batch-norm statistics) are the key encoder's own, as in MoCo.
+    Buffers (e.g. batch-norm statistics) are the key encoder's own, as in MoCo. The copy keeps
+    the train/eval mode `module` had; MoCo computes keys in train mode (batch statistics), so call
+    `.train()` on it as `mmcl.train` does — a key encoder left in eval mode normalises with frozen
+    statistics and its keys stop matching the queries.
     """
 
     def __init__(self, module: nn.Module, momentum: float = 0.999, final_momentum: float | None = None,
