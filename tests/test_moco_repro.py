@@ -224,7 +224,7 @@ def test_device_augment_views_match_gpu_augment():
 
 
 @pytest.mark.parametrize("override,match", [
-    ("train.device_augment=mocov2", "data.augment=none"),
+    ("data.augment=mocov2", "data.augment=none"),  # the YAML augments on the device
     ("train.device_augment=sharpen", "device_augment must be one of"),
     ("model.bn_splits=3", "divisible by model.bn_splits"),
     ("eval.knn_train_samples=0", "knn_train_samples"),

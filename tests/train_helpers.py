@@ -47,7 +47,7 @@ def recipe_overrides(mode: str, output_dir, tokenizer_dir, **kw) -> list:
     """tiny_overrides that also clear what the recipe YAMLs set for their real towers."""
     return tiny_overrides(mode, output_dir, tokenizer_dir, **kw) + [
         "model.text_tower=null", "model.lock_text=false", "model.cache_text_features=false",
-        "model.image_mean=null", "model.image_std=null"]
+        "model.image_mean=null", "model.image_std=null", "train.device_augment=null"]
 
 
 def run_python(args, timeout=240, env_extra=None):
