@@ -24,15 +24,17 @@ import time
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
-PROVIDERS = ("triton", "naive", "open_clip", "chunked")
+PROVIDERS = ("triton", "triton-gemm", "naive", "open_clip", "chunked")
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", type=int, nargs="+", default=[4096, 16384, 65536, 262144], help="B = N values")
     p.add_argument("--dims", type=int, nargs="+", default=[512, 768], help="feature dims D")
-    p.add_argument("--providers", nargs="+", default=["triton", "naive", "open_clip"], choices=PROVIDERS,
-                   help="also: chunked (mmcl's tiled torch path)")
+    p.add_argument("--providers", nargs="+", default=["triton", "triton-gemm", "naive", "open_clip"],
+                   choices=PROVIDERS, help="triton: clip_loss(impl='triton') with the default backward "
+                   "($MMCL_TRITON_BWD or fused); triton-gemm: the same with BWD_MODE=gemm; "
+                   "also: chunked (mmcl's tiled torch path)")
     p.add_argument("--repeats", type=int, default=5, help="timed repeats per measurement (median reported)")
     p.add_argument("--max-seconds", type=float, default=20.0,
                    help="fewer repeats (at least 1) when one iteration would exceed this budget")
@@ -49,7 +51,7 @@ if ARGS.smoke:
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from mmcl.kernels.similarity_lse import default_block_sizes  # noqa: E402
+from mmcl.kernels.similarity_lse import BWD_MODE_ENV, backward_mode, default_block_sizes  # noqa: E402
 from mmcl.losses import clip_loss  # noqa: E402
 
 
@@ -63,9 +65,24 @@ def naive_clip_loss(img, txt, scale):
     return 0.5 * (F.cross_entropy(logits.float(), labels) + F.cross_entropy(logits.T.float(), labels))
 
 
+def triton_gemm_clip_loss(img, txt, scale):
+    """clip_loss(impl="triton") with the "gemm" backward (the mode is fixed at forward time)."""
+    before = os.environ.get(BWD_MODE_ENV)
+    os.environ[BWD_MODE_ENV] = "gemm"
+    try:
+        return clip_loss(img, txt, scale, impl="triton")
+    finally:
+        if before is None:
+            del os.environ[BWD_MODE_ENV]
+        else:
+            os.environ[BWD_MODE_ENV] = before
+
+
 def make_loss(provider):
     if provider == "triton":
         return lambda img, txt, scale: clip_loss(img, txt, scale, impl="triton")
+    if provider == "triton-gemm":
+        return triton_gemm_clip_loss
     if provider == "naive":
         return naive_clip_loss
     if provider == "chunked":  # mmcl's tiled torch path (fp32 tiles of the logits, cuBLAS matmuls)
@@ -78,6 +95,8 @@ def make_loss(provider):
 
 def matmul_passes(provider, dim, dtype, interpreted):
     """(forward, backward) matmul passes of size 2·B·N·D each implementation performs."""
+    if provider == "triton-gemm" or (provider == "triton" and backward_mode() == "gemm"):
+        return 1, 4  # backward per side: S once (Triton, writes G), G·K or Gᵀ·Q (cuBLAS)
     if provider == "triton":
         # forward: one pass (column lse's fused in). backward: per side (dQ, dK) one
         # recomputation of S per D slice plus the G·K (or Gᵀ·Q) product.
@@ -171,19 +190,20 @@ def is_oom(exc: BaseException) -> bool:
     return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
 
 
-def check_correctness(D, dtype, device, n=None) -> float:
-    """Largest relative error of the Triton loss and its gradients against float64, at a small
-    size: timings of a wrong kernel are worth nothing, so the run stops when it is off."""
+def check_correctness(D, dtype, device, provider="triton", n=None) -> float:
+    """Largest relative error of a Triton provider's loss and gradients against float64, at a
+    small size: timings of a wrong kernel are worth nothing, so the run stops when it is off."""
     n = n or (97 if device.type == "cpu" else 1031)
     gen = torch.Generator(device=device).manual_seed(1)
     feats = [F.normalize(torch.randn(n, D, device=device, generator=gen), dim=-1).to(dtype) for _ in range(2)]
     errors = []
     results = []
+    kernel_loss = make_loss(provider)
     for impl, cast in (("triton", lambda t: t), ("naive", lambda t: t.double())):
         img, txt = (cast(f).detach().requires_grad_() for f in feats)
         scale = torch.tensor(1 / 0.07, device=device, dtype=img.dtype if impl == "naive" else torch.float32,
                              requires_grad=True)
-        loss = clip_loss(img, txt, scale, impl=impl)
+        loss = kernel_loss(img, txt, scale) if impl == "triton" else clip_loss(img, txt, scale, impl="naive")
         results.append([loss, *torch.autograd.grad(loss, (img, txt, scale))])
     for got, ref in zip(*results):
         errors.append(((got.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-12)).item())
@@ -198,10 +218,12 @@ def run(args) -> list[str]:
         device, dtype = torch.device("cuda"), torch.bfloat16
         sizes, dims = args.sizes, args.dims
     for D in dims:
-        err = check_correctness(D, dtype, device)
-        print(f"correctness at D={D}: max relative error of loss and gradients vs float64 = {err:.2e}", flush=True)
-        if not err < 2e-2:  # bf16 gradients carry ~4e-3 relative rounding
-            raise SystemExit(f"the Triton loss is off by {err:.2e} at D={D}: not benchmarking a wrong kernel")
+        for provider in [p for p in args.providers if p.startswith("triton")]:
+            err = check_correctness(D, dtype, device, provider)
+            print(f"correctness of {provider} at D={D}: max relative error of loss and gradients vs float64 "
+                  f"= {err:.2e}", flush=True)
+            if not err < 2e-2:  # bf16 gradients carry ~4e-3 relative rounding
+                raise SystemExit(f"{provider} is off by {err:.2e} at D={D}: not benchmarking a wrong kernel")
     clock = Clock(device)
     header = ("| B=N | D | impl | fwd ms | bwd ms | full ms | extra MiB | extra / (in+grad) | passes | "
               "TFLOP/s | % of matmul |")

@@ -18,7 +18,7 @@ import torch
 
 _PTR_TYPES = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32"}
 # Pointer arguments that carry the features (their dtype); every other pointer is fp32.
-_FEATURE_PTRS = {"a_ptr", "b_ptr", "da_ptr", "db_ptr"}
+_FEATURE_PTRS = {"a_ptr", "b_ptr", "da_ptr", "db_ptr", "g_out_ptr"}
 # Feature-dim strides of contiguous inputs: Triton specialises an int argument equal to 1.
 _UNIT_STRIDES = {"stride_ad", "stride_bd", "stride_dd"}
 
@@ -89,6 +89,13 @@ def compile_for_target(arch: int = 90, dtypes=(torch.bfloat16, torch.float16, to
                          BLOCK_DOUT=cfg["BLOCK_DOUT"], FLATTEN=cfg["BWD_FLATTEN"], **common)
             info = _compile(sl._lse_bwd_kernel, dtype, flags, cfg["num_warps"], cfg["num_stages"], arch)
             results.append({"kernel": "backward", "dtype": str(dtype), "terms": terms, **info})
+        # BWD_MODE="gemm": (HAS_A_TERM, HAS_B_TERM, WRITE_G, WRITE_DSCALE) in the same four roles.
+        for terms in ((True, True, True, True), (True, False, True, True), (False, True, True, False),
+                      (True, False, False, True)):
+            flags = dict(MASK_DIAGONAL=True, HAS_A_TERM=terms[0], HAS_B_TERM=terms[1], WRITE_G=terms[2],
+                         WRITE_DSCALE=terms[3], BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], **common)
+            info = _compile(sl._grad_tile_kernel, dtype, flags, cfg["num_warps"], cfg["num_stages"], arch)
+            results.append({"kernel": "grad_tile", "dtype": str(dtype), "terms": terms, **info})
         # The positive logits' kernels stream rows (no dot to pipeline), launched with defaults.
         blocks = dict(BLOCK_M=rd.BLOCK_ROWS, BLOCK_D=rd.BLOCK_D)
         info = _compile(rd._row_dot_fwd_kernel, dtype, blocks, 4, 3, arch)

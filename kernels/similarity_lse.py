@@ -18,25 +18,48 @@ Backward follows flash-attention: with the upstream gradients g_row (B,) and g_c
     dQ = s G K,   dK = s G^T Q,   d s = sum_ij G_ij (q_i . k_j)
 
 and every tile of S (hence of G) is recomputed from Q, K and the saved logsumexps. dQ and dK
-are one kernel with swapped roles. A (BLOCK_M, D) fp32 accumulator does not fit in registers
-for D up to 1024, so the output columns are split across the grid (BLOCK_DOUT = 512 per program
-for 16-bit inputs): each program recomputes its S tiles and accumulates one D slice of dQ.
-Matmul passes of 2·B·N·D for CLIP: 1 forward, 2 * (slices + 1) backward (6 at D = 768).
+are computed with swapped roles, in one of two backward modes (BWD_MODES):
 
-Memory: O((B + N) * D) for inputs and gradients plus O(B + N) for the logsumexps.
+- "fused" (the default): dQ accumulates inside the kernel. A (BLOCK_M, D) fp32 accumulator does
+  not fit in registers for D up to 1024, so the output columns are split across the grid
+  (BLOCK_DOUT = 512 per program for 16-bit inputs): each program recomputes its S tiles and
+  accumulates one D slice of dQ. Matmul passes of 2·B·N·D for CLIP: 1 forward, 2 * (slices + 1)
+  backward (6 at D = 768), all in Triton.
+- "gemm": the kernel recomputes S once per tile and writes s·G, in the inputs' dtype, for a chunk
+  of rows at a time (a (rows, N) buffer no bigger than the other operand); cuBLAS multiplies the
+  chunk by K. Passes for CLIP: 1 forward, 4 backward (2 in Triton, 2 in cuBLAS), whatever D.
+
+Choose with block_sizes={"BWD_MODE": ...} per call or $MMCL_TRITON_BWD for every call.
+
+Memory: O((B + N) * D) for inputs and gradients plus O(B + N) for the logsumexps ("gemm": plus
+the G chunk, at most max(512, D) * N elements).
 """
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
 from torch.autograd.function import once_differentiable
 import triton
 import triton.language as tl
 
-__all__ = ["similarity_lse_triton", "SUPPORTED_DTYPES"]
+__all__ = ["similarity_lse_triton", "backward_mode", "SUPPORTED_DTYPES", "BWD_MODES"]
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# "fused": dQ and dK accumulate inside the kernel (no buffer beyond O((B + N) D)).
+# "gemm": the kernel writes row chunks of G, cuBLAS multiplies them (a bounded (rows, N) buffer).
+BWD_MODES = ("fused", "gemm")
+# The backward mode of every call that does not set BWD_MODE in block_sizes (e.g. clip_loss).
+BWD_MODE_ENV = "MMCL_TRITON_BWD"
+
+
+def backward_mode() -> str:
+    """The default backward mode: $MMCL_TRITON_BWD if set, else "fused"."""
+    mode = os.environ.get(BWD_MODE_ENV, "").strip() or "fused"
+    if mode not in BWD_MODES:
+        raise ValueError(f"{BWD_MODE_ENV} must be one of {BWD_MODES}, got {mode!r}")
+    return mode
 # exp(x) = exp2(x * log2 e): exp2 is the fast hardware instruction. A constexpr, since compiled
 # kernels may only read globals of that kind.
 LOG2E = tl.constexpr(1.4426950408889634)
@@ -182,6 +205,55 @@ def _lse_bwd_kernel(a_ptr, b_ptr, scale_ptr, gmax_ptr, lse_a_ptr, g_a_ptr, lse_b
         tl.store(dscale_ptr + pid_m, tl.sum(ds_acc, axis=0) * gmax, mask=pid_d == 0)
 
 
+@triton.jit
+def _grad_tile_kernel(a_ptr, b_ptr, scale_ptr, lse_a_ptr, g_a_ptr, lse_b_ptr, g_b_ptr, g_out_ptr, ds_ptr,
+                      M, N, D, row_offset, stride_am, stride_ad, stride_bn, stride_bd, stride_gm,
+                      MASK_DIAGONAL: tl.constexpr, HAS_A_TERM: tl.constexpr, HAS_B_TERM: tl.constexpr,
+                      WRITE_G: tl.constexpr, WRITE_DSCALE: tl.constexpr, PRECISION: tl.constexpr,
+                      DOT_FP32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                      BLOCK_D: tl.constexpr):
+    """One (BLOCK_M, BLOCK_N) tile of scale * G for the "gemm" backward, stored in G's dtype.
+
+    G_ij = g_a_i exp(S_ij - lse_a_i) + g_b_j exp(S_ij - lse_b_j) as in `_lse_bwd_kernel` (the g's
+    divided by a power of two beforehand); the caller multiplies G by B with cuBLAS. The grid
+    runs the row tiles fastest, so the programs in flight share one column tile of B (read once
+    per row chunk) while the chunk's rows of A stay in L2. `row_offset` is the global index of
+    A's row 0, for the diagonal. WRITE_G stores the tile; with WRITE_DSCALE the tile's sum of
+    G_ij * (a_i . b_j) goes to ds[pid].
+    """
+    pid = tl.program_id(0)
+    n_row_tiles = tl.cdiv(M, BLOCK_M)
+    pid_m = pid % n_row_tiles
+    pid_n = pid // n_row_tiles
+    rows = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    cols = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    row_ok = rows < M
+    col_ok = cols < N
+    scale = tl.load(scale_ptr).to(tl.float32)
+    dots = _tile_dots(a_ptr, b_ptr, rows, cols, row_ok, col_ok, D, stride_am, stride_ad,
+                      stride_bn, stride_bd, PRECISION, DOT_FP32, BLOCK_M, BLOCK_N, BLOCK_D)
+    keep = row_ok[:, None] & col_ok[None, :]
+    if MASK_DIAGONAL:
+        keep = keep & ((rows + row_offset)[:, None] != cols[None, :])
+    logits = tl.where(keep, dots * scale, float("-inf"))
+    g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    if HAS_A_TERM:
+        lse_a = tl.load(lse_a_ptr + rows, mask=row_ok, other=float("inf"))
+        lse_a = tl.where(lse_a == float("-inf"), float("inf"), lse_a)
+        g_a = tl.load(g_a_ptr + rows, mask=row_ok, other=0.0)
+        g += tl.exp2((logits - lse_a[:, None]) * LOG2E) * g_a[:, None]
+    if HAS_B_TERM:
+        lse_b = tl.load(lse_b_ptr + cols, mask=col_ok, other=float("inf"))
+        lse_b = tl.where(lse_b == float("-inf"), float("inf"), lse_b)
+        g_b = tl.load(g_b_ptr + cols, mask=col_ok, other=0.0)
+        g += tl.exp2((logits - lse_b[None, :]) * LOG2E) * g_b[None, :]
+    if WRITE_DSCALE:
+        tl.store(ds_ptr + pid, tl.sum(tl.sum(g * dots, axis=1), axis=0))
+    if WRITE_G:
+        tl.store(g_out_ptr + rows[:, None] * stride_gm + cols[None, :],
+                 (g * scale).to(g_out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+
 # --------------------------------------------------------------------------- launchers
 
 
@@ -201,26 +273,28 @@ def _next_pow2(x: int) -> int:
 def default_block_sizes(dim: int, dtype: torch.dtype, interpreted: bool) -> dict:
     """Tile sizes for feature dim `dim`: tensor-core sized tiles on GPUs, small ones in the interpreter.
 
-    BLOCK_DOUT is the D slice of dQ/dK one backward program owns (its fp32 accumulator lives in
-    registers); larger D is split across the grid and costs one recomputation of S per slice.
+    BLOCK_DOUT is the D slice of dQ/dK one "fused" backward program owns (its fp32 accumulator
+    lives in registers); larger D is split across the grid and costs one recomputation of S per
+    slice. The "gemm" backward uses the forward's tiles and BWD_GEMM_ROWS rows of G per launch
+    (None: max(512, dim)). BWD_MODE is not a tile size: see `backward_mode`.
     """
     if interpreted:
         # The interpreter's cost is per operation, not per element: fewer, larger D chunks.
         return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_D=64, BLOCK_DOUT=min(512, max(16, _next_pow2(dim))),
                     BWD_BLOCK_M=32, BWD_BLOCK_N=32, BWD_FLATTEN=False, FWD_COL_BLOCKS=None,
-                    num_warps=4, num_stages=1)
+                    BWD_GEMM_ROWS=None, num_warps=4, num_stages=1)
     if dtype == torch.float32:
         # fp32 tiles take twice the bytes and, without TF32, the dot runs on FMAs: smaller
         # tiles keep it free of register spills (checked with kernels/aot.py for sm_90).
         return dict(BLOCK_M=128, BLOCK_N=64, BLOCK_D=32, BLOCK_DOUT=min(256, max(16, _next_pow2(dim))),
                     BWD_BLOCK_M=64, BWD_BLOCK_N=32, BWD_FLATTEN=True, FWD_COL_BLOCKS=None,
-                    num_warps=8, num_stages=2)
+                    BWD_GEMM_ROWS=None, num_warps=8, num_stages=2)
     # A D slice of 512 recomputes S less often than 256 (D = 512: once instead of twice;
     # D = 768: twice instead of 3 times, the second slice a third empty); with 32-column tiles
     # its (64, 512) fp32 accumulator fits the registers without spills.
     return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_D=64, BLOCK_DOUT=min(512, max(16, _next_pow2(dim))),
                 BWD_BLOCK_M=64, BWD_BLOCK_N=32, BWD_FLATTEN=True, FWD_COL_BLOCKS=None,
-                num_warps=8, num_stages=3)
+                BWD_GEMM_ROWS=None, num_warps=8, num_stages=3)
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -298,6 +372,55 @@ def _backward_side(a, b, scale32, gmax, lse_a, g_a, lse_b, g_b, mask_diagonal, w
     return da, ds
 
 
+def _gemm_chunk_rows(M: int, N: int, dim: int, cfg: dict) -> int:
+    """Rows of G per launch of the "gemm" backward: a (rows, N) buffer no bigger than the other
+    operand (N, D) itself, at least 512 rows so that the cuBLAS products stay efficient."""
+    rows = cfg.get("BWD_GEMM_ROWS") or max(512, dim)
+    bm = cfg["BLOCK_M"]
+    return min(triton.cdiv(rows, bm) * bm, triton.cdiv(M, bm) * bm)
+
+
+def _backward_side_gemm(a, b, scale32, gnorm, lse_a, g_a, lse_b, g_b, mask_diagonal, write_da, write_ds, cfg):
+    """The same as `_backward_side`, with dA = (scale G) B done by cuBLAS on row chunks of G.
+
+    G is recomputed chunk by chunk into one (rows, N) buffer of A's dtype, so the kernel does
+    one pass of S per side and the product with B runs at the library matmul's rate. `gnorm`
+    is a power of two, so dA * gnorm rescales exactly.
+    """
+    (M, D), N = a.shape, b.shape[0]
+    bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
+    chunk = _gemm_chunk_rows(M, N, D, cfg)
+    dummy = lse_a if lse_a is not None else lse_b
+    g_buf = torch.empty((chunk, N), dtype=a.dtype, device=a.device) if write_da else dummy
+    da = torch.empty(a.shape, dtype=a.dtype, device=a.device) if write_da else None
+    ds_parts = []
+    with _on_device(a):
+        for r0 in range(0, M, chunk):
+            rows = min(chunk, M - r0)
+            n_tiles = triton.cdiv(rows, bm) * triton.cdiv(N, bn)
+            ds = torch.empty(n_tiles, dtype=torch.float32, device=a.device) if write_ds else dummy
+            a_chunk = a[r0:r0 + rows]
+            _grad_tile_kernel[(n_tiles,)](
+                a_chunk, b, scale32,
+                lse_a[r0:] if lse_a is not None else dummy, g_a[r0:] if g_a is not None else dummy,
+                lse_b if lse_b is not None else dummy, g_b if g_b is not None else dummy,
+                g_buf, ds, rows, N, D, r0, a_chunk.stride(0), a_chunk.stride(1), b.stride(0), b.stride(1),
+                g_buf.stride(0) if write_da else 0,
+                MASK_DIAGONAL=mask_diagonal, HAS_A_TERM=lse_a is not None, HAS_B_TERM=lse_b is not None,
+                WRITE_G=write_da, WRITE_DSCALE=write_ds, PRECISION=_precision(a.dtype), DOT_FP32=_dot_fp32(a.dtype),
+                BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"],
+                num_stages=cfg["num_stages"],
+            )
+            if write_ds:
+                ds_parts.append(ds)
+            if write_da:
+                torch.mm(g_buf[:rows], b, out=da[r0:r0 + rows])
+    if write_da:
+        da.mul_(gnorm)  # gnorm has shape (1,), so the product is formed in fp32, then rounded once
+    ds_total = torch.cat(ds_parts) * gnorm if write_ds else None
+    return da, ds_total
+
+
 class _SimilarityLSETriton(torch.autograd.Function):
     @staticmethod
     def forward(ctx, query, key, scale, mask_diagonal, columns, cfg):
@@ -322,21 +445,24 @@ class _SimilarityLSETriton(torch.autograd.Function):
         # that G = g * P stays O(1): mean-reduced losses give g ~ 1/B, which would fall into
         # fp16's subnormal range at large B before the cast for the tensor-core dot.
         gmax = torch.stack([g.detach().abs().max().float() for g in grads]).max()
-        gmax = gmax.clamp_min(torch.finfo(torch.float32).tiny).reshape(1)
+        gmax = gmax.clamp_min(torch.finfo(torch.float32).tiny)
+        # A power of two at or above the largest |g|: rescaling by it is exact in every dtype.
+        gmax = torch.exp2(torch.ceil(torch.log2(gmax))).reshape(1)
         g_row = (grad_row.float() / gmax).contiguous() if grad_row is not None else None
         g_col = (grad_col.float() / gmax).contiguous() if grad_col is not None else None
         lse_row = row_lse if g_row is not None else None
         lse_col = col_lse if g_col is not None else None
 
+        side = _backward_side_gemm if cfg["BWD_MODE"] == "gemm" else _backward_side
         grad_q = grad_k = grad_s = None
         if need_q or need_s:
-            grad_q, ds = _backward_side(query, key, scale32, gmax, lse_row, g_row, lse_col, g_col,
-                                        mask_diagonal, need_q, need_s, cfg)
+            grad_q, ds = side(query, key, scale32, gmax, lse_row, g_row, lse_col, g_col,
+                              mask_diagonal, need_q, need_s, cfg)
             if need_s:
                 grad_s = ds.sum().reshape(scale_shape).to(scale_dtype)
         if need_k:
-            grad_k, _ = _backward_side(key, query, scale32, gmax, lse_col, g_col, lse_row, g_row,
-                                       mask_diagonal, True, False, cfg)
+            grad_k, _ = side(key, query, scale32, gmax, lse_col, g_col, lse_row, g_row,
+                             mask_diagonal, True, False, cfg)
         return grad_q, grad_k, grad_s, None, None, None
 
 
@@ -387,7 +513,8 @@ def similarity_lse_triton(query: torch.Tensor, key: torch.Tensor, scale: torch.T
         scale: 0-dim (or one-element) floating tensor on the same device, may require grad.
         mask_diagonal: leave out logits with row index == column index (self-similarities).
         columns: also return the column logsumexps (for CLIP's text->image half).
-        block_sizes: optional overrides of `default_block_sizes` (tests, tuning).
+        block_sizes: optional overrides of `default_block_sizes` (tests, tuning), and
+            BWD_MODE ("fused" | "gemm"; default `backward_mode()`, i.e. $MMCL_TRITON_BWD or "fused").
 
     Returns:
         row_lse (B,) float32, and col_lse (N,) float32 if `columns`; differentiable in query,
@@ -398,6 +525,7 @@ def similarity_lse_triton(query: torch.Tensor, key: torch.Tensor, scale: torch.T
         common = torch.promote_types(query.dtype, key.dtype)
         query, key = query.to(common), key.to(common)
     cfg = default_block_sizes(query.shape[1], query.dtype, _interpreted())
+    cfg["BWD_MODE"] = backward_mode()
     if block_sizes:
         unknown = set(block_sizes) - set(cfg)
         if unknown:
@@ -407,6 +535,9 @@ def similarity_lse_triton(query: torch.Tensor, key: torch.Tensor, scale: torch.T
         bad = {k: v for k, v in tiles.items() if not (isinstance(v, int) and v >= 16 and v & (v - 1) == 0)}
         if bad:
             raise ValueError(f"block sizes must be powers of two >= 16 (tl.arange, tl.dot), got {bad}")
-        if cfg["FWD_COL_BLOCKS"] is not None and not (isinstance(cfg["FWD_COL_BLOCKS"], int) and cfg["FWD_COL_BLOCKS"] > 0):
-            raise ValueError(f"FWD_COL_BLOCKS must be a positive int or None, got {cfg['FWD_COL_BLOCKS']!r}")
+        for name in ("FWD_COL_BLOCKS", "BWD_GEMM_ROWS"):
+            if cfg[name] is not None and not (isinstance(cfg[name], int) and cfg[name] > 0):
+                raise ValueError(f"{name} must be a positive int or None, got {cfg[name]!r}")
+        if cfg["BWD_MODE"] not in BWD_MODES:
+            raise ValueError(f"BWD_MODE must be one of {BWD_MODES}, got {cfg['BWD_MODE']!r}")
     return _SimilarityLSETriton.apply(query, key, scale, bool(mask_diagonal), bool(columns), cfg)

@@ -6,6 +6,8 @@ On CPU the kernels run under TRITON_INTERPRET=1 (set by conftest before triton i
 on a CUDA machine the same comparisons run compiled, plus bf16 checks at larger sizes.
 """
 
+import importlib
+
 import numpy as np
 import pytest
 import torch
@@ -101,8 +103,18 @@ def _compare_fp32(B, N, D, *, mask_diagonal=False, columns=False, key_grad=True,
     (131, 37, 32, False, True),      # more rows than columns
     (33, 70, 768, False, True),      # D=768: 12 D chunks; dQ/dK in 2 D slices of 512, the second 1/2 masked
 ])
-def test_kernel_matches_float64_reference(B, N, D, mask_diagonal, columns):
-    _compare_fp32(B, N, D, mask_diagonal=mask_diagonal, columns=columns)
+@pytest.mark.parametrize("bwd_mode", ["fused", "gemm"])
+def test_kernel_matches_float64_reference(B, N, D, mask_diagonal, columns, bwd_mode):
+    _compare_fp32(B, N, D, mask_diagonal=mask_diagonal, columns=columns, block_sizes=dict(BWD_MODE=bwd_mode))
+
+
+@pytest.mark.parametrize("B,N,mask_diagonal,columns", [(131, 131, True, True), (100, 37, False, True),
+                                                        (37, 100, True, False)])
+def test_gemm_backward_over_several_row_chunks(B, N, mask_diagonal, columns):
+    """BWD_MODE="gemm" computes G in row chunks (of 32 rows here): chunk boundaries, the last
+    partial chunk, the diagonal's global offset and the d scale partials of every chunk count."""
+    _compare_fp32(B, N, 48, mask_diagonal=mask_diagonal, columns=columns,
+                  block_sizes=dict(BWD_MODE="gemm", BWD_GEMM_ROWS=32))
 
 
 def test_kernel_with_ragged_d_tiles():
@@ -120,14 +132,17 @@ def test_column_lse_over_several_row_chunks(B, N, mask_diagonal):
     _compare_fp32(B, N, 32, mask_diagonal=mask_diagonal, columns=True, block_sizes=dict(FWD_COL_BLOCKS=1))
 
 
-def test_queue_without_gradient():
+@pytest.mark.parametrize("bwd_mode", ["fused", "gemm"])
+def test_queue_without_gradient(bwd_mode):
     """MoCo: 517 queue rows as keys, detached; the query and the scale still get gradients."""
-    grads = _compare_fp32(16, 517, 32, key_grad=False)
+    grads = _compare_fp32(16, 517, 32, key_grad=False, block_sizes=dict(BWD_MODE=bwd_mode))
     assert "k" not in grads
 
 
-def test_scale_gradient_without_query_gradient():
-    grads = _compare_fp32(37, 40, 32, columns=True, query_grad=False, key_grad=False)
+@pytest.mark.parametrize("bwd_mode", ["fused", "gemm"])
+def test_scale_gradient_without_query_gradient(bwd_mode):
+    grads = _compare_fp32(37, 40, 32, columns=True, query_grad=False, key_grad=False,
+                          block_sizes=dict(BWD_MODE=bwd_mode))
     assert set(grads) == {"s"}
 
 
@@ -145,15 +160,17 @@ def test_only_column_output_used():
         _assert_close(a, b, f"d{name}", atol=5e-5, rtol=1e-4)
 
 
-def test_non_contiguous_inputs():
+@pytest.mark.parametrize("bwd_mode", ["fused", "gemm"])
+def test_non_contiguous_inputs(bwd_mode):
     # Every other feature of a wider tensor (stride 2), and a transposed (column-major) view.
     def strided(x):
         wide = torch.zeros(x.shape[0], 2 * x.shape[1], device=x.device)
         wide[:, ::2] = x
         return wide[:, ::2]
 
-    _compare_fp32(37, 45, 48, columns=True, transform=strided)
-    _compare_fp32(37, 45, 48, columns=True, transform=lambda x: x.T.contiguous().T)
+    modes = dict(BWD_MODE=bwd_mode, BWD_GEMM_ROWS=32)
+    _compare_fp32(37, 45, 48, columns=True, transform=strided, block_sizes=modes)
+    _compare_fp32(37, 45, 48, columns=True, transform=lambda x: x.T.contiguous().T, block_sizes=modes)
 
 
 def test_large_scale_and_unnormalised_features():
@@ -162,10 +179,11 @@ def test_large_scale_and_unnormalised_features():
     _low_precision_check(20, 70, 32, torch.float32, False, True, atol=1e-5, scale=100.0, magnitude=2.0)
 
 
-def test_fully_masked_row_is_minus_infinity_with_zero_gradient():
+@pytest.mark.parametrize("bwd_mode", ["fused", "gemm"])
+def test_fully_masked_row_is_minus_infinity_with_zero_gradient(bwd_mode):
     x = _features(1, 32).requires_grad_()
     s = torch.tensor(5.0, device=DEVICE, requires_grad=True)
-    row = similarity_lse_triton(x, x, s, mask_diagonal=True)
+    row = similarity_lse_triton(x, x, s, mask_diagonal=True, block_sizes=dict(BWD_MODE=bwd_mode))
     assert row.item() == float("-inf")
     gx, gs = torch.autograd.grad(row.sum(), (x, s))
     assert torch.all(gx == 0) and gs.item() == 0
@@ -188,12 +206,13 @@ def test_mixed_dtypes_promote():
 # --------------------------------------------------------------------------- fp16 / bf16
 
 
-def _low_precision_check(B, N, D, dtype, mask_diagonal, columns, atol, scale=14.3, magnitude=1.0):
+def _low_precision_check(B, N, D, dtype, mask_diagonal, columns, atol, scale=14.3, magnitude=1.0,
+                         block_sizes=None):
     """flash-attention's rule: |kernel - ref64| <= 2 |torch at dtype - ref64| + atol."""
     query, key = (magnitude * _features(B, D, dtype)), (magnitude * _features(N, D, dtype))
     s = torch.tensor(scale, device=DEVICE)
     kw = dict(mask_diagonal=mask_diagonal, columns=columns)
-    outs, grads = _run(similarity_lse_triton, query, key, s, **kw)
+    outs, grads = _run(similarity_lse_triton, query, key, s, block_sizes=block_sizes, **kw)
     ref_outs, ref_grads = _run(lse_reference, query.double(), key.double(), s.double(), **kw)
     tq_outs, tq_grads = _run(lse_reference, query, key, s.to(dtype), **kw)  # torch, same precision
     assert all(o.dtype == torch.float32 for o in outs)
@@ -206,13 +225,16 @@ def _low_precision_check(B, N, D, dtype, mask_diagonal, columns, atol, scale=14.
         assert err <= 2 * torch_err + atol, f"{name}: kernel error {err:.3e} vs torch {dtype} error {torch_err:.3e}"
 
 
+@pytest.mark.parametrize("bwd_mode", ["fused", "gemm"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("B,N,D,mask_diagonal,columns", [(37, 131, 48, False, True), (70, 70, 32, True, False)])
-def test_low_precision_inputs(dtype, B, N, D, mask_diagonal, columns):
-    _low_precision_check(B, N, D, dtype, mask_diagonal, columns, atol=1e-3)
+def test_low_precision_inputs(dtype, B, N, D, mask_diagonal, columns, bwd_mode):
+    _low_precision_check(B, N, D, dtype, mask_diagonal, columns, atol=1e-3,
+                         block_sizes=dict(BWD_MODE=bwd_mode, BWD_GEMM_ROWS=32))
 
 
-def test_fp16_small_upstream_gradients_keep_precision():
+@pytest.mark.parametrize("bwd_mode", ["fused", "gemm"])
+def test_fp16_small_upstream_gradients_keep_precision(bwd_mode):
     """A mean over ~1e5 rows hands the kernel gradients ~1e-5; times P ~ 1/N that is below
     fp16's normal range, so G is rescaled before its cast for the tensor-core dot. Without the
     rescaling this error is ~20x larger (1.4% here)."""
@@ -222,7 +244,8 @@ def test_fp16_small_upstream_gradients_keep_precision():
     q64 = q.double().requires_grad_()
     (ref,) = torch.autograd.grad((lse_reference(q64, k.double(), s.double()) * w).sum(), q64)
     qh = q.half().requires_grad_()
-    (got,) = torch.autograd.grad((similarity_lse_triton(qh, k.half(), s).double() * w).sum(), qh)
+    got_lse = similarity_lse_triton(qh, k.half(), s, block_sizes=dict(BWD_MODE=bwd_mode))
+    (got,) = torch.autograd.grad((got_lse.double() * w).sum(), qh)
     rel = ((got.double() - ref).abs().max() / ref.abs().max()).item()
     assert rel < 3e-3, f"dq relative error {rel:.2e}"
 
@@ -281,6 +304,10 @@ def test_bad_inputs_raise_clear_errors():
         similarity_lse_triton(q, k, s, block_sizes={"BLOCK_D": 24})
     with pytest.raises(ValueError, match="FWD_COL_BLOCKS"):
         similarity_lse_triton(q, k, s, block_sizes={"FWD_COL_BLOCKS": 0})
+    with pytest.raises(ValueError, match="BWD_GEMM_ROWS"):
+        similarity_lse_triton(q, k, s, block_sizes={"BWD_GEMM_ROWS": -4})
+    with pytest.raises(ValueError, match="BWD_MODE"):
+        similarity_lse_triton(q, k, s, block_sizes={"BWD_MODE": "atomic"})
 
 
 # --------------------------------------------------------------------------- losses end to end
@@ -313,6 +340,20 @@ def test_clip_loss_triton(B):
     _loss_pair(clip_loss, [_leaf(B, 48), _leaf(B, 48), _temperature(1 / 0.07)])
 
 
+def test_backward_mode_from_environment(monkeypatch):
+    """$MMCL_TRITON_BWD picks the backward of calls that do not name one (the losses' calls)."""
+    sl = importlib.import_module("mmcl.kernels.similarity_lse")  # the package attribute is a function
+    calls = []
+    real = sl._backward_side_gemm
+    monkeypatch.setattr(sl, "_backward_side_gemm", lambda *a, **kw: calls.append(a[0].shape) or real(*a, **kw))
+    monkeypatch.setenv("MMCL_TRITON_BWD", "gemm")
+    _loss_pair(clip_loss, [_leaf(37, 48), _leaf(37, 48), _temperature(1 / 0.07)])
+    assert calls == [(37, 48), (37, 48)]  # the image side and the text side
+    monkeypatch.setenv("MMCL_TRITON_BWD", "fast")
+    with pytest.raises(ValueError, match="MMCL_TRITON_BWD must be one of"):
+        clip_loss(_features(4, 8), _features(4, 8), 10.0, impl="triton")
+
+
 @pytest.mark.parametrize("queue_size", [None, 517])
 def test_info_nce_triton(queue_size):
     tensors = [_leaf(37, 32), _leaf(37, 32), _temperature(0.2)]
@@ -339,26 +380,37 @@ def test_supcon_loss_triton():
     (1000, 1000, 768, False, True), (4099, 517, 512, False, False), (2047, 2047, 1024, True, False),
     (257, 8191, 48, False, True),
 ])
-def test_cuda_bf16_flash_rule(B, N, D, mask_diagonal, columns):
-    _low_precision_check(B, N, D, torch.bfloat16, mask_diagonal, columns, atol=2e-3)
+@pytest.mark.parametrize("bwd_mode", ["fused", "gemm"])
+def test_cuda_bf16_flash_rule(B, N, D, mask_diagonal, columns, bwd_mode):
+    _low_precision_check(B, N, D, torch.bfloat16, mask_diagonal, columns, atol=2e-3,
+                         block_sizes=dict(BWD_MODE=bwd_mode))
 
 
 @requires_cuda
-def test_cuda_fp16_flash_rule_large_batch():
+@pytest.mark.parametrize("bwd_mode", ["fused", "gemm"])
+def test_cuda_fp16_flash_rule_large_batch(bwd_mode):
     # g ~ 1/B: the backward's gradient normalisation keeps G out of fp16's subnormals.
-    _low_precision_check(8192, 8192, 256, torch.float16, False, True, atol=1e-3)
+    _low_precision_check(8192, 8192, 256, torch.float16, False, True, atol=1e-3, block_sizes=dict(BWD_MODE=bwd_mode))
 
 
 @requires_cuda
-def test_cuda_memory_is_linear_in_the_batch():
-    """fwd+bwd of the symmetric loss holds no (B, N) buffer: peak stays within 2x (inputs + grads)."""
+@pytest.mark.parametrize("bwd_mode", [None, "fused", "gemm"])
+def test_cuda_memory_is_linear_in_the_batch(bwd_mode):
+    """fwd+bwd of the symmetric loss holds no (B, N) buffer: peak stays within 2x (inputs + grads).
+    None is clip_loss(impl="triton") itself; the modes compose the same loss from the kernels."""
     B, D = 16384, 512
     img = _features(B, D, torch.bfloat16).requires_grad_()
     txt = _features(B, D, torch.bfloat16).requires_grad_()
+    scale = torch.tensor(14.3, device=DEVICE)
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
-    loss = clip_loss(img, txt, torch.tensor(14.3, device=DEVICE), impl="triton")
+    if bwd_mode is None:
+        loss = clip_loss(img, txt, scale, impl="triton")
+    else:
+        rows, cols = similarity_lse_triton(img, txt, scale, columns=True, block_sizes=dict(BWD_MODE=bwd_mode))
+        positives = scale * row_dot_triton(img, txt)
+        loss = 0.5 * ((rows - positives).mean() + (cols - positives).mean())
     loss.backward()
     torch.cuda.synchronize()
     extra = torch.cuda.max_memory_allocated() - base
