@@ -99,10 +99,11 @@ def test_bench_script_smoke_mode(tmp_path):
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "bench_kernels.py"), "--smoke", "--repeats", "1"],
                           capture_output=True, text=True, timeout=300, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    assert "correctness at D=32: max relative error" in proc.stdout, proc.stdout
+    for provider in ("triton", "triton-gemm"):
+        assert f"correctness of {provider} at D=32: max relative error" in proc.stdout, proc.stdout
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| 64 ") or line.startswith("| 97 ")]
     providers = sorted(r.split("|")[3].strip() for r in rows)
-    assert providers == sorted(["triton", "naive", "open_clip"] * 2), f"rows {rows}\n{proc.stdout}"
+    assert providers == sorted(["triton", "triton-gemm", "naive", "open_clip"] * 2), f"rows {rows}\n{proc.stdout}"
     full_ms = [float(r.split("|")[6]) for r in rows]
     assert all(t > 0 for t in full_ms), f"full fwd+bwd times {full_ms}"
     after = open(results).read() if os.path.exists(results) else None
