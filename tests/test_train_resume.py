@@ -50,6 +50,39 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path):
     assert all(la[s] == lb[s] for s in (5, 6, 7))
 
 
+def test_max_minutes_stops_with_a_checkpoint_that_resumes_exactly(tmp_path, monkeypatch):
+    """train.max_minutes ends training early (checkpoint, final eval, final model); resuming from
+    that checkpoint without the limit ends exactly where an uninterrupted run ends. The loop's
+    clock is faked: every step takes 30 s, so a 1-minute budget stops after step 2 of 5."""
+    import types
+
+    from mmcl.train import loop
+
+    tok = write_tokenizer(tmp_path / "tok")
+    common = ["train.max_steps=5", "eval.enabled=true"]
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    fit(load_config(None, tiny_overrides("clip", full, tok, dropout=0.1, samples=40) + common))
+
+    now = [0.0]
+    monkeypatch.setattr(loop, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
+    advance = lambda step, logs: now.__setitem__(0, 30.0 * step)  # noqa: E731
+    res = fit(load_config(None, tiny_overrides("clip", cut, tok, dropout=0.1, samples=40) + common +
+                          ["train.max_minutes=1"]), on_step_end=advance)
+    assert res["stopped_early"] and res["step"] == 2
+    assert [p.name for p in list_checkpoints(cut)] == ["step_00000002"]
+    assert (cut / "final" / "model.safetensors").is_file() and "zeroshot_top1" in res
+    monkeypatch.undo()
+
+    res = fit(load_config(None, tiny_overrides("clip", cut, tok, dropout=0.1, samples=40) + common +
+                          ["train.resume=auto"]))
+    assert res["step"] == 5 and not res["stopped_early"]
+    a = load_file(str(full / "final" / "model.safetensors"))
+    b = load_file(str(cut / "final" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ValueError, match="train.max_minutes"):
+        load_config(None, tiny_overrides("clip", cut, tok) + ["train.max_minutes=0"])
+
+
 def _nan_at(step_to_poison):
     def on_batch(step, batch):
         if step == step_to_poison:

@@ -83,6 +83,7 @@ class OptimConfig:
 class TrainConfig:
     batch_size: int = 64  # per process, per micro-batch
     max_steps: int = 1000  # optimizer steps
+    max_minutes: float | None = None  # stop earlier once training has run this long (checkpoint + final eval)
     accumulate: int = 1  # GradCache: k micro-batches form ONE contrastive batch of k*B
     grad_accum_steps: int = 1  # plain accumulation: k separate losses, gradients summed
     mixed_precision: str = "no"  # "no" | "fp16" | "bf16" (through Accelerate)
@@ -254,6 +255,9 @@ def validate(cfg: Config) -> None:
         _check(isinstance(value, int) and value >= 1, f"train.{name} must be an int >= 1, got {value!r}")
     _check(not (t.accumulate > 1 and t.grad_accum_steps > 1),
            "train.accumulate (GradCache) and train.grad_accum_steps cannot both be > 1")
+    _check(t.max_minutes is None or (isinstance(t.max_minutes, (int, float)) and not isinstance(t.max_minutes, bool)
+                                     and t.max_minutes > 0),
+           f"train.max_minutes must be null or a number > 0, got {t.max_minutes!r}")
     _check(t.num_threads is None or (isinstance(t.num_threads, int) and t.num_threads >= 1),
            f"train.num_threads must be null or an int >= 1, got {t.num_threads!r}")
     for name in ("save_every", "eval_every"):

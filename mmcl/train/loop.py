@@ -2,7 +2,8 @@
 
 One call builds the model, data, optimizer and schedule from a Config, resumes from the newest
 complete checkpoint when asked, trains for `train.max_steps` optimizer steps (each one batch, or
-k micro-batches through GradCache / plain accumulation), logs through Accelerate's trackers,
+k micro-batches through GradCache / plain accumulation; `train.max_minutes` stops earlier, after a
+checkpoint that `train.resume=auto` continues from), logs through Accelerate's trackers,
 evaluates, checkpoints, and saves the final model with `save_pretrained` to `output_dir/final`.
 """
 from __future__ import annotations
@@ -168,6 +169,7 @@ def _fit(cfg: Config, on_batch, on_step_end) -> dict:
                 desc=f"mmcl {cfg.mode}", dynamic_ncols=True)
     started = window_start = time.perf_counter()
     window_samples = 0
+    stopped_early = False
     model.train()
     while step < t.max_steps:
         batches = []
@@ -229,11 +231,19 @@ def _fit(cfg: Config, on_batch, on_step_end) -> dict:
             _save(accelerator, cfg, step, unwrapped, extra, optimizer, scheduler, stream)
         if on_step_end is not None:
             on_step_end(step, {"loss": loss_value})
+        if step < t.max_steps and _out_of_time(accelerator, started, t.max_minutes):
+            stopped_early = True
+            if main:
+                print(f"mmcl: train.max_minutes={t.max_minutes} reached after {step} of {t.max_steps} steps; "
+                      "saving a checkpoint (train.resume=auto continues from it)")
+            if not (t.save_every and step % t.save_every == 0):  # not saved just above
+                _save(accelerator, cfg, step, unwrapped, extra, optimizer, scheduler, stream)
+            break
     pbar.close()
     train_seconds = time.perf_counter() - started
 
     results = {"step": step, "loss": last_loss, "skipped_images": _sum_over_ranks(accelerator, skipped_images),
-               "nonfinite_steps": nonfinite_steps, "train_seconds": train_seconds}
+               "nonfinite_steps": nonfinite_steps, "train_seconds": train_seconds, "stopped_early": stopped_early}
     if world > 1:
         results["ranks_agree"] = _ranks_agree(accelerator, unwrapped)
     results.update(_log_eval(accelerator, evaluator, unwrapped, step))
@@ -245,6 +255,20 @@ def _fit(cfg: Config, on_batch, on_step_end) -> dict:
     accelerator.end_training()
     results["final_dir"] = str(final_dir)
     return results
+
+
+def _out_of_time(accelerator, started: float, max_minutes) -> bool:
+    """Whether this run has trained for max_minutes; the main process's clock decides for all ranks."""
+    if max_minutes is None:
+        return False
+    over = time.perf_counter() - started >= 60 * max_minutes
+    if accelerator.num_processes == 1:
+        return over
+    import torch.distributed as dist
+
+    flag = torch.tensor([int(over)], device=accelerator.device)
+    dist.broadcast(flag, src=0)
+    return bool(flag.item())
 
 
 def _min_over_ranks(accelerator, count: int) -> int:
