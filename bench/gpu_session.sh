@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# The GPU checks of mmcl in one call on a lent GPU machine (H100/H200 with its own torch and
+# triton, no network): the CUDA tests of the kernels and of the device augmentation, the kernel
+# benchmark (both backward modes against naive torch and open_clip), then a time-boxed MoCo v2
+# run on CIFAR-10. Logs, bench/RESULTS.md and bench/moco_cifar10.png are copied to $OUT.
+#
+# Prepare on the CPU machine, from the repository root (the folders are git-ignored):
+#
+#   bash bench/gpu_session.sh --prepare      # wheels the GPU image lacks -> .whl/, CIFAR-10 -> .device_data/
+#
+# then run it there with `.whl` and `.device_data` carried. One command may run 10 minutes, so
+# the two parts go in two calls, the second while the machine is still warm:
+#
+#   bash bench/gpu_session.sh kernels                  # CUDA tests + bench_kernels, <= 8 min
+#   MOCO_MINUTES=5 bash bench/gpu_session.sh moco      # MoCo v2, 5 min of training + eval, <= 9 min
+#
+# Each step has its own timeout, so a failing step leaves the later ones their time.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+WHEELS=(datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 open_clip_torch==3.3.0 ftfy==6.3.1 wcwidth==0.9.4)
+
+PART="${1:-all}"
+if [[ "$PART" == "--prepare" ]]; then
+    mkdir -p .whl .device_data
+    python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+        --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+        --platform any -d .whl "${WHEELS[@]}" || exit 1
+    src="${CIFAR10:-../shared/data/cifar10}"
+    [[ -f "$src/train.parquet" && -f "$src/test.parquet" ]] || { echo "no CIFAR-10 parquet files in $src" >&2; exit 1; }
+    mkdir -p .device_data/cifar10 && cp "$src"/train.parquet "$src"/test.parquet .device_data/cifar10/
+    du -sh .whl .device_data
+    echo "prepared: carry .whl and .device_data"
+    exit 0
+fi
+
+OUT="${OUT:-/tmp/mmcl_gpu_out}"
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+MOCO_MINUTES="${MOCO_MINUTES:-4}"
+status=0
+step() {  # step NAME TIMEOUT_S CMD...: run with a timeout, log to $OUT/NAME.log, remember a failure
+    local name=$1 limit=$2
+    shift 2
+    echo "=== $name (limit ${limit}s): $*"
+    local t0=$SECONDS
+    timeout "$limit" "$@" 2>&1 | tee "$OUT/$name.log"
+    local rc=${PIPESTATUS[0]}
+    echo "=== $name: exit $rc after $((SECONDS - t0)) s"
+    [[ $rc == 0 ]] || status=1
+}
+
+if compgen -G ".whl/*.whl" >/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        || exit 1
+    export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+# mmcl itself without its pinned dependencies: the image's torch and triton are what we measure.
+python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . || exit 1
+
+{
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+    python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+    date -u +"%Y-%m-%d %H:%M UTC"
+} 2>&1 | tee "$OUT/device.txt"
+
+if [[ "$PART" == all || "$PART" == kernels ]]; then
+    step tests 200 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_gpu_augment.py
+    step bench_kernels 270 python3 bench/bench_kernels.py --repeats 3 --max-seconds 8
+fi
+if [[ "$PART" == all || "$PART" == moco ]]; then
+    if [[ -f .device_data/cifar10/train.parquet ]]; then
+        step moco_cifar10 $((MOCO_MINUTES * 60 + 180)) python3 bench/moco_cifar10.py --data .device_data/cifar10 \
+            --methods moco --epochs 200 --minutes "$MOCO_MINUTES"
+    else
+        echo "=== moco_cifar10 skipped: .device_data/cifar10 was not carried"
+        status=1
+    fi
+fi
+cp bench/RESULTS.md "$OUT/" 2>/dev/null
+cp bench/moco_cifar10.png "$OUT/" 2>/dev/null
+exit $status
