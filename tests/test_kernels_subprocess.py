@@ -7,6 +7,8 @@ import socket
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -66,9 +68,11 @@ def test_kernels_compile_for_sm90_without_spills():
 # --------------------------------------------------------------------------- distributed
 
 
-def test_gathered_clip_loss_with_triton_on_two_processes(tmp_path):
+@pytest.mark.parametrize("bwd_mode", ["fused", "gemm"])
+def test_gathered_clip_loss_with_triton_on_two_processes(tmp_path, bwd_mode):
     """Item 4 of the kernels' issue: each rank's rows against all gathered columns, gradients
-    flowing back to the columns' owners (2 gloo processes via `accelerate launch`)."""
+    flowing back to the columns' owners (2 gloo processes via `accelerate launch`), with either
+    backward mode chosen through $MMCL_TRITON_BWD."""
     with socket.socket() as sock:  # a free port: parallel launches must not collide
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -77,11 +81,13 @@ def test_gathered_clip_loss_with_triton_on_two_processes(tmp_path):
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--main_process_port", str(port), "--num_machines", "1", "--mixed_precision", "no",
            "--dynamo_backend", "no", script, str(out)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "TRITON_INTERPRET": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "TRITON_INTERPRET": "1",
+           "MMCL_TRITON_BWD": bwd_mode}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     per_rank = json.loads(out.read_text())
     assert [r["rank"] for r in per_rank] == [0, 1]
+    assert [r["bwd_mode"] for r in per_rank] == [bwd_mode, bwd_mode]
     for result in per_rank:
         assert len(result["cases"]) == 2
         for case in result["cases"]:

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 
+from mmcl.kernels.similarity_lse import backward_mode
 from mmcl.losses import clip_loss
 
 
@@ -60,7 +61,7 @@ def main(out_path: str) -> None:
             "scale_grad_err": abs(g_scale.item() - r_scale.item()),
         })
     all_results = [None] * accelerator.num_processes
-    torch.distributed.all_gather_object(all_results, {"rank": rank, "cases": cases})
+    torch.distributed.all_gather_object(all_results, {"rank": rank, "cases": cases, "bwd_mode": backward_mode()})
     if accelerator.is_main_process:
         with open(out_path, "w") as f:
             json.dump(all_results, f)
