@@ -196,7 +196,16 @@ def test_bad_config_raises_clear_errors(tmp_path, processor):
     # Views augmented later on the device (mmcl.train's train.device_augment): plain, identical views.
     b = next(iter(build_dataloader(DataConfig(augment="none"), processor, mode="moco", batch_size=3, dataset=ds,
                                    device_views=True)))
-    assert torch.equal(b["view1"], b["view2"]) and b["view1"].shape == (3, 3, 20, 20)
+    assert b["view2"] is b["view1"] and b["view1"].shape == (3, 3, 20, 20) and b["view1"].dtype == torch.uint8
+    # The uint8 view is the "none" preset's image before normalisation (same resize and crop).
+    plain = next(iter(build_dataloader(DataConfig(augment="none"), processor, mode="clip", batch_size=3, dataset=ds,
+                                       shuffle=False)))
+    order = next(iter(build_dataloader(DataConfig(augment="none"), processor, mode="moco", batch_size=3,
+                                       dataset=ds, device_views=True, shuffle=False)))
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (processor.image_mean, processor.image_std))
+    expected = (plain["pixel_values"] * std + mean) * 255
+    assert torch.equal(plain["index"], order["index"])
+    assert (order["view1"].float() - expected).abs().max() <= 0.51
     with pytest.raises(ValueError, match="cutmix"):
         build_dataloader(DataConfig(cutmix=0.5), processor, mode="clip", batch_size=2, dataset=ds)
     with pytest.raises(ValueError, match="batch_size"):
@@ -336,3 +345,40 @@ def test_sampler_resume_and_accelerate_sharding(processor):
     for step, (b0, b1) in enumerate(zip(*shards, strict=True)):
         assert torch.equal(b0["index"], full[2 * step]["index"]) and torch.equal(b1["index"], full[2 * step + 1]["index"])
         assert torch.equal(b1["view1"], full[2 * step + 1]["view1"])
+
+
+def test_batch_stream_across_epochs_resume_and_ranks(processor):
+    """mmcl.train's BatchStream: one DataLoader (2 workers) over three epochs gives each epoch's
+    seeded order cut into full batches (the tail dropped); a stream rebuilt from any position's
+    state_dict continues with the same batches (views too); rank r of 2 gets the r-th slice of
+    every global batch."""
+    from mmcl.train.stream import BatchStream
+
+    ds = load_digits_dataset("test").select(range(23))
+    cfg = DataConfig(augment="simclr", image_size=12, num_workers=2)
+
+    def stream(rank=0, world=1):
+        loader = build_dataloader(cfg, processor, mode="simclr", batch_size=3, seed=7, dataset=ds)
+        return BatchStream(loader, 3, rank, world, seed=7)
+
+    s = stream()
+    assert s.batches_per_epoch == 7  # 23 // 3, the last 2 samples of each epoch dropped
+    batches = [s.next() for _ in range(3 * 7 + 2)]
+    assert s.state_dict() == {"epoch": 3, "position": 2}
+    for epoch in range(3):
+        expected = np.random.default_rng([7, epoch]).permutation(23)[:21].tolist()
+        got = torch.cat([b["index"] for b in batches[7 * epoch:7 * epoch + 7]]).tolist()
+        assert got == expected, f"epoch {epoch}"
+    for cut in (0, 4, 7, 13, 20):  # mid-epoch, on an epoch boundary, one before it
+        s = stream()
+        for _ in range(cut):
+            s.next()
+        state = s.state_dict()
+        resumed = stream()
+        resumed.load_state_dict(state)
+        for want in batches[cut:cut + 3]:
+            got = resumed.next()
+            assert torch.equal(got["index"], want["index"]) and torch.equal(got["view2"], want["view2"]), cut
+    per_rank = [[stream(rank, 2).next() for _ in range(1)] for rank in range(2)]
+    first = np.random.default_rng([7, 0]).permutation(23)[:6].tolist()
+    assert per_rank[0][0]["index"].tolist() == first[:3] and per_rank[1][0]["index"].tolist() == first[3:]

@@ -217,6 +217,16 @@ def test_device_augment_views_match_gpu_augment():
         torch.testing.assert_close(out[key], expected, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(out["view1"], out["view2"])
     assert out["num_skipped"] == 0
+    # uint8 views (what the loader gives for device views): the same ops on x / 255, float32 out.
+    pixels = (images * 255).round().to(torch.uint8)
+    out8 = DeviceAugment("moco_cifar", proc, generator=torch.Generator().manual_seed(5))(
+        {"view1": pixels, "view2": pixels})
+    g = torch.Generator().manual_seed(5)
+    for key in ("view1", "view2"):
+        params = sample_augment_params(6, 32, 32, generator=g, **{k: v for k, v in PRESETS["moco_cifar"].items()})
+        expected = (apply_augment(pixels.float() / 255, params, (32, 32), PRESETS["moco_cifar"]["jitter"]) - mean) / std
+        assert out8[key].dtype == torch.float32
+        torch.testing.assert_close(out8[key], expected, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="missing"):
         DeviceAugment("mocov2", proc)({"view1": batch["view1"]})
     with pytest.raises(ValueError, match="device_augment"):

@@ -73,6 +73,17 @@ def build_image_transform(augment: str, processor, image_size: int | None = None
     raise ValueError(f"augment must be one of 'none', 'clip', 'simclr', 'mocov2', got {augment!r}")
 
 
+def build_uint8_transform(processor, image_size: int | None = None):
+    """PIL RGB image -> (3, H, W) uint8 tensor: the "none" preset's resize and centre crop, neither
+    converted to float nor normalised. For views augmented on the training device, which then
+    receives a quarter of the bytes of a float32 view."""
+    from torchvision import transforms as T
+
+    size, _, _ = processor_geometry(processor, image_size)
+    return T.Compose([T.Resize(min(size), interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(size),
+                      T.PILToTensor()])
+
+
 class _ProcessorTransform:
     """The tower's own preprocessing for one image (picklable, for DataLoader workers)."""
 

@@ -1,6 +1,7 @@
 """Two-view augmentation on the training device (`train.device_augment`), for image-only modes.
 
-With `data.augment: none` the loader only decodes, resizes and normalises; the random crops,
+With `data.augment: none` the loader only decodes, resizes and crops (one uint8 view per sample,
+a quarter of the bytes of a float32 view and no per-sample float work on the CPU); the random crops,
 flips, colour jitter and grayscale of each view then run batched on the device through
 mmcl.data.gpu_augment, per sample with its own parameters. On a GPU this removes the CPU data
 pipeline as the bottleneck of small-image runs (CIFAR-10 with a ResNet-18); on CPU it is still
@@ -25,8 +26,10 @@ VIEW_KEYS = ("view1", "view2")
 
 
 class DeviceAugment:
-    """`__call__(batch)` replaces batch["view1"] / batch["view2"] (B, 3, H, W), normalised with the
-    processor's mean/std, by independently augmented views of the same size on their device.
+    """`__call__(batch)` replaces batch["view1"] / batch["view2"] (B, 3, H, W) by independently
+    augmented views of the same size on their device, float32 normalised with the processor's
+    mean/std. The input views are uint8 images (what the loader gives for device views) or float
+    views already normalised with that mean/std.
 
     Args:
         preset: one of PRESETS.
@@ -52,8 +55,12 @@ class DeviceAugment:
             raise ValueError(f"train.device_augment needs batches with {VIEW_KEYS}, missing {missing}")
         out = dict(batch)
         for key in VIEW_KEYS:
-            x = batch[key].float()
-            # Undo the loader's normalisation: the colour ops work on [0, 1] images.
-            images = (x * self.std.to(x.device) + self.mean.to(x.device)).clamp_(0, 1)
-            out[key] = self.augment(images, generator=self.generator).to(batch[key].dtype)
+            x = batch[key]
+            if x.dtype == torch.uint8:
+                images = x.float().div_(255)  # the colour ops work on [0, 1] images
+                dtype = torch.float32
+            else:  # undo the loader's normalisation
+                images = (x.float() * self.std.to(x.device) + self.mean.to(x.device)).clamp_(0, 1)
+                dtype = x.dtype
+            out[key] = self.augment(images, generator=self.generator).to(dtype)
         return out

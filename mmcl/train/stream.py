@@ -4,7 +4,8 @@ mmcl.data's loader makes every sample's augmentation a function of (seed, epoch,
 its sampler's order a function of (seed, epoch). This stream cuts each epoch's order into global
 batches of B × world samples, hands rank r its r-th slice of each, and remembers (epoch,
 batches consumed). Resuming rebuilds the same epoch order and starts after the consumed batches,
-so a resumed run sees exactly the batches an uninterrupted one would have seen.
+so a resumed run sees exactly the batches an uninterrupted one would have seen. One DataLoader
+serves every epoch: its workers live for the whole run and keep prefetching across epoch ends.
 """
 from __future__ import annotations
 
@@ -50,26 +51,29 @@ class BatchStream:
         lo, hi = self.rank * self.batch_size, (self.rank + 1) * self.batch_size
         return [order[i * global_batch + lo:i * global_batch + hi] for i in range(n)]
 
+    def _batches_from(self, epoch: int, position: int):
+        """Every batch from (epoch, position) on, through all later epochs: one DataLoader (one
+        set of workers, prefetching across epoch boundaries) serves the whole run."""
+        while True:
+            yield from self._epoch_batches(epoch)[position:]
+            epoch, position = epoch + 1, 0
+
     def _start(self) -> None:
-        batches = self._epoch_batches(self.epoch)[self.position:]
-        if not batches:  # the checkpoint was taken at the very end of an epoch
+        if self.position >= self.batches_per_epoch:  # the checkpoint was taken at the very end of an epoch
             self.epoch, self.position = self.epoch + 1, 0
-            batches = self._epoch_batches(self.epoch)
         generator = torch.Generator().manual_seed(hash((self.seed, self.epoch, self.rank)) % (2**63))
-        self._iterator = iter(DataLoader(self.dataset, batch_sampler=batches, collate_fn=self.collate_fn,
-                                         num_workers=self.num_workers, generator=generator))
+        self._iterator = iter(DataLoader(self.dataset, batch_sampler=self._batches_from(self.epoch, self.position),
+                                         collate_fn=self.collate_fn, num_workers=self.num_workers,
+                                         generator=generator))
 
     def next(self) -> dict:
         """The next batch (a dict from the collate_fn); moves to the next epoch when one ends."""
         if self._iterator is None:
             self._start()
-        try:
-            batch = next(self._iterator)
-        except StopIteration:
-            self.epoch, self.position = self.epoch + 1, 0
-            self._start()
-            batch = next(self._iterator)
+        batch = next(self._iterator)
         self.position += 1
+        if self.position == self.batches_per_epoch:
+            self.epoch, self.position = self.epoch + 1, 0
         return batch
 
     def state_dict(self) -> dict:
