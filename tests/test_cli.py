@@ -84,7 +84,7 @@ def test_error_paths_are_one_line_with_status_2(setup, tmp_path, capsys):
         (["zeroshot", "--model", str(setup["model"]), "--labels", " , ,", str(setup["files"][0])], "label list is empty"),
         (["zeroshot", "--model", str(setup["model"]), "--labels", "a", str(tmp_path / "nope.jpg")], "image file not found"),
         (["eval", "zeroshot", "--model", str(setup["model"]), "--data", str(tmp_path / "nope.parquet")],
-         "data source not found"),
+         "does not exist (no such file or directory)"),
         (["eval", "retrieval", "--model", str(setup["model"]), "--data", str(setup["root"] / "saved"),
          "--split", "dev"], "'dev' does not exist; available splits: ['train', 'test']"),
     ]:

@@ -7,7 +7,9 @@ from pathlib import Path
 
 import numpy as np
 
-_FILE_BUILDERS = {".parquet": "parquet", ".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json"}
+FILE_BUILDERS = {".parquet": "parquet", ".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json"}
+# Files ``save_to_disk`` leaves in a Dataset (state.json, dataset_info.json) or DatasetDict directory.
+_SAVED_MARKERS = ("dataset_dict.json", "dataset_info.json", "state.json")
 
 
 def load_source(source: str, split: str = "train", *, seed: int = 0):
@@ -15,8 +17,74 @@ def load_source(source: str, split: str = "train", *, seed: int = 0):
     return resolve_source(source, split, seed=seed)[0]
 
 
+def load_splits(source: str, *, seed: int = 0):
+    """Every split of ``source`` as ``({split name: datasets.Dataset}, base_dir)``.
+
+    A file is one split, "train" (as ``datasets`` names it); "digits" has "train" and "test" (each
+    built when first asked for); a directory has its saved or folder splits; a ``datasets`` name
+    must be in the local cache (nothing is downloaded). base_dir (or None) resolves relative image
+    paths in the rows. Raises ValueError naming the source when it cannot be read.
+    """
+    import datasets
+
+    if not isinstance(source, str) or not source:
+        raise ValueError(f"source must be a non-empty string, got {source!r}")
+    if source == "digits":
+        from mmcl.data.digits import load_digits_dataset
+
+        return _LazySplits({s: (lambda s=s: load_digits_dataset(s, seed=seed)) for s in ("train", "test")}), None
+    path = Path(source).expanduser()
+    suffix = path.suffix.lower()
+    if path.is_file():
+        if suffix not in FILE_BUILDERS:
+            raise ValueError(f"source {source!r}: unsupported file type {suffix!r}; use one of {sorted(FILE_BUILDERS)}")
+        kwargs = {"delimiter": "\t"} if suffix == ".tsv" else {}
+        ds = datasets.load_dataset(FILE_BUILDERS[suffix], data_files=str(path), split="train", **kwargs)
+        # CSV/JSON image paths are relative to the file that lists them.
+        return {"train": ds}, str(path.parent)
+    if path.is_dir():
+        if any((path / marker).is_file() for marker in _SAVED_MARKERS):
+            loaded = datasets.load_from_disk(str(path))
+            return (dict(loaded) if isinstance(loaded, datasets.DatasetDict) else {"train": loaded}), None
+        try:
+            return dict(datasets.load_dataset("imagefolder", data_dir=str(path))), str(path)
+        except Exception as err:  # datasets raises several types for "nothing usable here"
+            raise ValueError(f"cannot read {source!r} as an image folder or a saved dataset: {err}") from None
+    if not _is_dataset_name(source):
+        raise ValueError(f"source {source!r} does not exist (no such file or directory)")
+    try:
+        return dict(datasets.load_dataset(source)), None
+    except Exception as err:  # the hub is offline here: say what was tried and why it failed
+        raise ValueError(_not_cached(source, err)) from err
+
+
+def _is_dataset_name(source: str) -> bool:
+    """Neither "digits", an existing path, nor something that looks like one (a datasets name)."""
+    path = Path(source).expanduser()
+    return not (source == "digits" or path.exists() or os.sep in source or source.startswith(".")
+                or path.suffix.lower() in FILE_BUILDERS)
+
+
+def _not_cached(source: str, err: Exception) -> str:
+    return (f"source {source!r} is neither 'digits', an existing file or directory, nor a datasets name in "
+            f"the local cache ({type(err).__name__}: {err})")
+
+
+class _LazySplits(dict):
+    """Builds a split only when asked for, so 'digits' does not build both splits for one."""
+
+    def __init__(self, factories: dict):
+        super().__init__({k: None for k in factories})
+        self._factories = factories
+
+    def __getitem__(self, key):
+        if super().__getitem__(key) is None:
+            super().__setitem__(key, self._factories[key]())
+        return super().__getitem__(key)
+
+
 def resolve_source(source: str, split: str = "train", *, seed: int = 0):
-    """Load ``source`` as a ``datasets.Dataset``.
+    """Load one split of ``source`` as a ``datasets.Dataset``.
 
     Args:
         source: ``"digits"``; a ``.parquet``/``.csv``/``.tsv``/``.json``/``.jsonl`` file (the whole
@@ -34,45 +102,26 @@ def resolve_source(source: str, split: str = "train", *, seed: int = 0):
     """
     import datasets
 
-    if not isinstance(source, str) or not source:
-        raise ValueError(f"source must be a non-empty string, got {source!r}")
-    if source == "digits":
-        from mmcl.data.digits import load_digits_dataset
+    if isinstance(source, str) and source and _is_dataset_name(source):
+        try:  # only the asked split is loaded from the cache
+            return datasets.load_dataset(source, split=split), None
+        except Exception as err:
+            raise ValueError(_not_cached(source, err) + f" (split {split!r})") from err
+    splits, base_dir = load_splits(source, seed=seed)
+    if Path(source).expanduser().is_file():
+        return splits["train"], base_dir
+    if split not in splits:
+        raise ValueError(f"source {source!r} has no split {split!r}; splits: {sorted(splits)}")
+    return splits[split], base_dir
 
-        return load_digits_dataset(split, seed=seed), None
-    path = Path(source).expanduser()
-    suffix = path.suffix.lower()
-    looks_like_path = os.sep in source or source.startswith(".") or suffix in _FILE_BUILDERS
-    if path.is_file():
-        if suffix not in _FILE_BUILDERS:
-            raise ValueError(
-                f"source {source!r}: unsupported file type {suffix!r}; use one of {sorted(_FILE_BUILDERS)}"
-            )
-        kwargs = {"delimiter": "\t"} if suffix == ".tsv" else {}
-        ds = datasets.load_dataset(_FILE_BUILDERS[suffix], data_files=str(path), split="train", **kwargs)
-        # CSV/JSON image paths are relative to the file that lists them.
-        return ds, str(path.parent)
-    if path.is_dir():
-        if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
-            loaded = datasets.load_from_disk(str(path))
-            if isinstance(loaded, datasets.DatasetDict):
-                if split not in loaded:
-                    raise ValueError(f"source {source!r} has no split {split!r}; splits: {sorted(loaded)}")
-                loaded = loaded[split]
-            return loaded, None
-        loaded = datasets.load_dataset("imagefolder", data_dir=str(path))
-        if split not in loaded:
-            raise ValueError(f"image folder {source!r} has no split {split!r}; splits: {sorted(loaded)}")
-        return loaded[split], str(path)
-    if looks_like_path:
-        raise ValueError(f"source {source!r} does not exist (no such file or directory)")
-    try:
-        return datasets.load_dataset(source, split=split), None
-    except Exception as err:  # the hub is offline here: say what was tried and why it failed
-        raise ValueError(
-            f"source {source!r} is neither 'digits', an existing file or directory, nor a datasets "
-            f"name with split {split!r} in the local cache ({type(err).__name__}: {err})"
-        ) from err
+
+def absolute_image_paths(ds, image_column: str, base_dir: str | None):
+    """``ds`` with relative image paths (a string column) made absolute against base_dir."""
+    feature = ds.features.get(image_column)
+    if base_dir is None or not (getattr(feature, "dtype", None) in ("string", "large_string")):
+        return ds
+    return ds.map(lambda row: {image_column: row[image_column] if os.path.isabs(row[image_column])
+                               else os.path.join(base_dir, row[image_column])})
 
 
 def check_columns(ds, *, image_column: str, caption_column: str | None, label_column: str | None) -> None:
@@ -149,7 +198,4 @@ def load_eval_dataset(cfg, *, seed: int = 0):
         return None
     ds, base_dir = resolve_source(source, cfg.eval_split, seed=seed)
     check_columns(ds, image_column=cfg.image_column, caption_column=None, label_column=None)
-    if base_dir is not None and ds.features[cfg.image_column].dtype == "string":
-        reader = ImageReader(base_dir)
-        ds = ds.map(lambda row: {cfg.image_column: reader._resolve(row[cfg.image_column])})
-    return ds
+    return absolute_image_paths(ds, cfg.image_column, base_dir)

@@ -1,80 +1,42 @@
-"""Local data sources for evaluation from the command line: never downloads anything.
+"""Data sources for evaluation from the command line: never downloads anything.
 
-A source is one of
-- "digits": scikit-learn's handwritten digits through `mmcl.data.load_digits_dataset` (train/test);
-- a .parquet, .csv, .json or .jsonl file (one split, "train", as `datasets` names it);
-- a directory written by `datasets`' `save_to_disk` (a Dataset, or a DatasetDict of splits);
-- an image folder (class sub-folders, optionally under train/ test/ split folders).
+A source is what `mmcl.data.sources.load_splits` reads: "digits" (scikit-learn's handwritten
+digits, train/test); a .parquet, .csv, .tsv, .json or .jsonl file (one split, "train", as
+`datasets` names it); a directory written by `save_to_disk` (a Dataset, or a DatasetDict of
+splits); an image folder (class sub-folders, optionally under train/ test/ split folders); or a
+`datasets` name already in the local cache. This module adds the command line's choices: which
+split, how many rows, a held-out part when there is one split, the class names.
 """
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 __all__ = ["load_splits", "pick_split", "load_source", "subsample", "class_names_of", "holdout_split"]
 
-_FILE_BUILDERS = {".parquet": "parquet", ".csv": "csv", ".json": "json", ".jsonl": "json"}
 # Which split to evaluate on when several exist and none is named, in order of preference.
 _EVAL_PREFERENCE = ("test", "validation", "valid", "val", "train")
 
 
 def load_splits(source: str, *, image_column: str = "image") -> dict:
-    """All splits of a local source as {split name: datasets.Dataset}; ValueError naming what is wrong."""
+    """All splits of a local source as {split name: datasets.Dataset}; ValueError naming what is wrong.
+
+    `mmcl.data.sources.load_splits` reads the source; image paths listed in CSV/JSON rows become
+    absolute and are cast to `datasets.Image`, so every split yields PIL images.
+    """
     import datasets
+
+    from mmcl.data import sources
 
     datasets.disable_progress_bars()  # loading a local file is quick; its bars would only clutter stderr
-    if source == "digits":
-        try:
-            from mmcl.data import load_digits_dataset
-        except ImportError as err:
-            raise ValueError(f"the built-in 'digits' source needs mmcl.data.load_digits_dataset: {err}") from None
-        return _LazySplits({s: (lambda s=s: load_digits_dataset(s)) for s in ("train", "test")})
-    path = Path(source).expanduser()
-    if not path.exists():
-        raise ValueError(
-            f"data source not found: {source} (give a parquet/CSV/JSON file, a dataset directory or 'digits')"
-        )
-    if path.is_file():
-        builder = _FILE_BUILDERS.get(path.suffix.lower())
-        if builder is None:
-            raise ValueError(f"data file {source} must end in one of {sorted(_FILE_BUILDERS)}")
-        ds = datasets.load_dataset(builder, data_files=str(path), split="train")
-        return {"train": _resolve_image_paths(ds, image_column, path.parent)}
-    if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
-        loaded = datasets.load_from_disk(str(path))
-        return dict(loaded) if isinstance(loaded, datasets.DatasetDict) else {"train": loaded}
-    try:
-        return dict(datasets.load_dataset("imagefolder", data_dir=str(path)))
-    except Exception as err:  # datasets raises several types for "nothing usable here"
-        raise ValueError(f"cannot read {source} as an image folder or saved dataset: {err}") from None
-
-
-class _LazySplits(dict):
-    """Builds a split only when asked for, so 'digits' does not build both splits for one."""
-
-    def __init__(self, factories: dict):
-        super().__init__({k: None for k in factories})
-        self._factories = factories
-
-    def __getitem__(self, key):
-        if super().__getitem__(key) is None:
-            super().__setitem__(key, self._factories[key]())
-        return super().__getitem__(key)
-
-
-def _resolve_image_paths(ds, image_column: str, base: Path):
-    """CSV/JSON rows name image files; make them datasets Images, relative paths from the file's folder."""
-    import datasets
-
-    feature = ds.features.get(image_column)
-    if not (isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")):
-        return ds
-
-    def absolute(row):
-        p = row[image_column]
-        return {image_column: p if os.path.isabs(p) else str(base / p)}
-
-    return ds.map(absolute).cast_column(image_column, datasets.Image())
+    splits, base_dir = sources.load_splits(source)
+    if base_dir is None:
+        return splits
+    resolved = {}
+    for name, ds in splits.items():
+        ds = sources.absolute_image_paths(ds, image_column, base_dir)
+        feature = ds.features.get(image_column)
+        if isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string"):
+            ds = ds.cast_column(image_column, datasets.Image())
+        resolved[name] = ds
+    return resolved
 
 
 def pick_split(splits: dict, split: str | None, *, default: str | None = None, what: str = "--split") -> str:
