@@ -35,6 +35,9 @@ def parse_args(argv=None):
                    choices=PROVIDERS, help="triton: clip_loss(impl='triton') with the default backward "
                    "($MMCL_TRITON_BWD or fused); triton-gemm: the same with BWD_MODE=gemm; "
                    "also: chunked (mmcl's tiled torch path)")
+    p.add_argument("--gemm-rows", type=int, nargs="*", default=[],
+                   help="also time the gemm backward with these BWD_GEMM_ROWS (rows of G per launch), "
+                        "as providers triton-gemm-r<rows>")
     p.add_argument("--repeats", type=int, default=5, help="timed repeats per measurement (median reported)")
     p.add_argument("--max-seconds", type=float, default=20.0,
                    help="fewer repeats (at least 1) when one iteration would exceed this budget")
@@ -51,7 +54,9 @@ if ARGS.smoke:
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from mmcl.kernels.similarity_lse import BWD_MODE_ENV, backward_mode, default_block_sizes  # noqa: E402
+from mmcl.kernels.row_dot import row_dot_triton  # noqa: E402
+from mmcl.kernels.similarity_lse import (  # noqa: E402
+    BWD_MODE_ENV, backward_mode, default_block_sizes, similarity_lse_triton)
 from mmcl.losses import clip_loss  # noqa: E402
 
 
@@ -78,7 +83,17 @@ def triton_gemm_clip_loss(img, txt, scale):
             os.environ[BWD_MODE_ENV] = before
 
 
+def composed_clip_loss(img, txt, scale, **block_sizes):
+    """clip_loss(impl="triton")'s computation from the kernels, with explicit block sizes."""
+    rows, cols = similarity_lse_triton(img, txt, scale, columns=True, block_sizes=block_sizes)
+    positives = scale * row_dot_triton(img, txt)
+    return 0.5 * ((rows - positives).mean() + (cols - positives).mean())
+
+
 def make_loss(provider):
+    if provider.startswith("triton-gemm-r"):
+        rows = int(provider.removeprefix("triton-gemm-r"))
+        return lambda img, txt, scale: composed_clip_loss(img, txt, scale, BWD_MODE="gemm", BWD_GEMM_ROWS=rows)
     if provider == "triton":
         return lambda img, txt, scale: clip_loss(img, txt, scale, impl="triton")
     if provider == "triton-gemm":
@@ -95,7 +110,7 @@ def make_loss(provider):
 
 def matmul_passes(provider, dim, dtype, interpreted):
     """(forward, backward) matmul passes of size 2·B·N·D each implementation performs."""
-    if provider == "triton-gemm" or (provider == "triton" and backward_mode() == "gemm"):
+    if provider.startswith("triton-gemm") or (provider == "triton" and backward_mode() == "gemm"):
         return 1, 4  # backward per side: S once (Triton, writes G), G·K or Gᵀ·Q (cuBLAS)
     if provider == "triton":
         # forward: one pass (column lse's fused in). backward: per side (dQ, dK) one
@@ -211,6 +226,7 @@ def check_correctness(D, dtype, device, provider="triton", n=None) -> float:
 
 
 def run(args) -> list[str]:
+    providers = list(args.providers) + [f"triton-gemm-r{rows}" for rows in args.gemm_rows]
     if args.smoke:
         device, dtype = torch.device("cpu"), torch.bfloat16
         sizes, dims = [64, 97], [32]
@@ -218,7 +234,7 @@ def run(args) -> list[str]:
         device, dtype = torch.device("cuda"), torch.bfloat16
         sizes, dims = args.sizes, args.dims
     for D in dims:
-        for provider in [p for p in args.providers if p.startswith("triton")]:
+        for provider in [p for p in providers if p.startswith("triton")]:
             err = check_correctness(D, dtype, device, provider)
             print(f"correctness of {provider} at D={D}: max relative error of loss and gradients vs float64 "
                   f"= {err:.2e}", flush=True)
@@ -235,7 +251,7 @@ def run(args) -> list[str]:
         lines.append(f"| matmul | {D} | torch bf16 16384x{D}x16384 | | | | | | 1 | {rate:.1f} | 100 |")
         for B in sizes:
             io_bytes = 2 * 2 * B * D * torch.finfo(dtype).bits // 8  # two inputs and their gradients
-            for provider in args.providers:
+            for provider in providers:
                 try:
                     r = measure(provider, B, D, dtype, device, clock, args)
                 except Exception as exc:  # noqa: BLE001 - OOM is a result, anything else is a bug

@@ -11,7 +11,7 @@
 # then run it there with `.whl` and `.device_data` carried. One command may run 10 minutes, so
 # the two parts go in two calls, the second while the machine is still warm:
 #
-#   bash bench/gpu_session.sh kernels                  # CUDA tests + bench_kernels, <= 8 min
+#   bash bench/gpu_session.sh kernels                  # CUDA tests + bench_kernels, <= 9 min
 #   MOCO_MINUTES=5 bash bench/gpu_session.sh moco      # MoCo v2, 5 min of training + eval, <= 9 min
 #
 # Each step has its own timeout, so a failing step leaves the later ones their time.
@@ -67,6 +67,9 @@ python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . || exit
 if [[ "$PART" == all || "$PART" == kernels ]]; then
     step tests 200 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_gpu_augment.py
     step bench_kernels 270 python3 bench/bench_kernels.py --repeats 3 --max-seconds 8
+    # Rows of G per launch of the gemm backward (default max(512, D)) at one size.
+    step bench_gemm_rows 60 python3 bench/bench_kernels.py --sizes 65536 --dims 768 --providers triton-gemm \
+        --gemm-rows 1536 3072 --repeats 3
 fi
 if [[ "$PART" == all || "$PART" == moco ]]; then
     if [[ -f .device_data/cifar10/train.parquet ]]; then
