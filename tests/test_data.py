@@ -349,9 +349,9 @@ def test_sampler_resume_and_accelerate_sharding(processor):
 
 def test_batch_stream_across_epochs_resume_and_ranks(processor):
     """mmcl.train's BatchStream: one DataLoader (2 workers) over three epochs gives each epoch's
-    seeded order cut into full batches (the tail dropped); a stream rebuilt from any position's
-    state_dict continues with the same batches (views too); rank r of 2 gets the r-th slice of
-    every global batch."""
+    seeded order cut into full batches (the tail dropped), also across a close(); a stream rebuilt
+    from any position's state_dict continues with the same batches (views too); rank r of 2 gets
+    the r-th slice of every global batch."""
     from mmcl.train.stream import BatchStream
 
     ds = load_digits_dataset("test").select(range(23))
@@ -363,7 +363,9 @@ def test_batch_stream_across_epochs_resume_and_ranks(processor):
 
     s = stream()
     assert s.batches_per_epoch == 7  # 23 // 3, the last 2 samples of each epoch dropped
-    batches = [s.next() for _ in range(3 * 7 + 2)]
+    batches = [s.next() for _ in range(10)]
+    s.close()  # stops the workers; the next batch starts them again where the stream left off
+    batches += [s.next() for _ in range(3 * 7 + 2 - 10)]
     assert s.state_dict() == {"epoch": 3, "position": 2}
     for epoch in range(3):
         expected = np.random.default_rng([7, epoch]).permutation(23)[:21].tolist()

@@ -96,13 +96,16 @@ def fit(config, *, on_batch=None, on_step_end=None) -> dict:
     threads = torch.get_num_threads()
     if cfg.train.num_threads is not None:
         torch.set_num_threads(cfg.train.num_threads)
+    closers: list = []
     try:
-        return _fit(cfg, on_batch, on_step_end)
+        return _fit(cfg, on_batch, on_step_end, closers)
     finally:  # the setting is process-wide: leave the caller's as it was
         torch.set_num_threads(threads)
+        for close in closers:  # the data workers stop now, also when training raised
+            close()
 
 
-def _fit(cfg: Config, on_batch, on_step_end) -> dict:
+def _fit(cfg: Config, on_batch, on_step_end, closers: list) -> dict:
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
 
@@ -132,6 +135,7 @@ def _fit(cfg: Config, on_batch, on_step_end) -> dict:
 
         device_augment = DeviceAugment(t.device_augment, model.processor)
     stream = BatchStream(loader, t.batch_size, rank, world, seed=cfg.seed)
+    closers.append(stream.close)
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, t.max_steps)
     if getattr(accelerator.state, "deepspeed_plugin", None) is not None:
@@ -248,6 +252,7 @@ def _fit(cfg: Config, on_batch, on_step_end) -> dict:
                 _save(accelerator, cfg, step, unwrapped, extra, optimizer, scheduler, stream)
             break
     pbar.close()
+    stream.close()
     train_seconds = time.perf_counter() - started
 
     results = {"step": step, "loss": last_loss, "skipped_images": _sum_over_ranks(accelerator, skipped_images),

@@ -76,9 +76,21 @@ class BatchStream:
             self.epoch, self.position = self.epoch + 1, 0
         return batch
 
+    def close(self) -> None:
+        """Stop the DataLoader's workers now; a later `next` starts them again where it left off.
+
+        The batch sampler never ends, so the workers would otherwise live until the stream is
+        garbage collected, and a process forked meanwhile (another DataLoader's worker) would
+        inherit them.
+        """
+        iterator, self._iterator = self._iterator, None
+        shutdown = getattr(iterator, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
+
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "position": self.position}
 
     def load_state_dict(self, state: dict) -> None:
+        self.close()
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
-        self._iterator = None
