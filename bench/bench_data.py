@@ -9,8 +9,9 @@ builds it) on CIFAR-10 with the recipe's processor (32x32), for
   batched by `train.device_augment` (mmcl.train.device_augment.DeviceAugment, timed here on the CPU
   too, so the column is an upper bound of what the training device spends on it).
 
-Each row: images/s over whole batches after the first (workers started), and the ratio to
-`cpu-mocov2` measured in the same run. Appends a dated table to bench/RESULTS.md.
+Each row: images/s of the stream alone over whole batches after the first (workers started),
+of the augmentation alone, of both in series, and the ratio to `cpu-mocov2` measured in the same
+run. Appends a dated table to bench/RESULTS.md.
 
     python bench/bench_data.py                          # ../shared/data/cifar10, 2 workers, 40 batches of 512
     python bench/bench_data.py --data data/cifar10 --workers 8 --batches 100
@@ -57,16 +58,18 @@ def measure(path: str, args) -> dict:
     augment = DeviceAugment(cfg.train.device_augment, model.processor) if device_views else None
     stream = BatchStream(loader, args.batch_size, seed=0)
     stream.next()  # workers started, first batch out
-    load_s = augment_s = 0.0
-    for _ in range(args.batches):
-        t0 = time.perf_counter()
+    t0 = time.perf_counter()
+    for _ in range(args.batches):  # the stream alone: what the training loop waits for
         batch = stream.next()
-        t1 = time.perf_counter()
-        if augment is not None:
-            batch = augment(batch)
-        load_s += t1 - t0
-        augment_s += time.perf_counter() - t1
+    load_s = time.perf_counter() - t0
     stream.close()
+    augment_s = 0.0
+    if augment is not None:  # then the batched augmentation alone, on the last batch
+        t0 = time.perf_counter()
+        for _ in range(args.batches):
+            out = augment(batch)
+        augment_s = time.perf_counter() - t0
+        batch = out
     images = args.batches * args.batch_size
     assert batch["view1"].shape == (args.batch_size, 3, 32, 32) and batch["view1"].dtype == torch.float32
     return {"path": path, "load_ips": images / load_s, "augment_ips": images / augment_s if augment else None,
@@ -86,8 +89,8 @@ def main(argv=None) -> None:
     table = markdown_table(["path", "stream images/s", "augment images/s (CPU)", "images/s, both", "vs cpu-mocov2",
                             "bytes per sample (2 views)"], rows)
     text = (f"{table}\n\nCIFAR-10 train.parquet, batch {args.batch_size}, {args.workers} DataLoader workers, "
-            f"{args.batches} timed batches per path. `images/s, both` counts stream and augmentation in series, "
-            "as one process would; device-views' augmentation runs on the training device in a GPU run.")
+            f"{args.batches} timed batches per path. stream and augmentation timed apart; `images/s, both` "
+            "puts them in series, as one CPU process would; in a GPU run the augmentation runs on the device.")
     print(text)
     if not args.no_write:
         append_section("bench_data: two-view stream, CPU augmentation vs device views (MoCo v2, CIFAR-10)", text)
