@@ -303,3 +303,30 @@ def test_moco_on_digits_beats_the_random_init_encoder(tmp_path):
     assert result["step"] == 1000 and result["nonfinite_steps"] == 0
     assert result["knn_top1"] >= random_init + KNN_MARGIN, (
         f"MoCo kNN top-1 {result['knn_top1']:.4f} vs random-init {random_init:.4f} (margin {KNN_MARGIN})")
+
+
+def test_evaluator_caches_preprocessed_pixels_with_the_same_knn(monkeypatch):
+    """Periodic kNN evaluations decode the held-out and memory-bank images once (a pixel cache
+    within Evaluator.pixel_cache_bytes) and give exactly what decoding every time gives; images
+    beyond the budget are decoded at every evaluation."""
+    from mmcl.eval import embed
+    from mmcl.train import load_config
+    from mmcl.train.builders import build_model
+    from mmcl.train.evaluation import Evaluator
+
+    cfg = load_config(RECIPES / "moco_digits.yaml", ["model.image_size=16", "eval.knn_train_samples=300",
+                                                      "eval.max_samples=200"])
+    model = build_model(cfg).eval()
+    decoded = []
+    real_load = embed.load_image
+    monkeypatch.setattr(embed, "load_image", lambda item: decoded.append(1) or real_load(item))
+    cached, uncached = Evaluator(cfg), Evaluator(cfg, pixel_cache_bytes=0)
+    first = cached(model)["knn_top1"]
+    assert len(decoded) == 300 + 200
+    with torch.no_grad():  # a changed model: the cache holds pixels, not features
+        next(model.parameters()).mul_(0.5)
+    again = cached(model)["knn_top1"]
+    assert len(decoded) == 500, "the second evaluation decoded images again"
+    assert cached._pixels["train"].shape == (300, 3, 16, 16)
+    assert again == uncached(model)["knn_top1"] and len(decoded) == 1000
+    assert 0.0 < first <= 1.0
