@@ -90,6 +90,28 @@ def _tile_dots(a_ptr, b_ptr, rows, cols, row_ok, col_ok, D, stride_am, stride_ad
 
 
 @triton.jit
+def _load_lse(lse_ptr, g_ptr, idx, ok):
+    """Saved logsumexps and upstream gradients at idx. A fully masked row/column has lse -inf
+    and all probabilities 0: +inf makes exp2(S - lse) = 0 there (and in the masked tail)."""
+    lse = tl.load(lse_ptr + idx, mask=ok, other=float("inf"))
+    lse = tl.where(lse == float("-inf"), float("inf"), lse)
+    return lse, tl.load(g_ptr + idx, mask=ok, other=0.0)
+
+
+@triton.jit
+def _softmax_grad_tile(logits, lse_a, g_a, lse_b_ptr, g_b_ptr, cols, col_ok, HAS_A_TERM: tl.constexpr,
+                       HAS_B_TERM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """G = g_a_i exp(S_ij - lse_a_i) + g_b_j exp(S_ij - lse_b_j) for one tile of logits S."""
+    g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    if HAS_A_TERM:
+        g += tl.exp2((logits - lse_a[:, None]) * LOG2E) * g_a[:, None]
+    if HAS_B_TERM:
+        lse_b, g_b = _load_lse(lse_b_ptr, g_b_ptr, cols, col_ok)
+        g += tl.exp2((logits - lse_b[None, :]) * LOG2E) * g_b[None, :]
+    return g
+
+
+@triton.jit
 def _lse_fwd_kernel(a_ptr, b_ptr, scale_ptr, lse_ptr, col_part_ptr, M, N, D, row_offset,
                     stride_am, stride_ad, stride_bn, stride_bd,
                     MASK_DIAGONAL: tl.constexpr, COLUMNS: tl.constexpr, PRECISION: tl.constexpr,
@@ -156,11 +178,9 @@ def _lse_bwd_kernel(a_ptr, b_ptr, scale_ptr, gmax_ptr, lse_a_ptr, g_a_ptr, lse_b
     rows = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     row_ok = rows < M
     scale = tl.load(scale_ptr).to(tl.float32)
+    lse_a, g_a = None, None
     if HAS_A_TERM:
-        lse_a = tl.load(lse_a_ptr + rows, mask=row_ok, other=float("inf"))
-        # -inf (fully masked row): its probabilities are all 0; +inf makes exp2(S - lse) = 0.
-        lse_a = tl.where(lse_a == float("-inf"), float("inf"), lse_a)
-        g_a = tl.load(g_a_ptr + rows, mask=row_ok, other=0.0)
+        lse_a, g_a = _load_lse(lse_a_ptr, g_a_ptr, rows, row_ok)
     offs_out = (pid_d * BLOCK_DOUT + tl.arange(0, BLOCK_DOUT)).to(tl.int64)
     out_ok = offs_out < D
     acc = tl.zeros([BLOCK_M, BLOCK_DOUT], dtype=tl.float32)
@@ -177,14 +197,8 @@ def _lse_bwd_kernel(a_ptr, b_ptr, scale_ptr, gmax_ptr, lse_a_ptr, g_a_ptr, lse_b
         if MASK_DIAGONAL:
             keep = keep & (rows[:, None] != cols[None, :])
         logits = tl.where(keep, dots * scale, float("-inf"))
-        g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        if HAS_A_TERM:
-            g += tl.exp2((logits - lse_a[:, None]) * LOG2E) * g_a[:, None]
-        if HAS_B_TERM:
-            lse_b = tl.load(lse_b_ptr + cols, mask=col_ok, other=float("inf"))
-            lse_b = tl.where(lse_b == float("-inf"), float("inf"), lse_b)
-            g_b = tl.load(g_b_ptr + cols, mask=col_ok, other=0.0)
-            g += tl.exp2((logits - lse_b[None, :]) * LOG2E) * g_b[None, :]
+        g = _softmax_grad_tile(logits, lse_a, g_a, lse_b_ptr, g_b_ptr, cols, col_ok, HAS_A_TERM, HAS_B_TERM,
+                               BLOCK_M, BLOCK_N)
         if WRITE_DSCALE:
             ds_acc += tl.sum(g * dots, axis=1)
         if WRITE_DA:
@@ -236,17 +250,11 @@ def _grad_tile_kernel(a_ptr, b_ptr, scale_ptr, lse_a_ptr, g_a_ptr, lse_b_ptr, g_
     if MASK_DIAGONAL:
         keep = keep & ((rows + row_offset)[:, None] != cols[None, :])
     logits = tl.where(keep, dots * scale, float("-inf"))
-    g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    lse_a, g_a = None, None
     if HAS_A_TERM:
-        lse_a = tl.load(lse_a_ptr + rows, mask=row_ok, other=float("inf"))
-        lse_a = tl.where(lse_a == float("-inf"), float("inf"), lse_a)
-        g_a = tl.load(g_a_ptr + rows, mask=row_ok, other=0.0)
-        g += tl.exp2((logits - lse_a[:, None]) * LOG2E) * g_a[:, None]
-    if HAS_B_TERM:
-        lse_b = tl.load(lse_b_ptr + cols, mask=col_ok, other=float("inf"))
-        lse_b = tl.where(lse_b == float("-inf"), float("inf"), lse_b)
-        g_b = tl.load(g_b_ptr + cols, mask=col_ok, other=0.0)
-        g += tl.exp2((logits - lse_b[None, :]) * LOG2E) * g_b[None, :]
+        lse_a, g_a = _load_lse(lse_a_ptr, g_a_ptr, rows, row_ok)
+    g = _softmax_grad_tile(logits, lse_a, g_a, lse_b_ptr, g_b_ptr, cols, col_ok, HAS_A_TERM, HAS_B_TERM,
+                           BLOCK_M, BLOCK_N)
     if WRITE_DSCALE:
         tl.store(ds_ptr + pid, tl.sum(tl.sum(g * dots, axis=1), axis=0))
     if WRITE_G:
