@@ -55,8 +55,14 @@ if compgen -G ".whl/*.whl" >/dev/null; then
         || exit 1
     export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
 fi
-# mmcl itself without its pinned dependencies: the image's torch and triton are what we measure.
-python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . || exit 1
+# mmcl from this tree without installing it (nothing to build, the image's torch and triton are what
+# we measure): a package of links, with kernels/ as mmcl.kernels the way pyproject.toml maps it.
+rm -rf /tmp/mmcl_tree && mkdir -p /tmp/mmcl_tree/mmcl || exit 1
+for entry in "$PWD"/mmcl/*; do ln -s "$entry" /tmp/mmcl_tree/mmcl/; done
+ln -s "$PWD/kernels" /tmp/mmcl_tree/mmcl/kernels
+export PYTHONPATH="/tmp/mmcl_tree${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONSAFEPATH=1  # no ./ on sys.path: ./mmcl (without kernels) must not hide the links
+python3 -c "import mmcl.kernels, mmcl.losses" || exit 1
 
 {
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
