@@ -330,3 +330,7 @@ def test_evaluator_caches_preprocessed_pixels_with_the_same_knn(monkeypatch):
     assert cached._pixels["train"].shape == (300, 3, 16, 16)
     assert again == uncached(model)["knn_top1"] and len(decoded) == 1000
     assert 0.0 < first <= 1.0
+    # The budget covers both splits together: room for the 300 training images only.
+    partial = Evaluator(cfg, pixel_cache_bytes=300 * 3 * 16 * 16 * 4)
+    assert partial(model)["knn_top1"] == again
+    assert set(partial._pixels) == {"train"}

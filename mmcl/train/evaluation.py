@@ -29,7 +29,7 @@ class Evaluator:
         self.cfg, self.mode = cfg, cfg.mode
         self._eval_ds = self._train_ds = None
         self._loaded = self._retrieval = False
-        self.pixel_cache_bytes = pixel_cache_bytes
+        self.pixel_cache_bytes = pixel_cache_bytes  # for all cached splits together
         self._pixels: dict = {}
 
     def _label_column(self, ds) -> str | None:
@@ -134,14 +134,15 @@ class Evaluator:
         return {"knn_top1": float(acc)}
 
     def _cached_pixels(self, name: str, model, ds):
-        """ds's images as one preprocessed pixel tensor, made on the first call, when it fits
-        `pixel_cache_bytes`; otherwise ds itself (decoded again at every evaluation)."""
+        """ds's images as one preprocessed pixel tensor, made on the first call, when it fits in
+        what is left of `pixel_cache_bytes`; otherwise ds itself (decoded at every evaluation)."""
         if name in self._pixels:
             return self._pixels[name]
         from mmcl.eval.embed import iter_image_batches
 
         height, width = getattr(model.processor, "image_size", (None, None))
-        if not (height and width) or len(ds) * 3 * height * width * 4 > self.pixel_cache_bytes:
+        used = sum(p.numel() * p.element_size() for p in self._pixels.values())
+        if not (height and width) or used + len(ds) * 3 * height * width * 4 > self.pixel_cache_bytes:
             return ds
         batches = iter_image_batches(_OnCPU(model), ds, image_column=self.cfg.data.image_column,
                                      batch_size=self.cfg.eval.batch_size)
