@@ -11,9 +11,11 @@
 # then run it there with `.whl` and `.device_data` carried. One command may run 10 minutes, so
 # the two parts go in two calls, the second while the machine is still warm:
 #
-#   bash bench/gpu_session.sh kernels                  # CUDA tests + bench_kernels, <= 9 min
-#   MOCO_MINUTES=5 bash bench/gpu_session.sh moco      # MoCo v2, 5 min of training + eval, <= 9 min
+#   bash bench/gpu_session.sh kernels                  # CUDA tests + bench_kernels, <= 9 min (expect ~6)
+#   MOCO_MINUTES=3 bash bench/gpu_session.sh moco      # MoCo v2, 3 min of training + kNN/probe, <= 6 min
 #
+# With 15 minutes of GPU time in all (a machine's start included), MOCO_MINUTES=3 fits after the
+# kernel part; with the kernels already measured, one `moco` call can take MOCO_MINUTES=7.
 # Each step has its own timeout, so a failing step leaves the later ones their time.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -37,7 +39,7 @@ fi
 OUT="${OUT:-/tmp/mmcl_gpu_out}"
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-MOCO_MINUTES="${MOCO_MINUTES:-4}"
+MOCO_MINUTES="${MOCO_MINUTES:-3}"
 status=0
 step() {  # step NAME TIMEOUT_S CMD...: run with a timeout, log to $OUT/NAME.log, remember a failure
     local name=$1 limit=$2
