@@ -62,9 +62,10 @@ class BatchStream:
         if self.position >= self.batches_per_epoch:  # the checkpoint was taken at the very end of an epoch
             self.epoch, self.position = self.epoch + 1, 0
         generator = torch.Generator().manual_seed(hash((self.seed, self.epoch, self.rank)) % (2**63))
+        # Pinned batches let the copies to the GPU (non_blocking) overlap the previous step.
         self._iterator = iter(DataLoader(self.dataset, batch_sampler=self._batches_from(self.epoch, self.position),
                                          collate_fn=self.collate_fn, num_workers=self.num_workers,
-                                         generator=generator))
+                                         generator=generator, pin_memory=torch.cuda.is_available()))
 
     def next(self) -> dict:
         """The next batch (a dict from the collate_fn); moves to the next epoch when one ends."""
