@@ -11,6 +11,8 @@ bench/RESULTS.md.
     python bench/moco_cifar10.py --data data/cifar10 --methods moco simclr --epochs 20
     # CPU: prove the script end to end on a slice (writes nothing to bench/):
     python bench/moco_cifar10.py --smoke
+    # a rehearsal at full size that records nothing (table printed, plot under --output):
+    python bench/moco_cifar10.py --data data/cifar10 --minutes 0.3 --no-write
 
 Extra arguments after `--` are dotted config overrides for every method (e.g. -- loss.queue_size=8192).
 A shorter run is reported as what it is: the curve up to its last epoch, next to the published
@@ -43,6 +45,7 @@ def parse(argv=None):
                         "curve so far as the first epochs of the --epochs schedule")
     p.add_argument("--output", default="runs/repro_cifar10")
     p.add_argument("--smoke", action="store_true", help="tiny CPU run on a slice of the data; writes nothing to bench/")
+    p.add_argument("--no-write", action="store_true", help="print the table only (no plot, nothing appended)")
     p.add_argument("overrides", nargs="*", help="dotted config overrides applied to every method")
     return p.parse_args(argv)
 
@@ -157,7 +160,7 @@ def plot(runs: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def report(runs: list[dict]) -> str:
+def report(runs: list[dict], plot_path: str = "bench/moco_cifar10.png") -> str:
     from _results import markdown_table
 
     rows = []
@@ -174,7 +177,7 @@ def report(runs: list[dict]) -> str:
     table = markdown_table(["method", "epochs (of schedule)", "kNN top-1 (last)", "kNN best", "linear probe", "published kNN",
                             "batch", "queue", "T", "minutes"], rows)
     return (table + "\n\nkNN: k=200, T=0.1, every training image as the memory bank, every test image; "
-            "linear probe: logistic regression on frozen 512-d backbone features. Curve: bench/moco_cifar10.png.")
+            f"linear probe: logistic regression on frozen 512-d backbone features. Curve: {plot_path}.")
 
 
 def main(argv=None) -> list[dict]:
@@ -192,12 +195,14 @@ def main(argv=None) -> list[dict]:
     for run in runs:
         print(f"{run['method']}: {run['epochs_done']:.1f} epochs, kNN curve {[(round(e, 2), round(a, 2)) for e, a in run['curve']]}"
               f", linear probe {run['linear_probe']}")
-    text = report(runs)
+    preview = args.smoke or args.no_write
+    plot_path = out / "moco_cifar10_preview.png" if preview else ROOT / "bench/moco_cifar10.png"
+    text = report(runs, str(plot_path) if preview else "bench/moco_cifar10.png")
     print(text)
-    if args.smoke:
-        plot(runs, out / "moco_cifar10_smoke.png")
+    if preview:
+        plot(runs, plot_path)
         return runs
-    plot(runs, ROOT / "bench/moco_cifar10.png")
+    plot(runs, plot_path)
     from _results import append_section
 
     append_section("moco_cifar10: MoCo v2 / SimCLR on CIFAR-10 (kNN monitor per epoch)", text)
