@@ -81,7 +81,8 @@ if [[ "$PART" == all || "$PART" == kernels ]]; then
 fi
 if [[ "$PART" == all || "$PART" == moco ]]; then
     if [[ -f .device_data/cifar10/train.parquet ]]; then
-        step moco_cifar10 $((MOCO_MINUTES * 60 + 180)) python3 bench/moco_cifar10.py --data .device_data/cifar10 \
+        limit=$(awk -v m="$MOCO_MINUTES" 'BEGIN { printf "%d", m * 60 + 180 }')  # minutes may be fractional
+        step moco_cifar10 "$limit" python3 bench/moco_cifar10.py --data .device_data/cifar10 \
             --methods moco --epochs 200 --minutes "$MOCO_MINUTES"
     else
         echo "=== moco_cifar10 skipped: .device_data/cifar10 was not carried"
