@@ -26,8 +26,8 @@ are computed with swapped roles, in one of two backward modes (BWD_MODES):
   accumulates one D slice of dQ. Matmul passes of 2·B·N·D for CLIP: 1 forward, 2 * (slices + 1)
   backward (6 at D = 768), all in Triton.
 - "gemm": the kernel recomputes S once per tile and writes s·G, in the inputs' dtype, for a chunk
-  of rows at a time (a (rows, N) buffer no bigger than the other operand); cuBLAS multiplies the
-  chunk by K. Passes for CLIP: 1 forward, 4 backward (2 in Triton, 2 in cuBLAS), whatever D.
+  of rows at a time (a (rows, N) buffer of max(512, D) rows: as big as the other operand for
+  D >= 512); cuBLAS multiplies the chunk by K. Passes for CLIP: 1 forward, 4 backward (2 in Triton, 2 in cuBLAS), whatever D.
 
 Choose with block_sizes={"BWD_MODE": ...} per call or $MMCL_TRITON_BWD for every call.
 
@@ -381,8 +381,8 @@ def _backward_side(a, b, scale32, gmax, lse_a, g_a, lse_b, g_b, mask_diagonal, w
 
 
 def _gemm_chunk_rows(M: int, N: int, dim: int, cfg: dict) -> int:
-    """Rows of G per launch of the "gemm" backward: a (rows, N) buffer no bigger than the other
-    operand (N, D) itself, at least 512 rows so that the cuBLAS products stay efficient."""
+    """Rows of G per launch of the "gemm" backward: D rows make the (rows, N) buffer as big as the
+    other operand (N, D); at least 512 rows, so that the cuBLAS products stay efficient."""
     rows = cfg.get("BWD_GEMM_ROWS") or max(512, dim)
     bm = cfg["BLOCK_M"]
     return min(triton.cdiv(rows, bm) * bm, triton.cdiv(M, bm) * bm)
