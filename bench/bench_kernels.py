@@ -56,7 +56,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from mmcl.kernels.row_dot import row_dot_triton  # noqa: E402
 from mmcl.kernels.similarity_lse import (  # noqa: E402
-    BWD_MODE_ENV, backward_mode, default_block_sizes, similarity_lse_triton)
+    backward_mode, default_block_sizes, similarity_lse_triton)
 from mmcl.losses import clip_loss  # noqa: E402
 
 
@@ -70,19 +70,6 @@ def naive_clip_loss(img, txt, scale):
     return 0.5 * (F.cross_entropy(logits.float(), labels) + F.cross_entropy(logits.T.float(), labels))
 
 
-def triton_gemm_clip_loss(img, txt, scale):
-    """clip_loss(impl="triton") with the "gemm" backward (the mode is fixed at forward time)."""
-    before = os.environ.get(BWD_MODE_ENV)
-    os.environ[BWD_MODE_ENV] = "gemm"
-    try:
-        return clip_loss(img, txt, scale, impl="triton")
-    finally:
-        if before is None:
-            del os.environ[BWD_MODE_ENV]
-        else:
-            os.environ[BWD_MODE_ENV] = before
-
-
 def composed_clip_loss(img, txt, scale, **block_sizes):
     """clip_loss(impl="triton")'s computation from the kernels, with explicit block sizes."""
     rows, cols = similarity_lse_triton(img, txt, scale, columns=True, block_sizes=block_sizes)
@@ -91,13 +78,11 @@ def composed_clip_loss(img, txt, scale, **block_sizes):
 
 
 def make_loss(provider):
-    if provider.startswith("triton-gemm-r"):
-        rows = int(provider.removeprefix("triton-gemm-r"))
+    if provider.startswith("triton-gemm"):  # triton-gemm, or triton-gemm-r<rows>
+        rows = int(provider.removeprefix("triton-gemm-r")) if provider.startswith("triton-gemm-r") else None
         return lambda img, txt, scale: composed_clip_loss(img, txt, scale, BWD_MODE="gemm", BWD_GEMM_ROWS=rows)
     if provider == "triton":
         return lambda img, txt, scale: clip_loss(img, txt, scale, impl="triton")
-    if provider == "triton-gemm":
-        return triton_gemm_clip_loss
     if provider == "naive":
         return naive_clip_loss
     if provider == "chunked":  # mmcl's tiled torch path (fp32 tiles of the logits, cuBLAS matmuls)

@@ -27,7 +27,8 @@ are computed with swapped roles, in one of two backward modes (BWD_MODES):
   backward (6 at D = 768), all in Triton.
 - "gemm": the kernel recomputes S once per tile and writes s·G, in the inputs' dtype, for a chunk
   of rows at a time (a (rows, N) buffer of max(512, D) rows: as big as the other operand for
-  D >= 512); cuBLAS multiplies the chunk by K. Passes for CLIP: 1 forward, 4 backward (2 in Triton, 2 in cuBLAS), whatever D.
+  D >= 512); cuBLAS multiplies the chunk by K. Passes for CLIP: 1 forward, 4 backward (2 in
+  Triton, 2 in cuBLAS), whatever D.
 
 Choose with block_sizes={"BWD_MODE": ...} per call or $MMCL_TRITON_BWD for every call.
 
@@ -60,6 +61,8 @@ def backward_mode() -> str:
     if mode not in BWD_MODES:
         raise ValueError(f"{BWD_MODE_ENV} must be one of {BWD_MODES}, got {mode!r}")
     return mode
+
+
 # exp(x) = exp2(x * log2 e): exp2 is the fast hardware instruction. A constexpr, since compiled
 # kernels may only read globals of that kind.
 LOG2E = tl.constexpr(1.4426950408889634)
@@ -380,7 +383,7 @@ def _backward_side(a, b, scale32, gmax, lse_a, g_a, lse_b, g_b, mask_diagonal, w
     return da, ds
 
 
-def _gemm_chunk_rows(M: int, N: int, dim: int, cfg: dict) -> int:
+def _gemm_chunk_rows(M: int, dim: int, cfg: dict) -> int:
     """Rows of G per launch of the "gemm" backward: D rows make the (rows, N) buffer as big as the
     other operand (N, D); at least 512 rows, so that the cuBLAS products stay efficient."""
     rows = cfg.get("BWD_GEMM_ROWS") or max(512, dim)
@@ -397,7 +400,7 @@ def _backward_side_gemm(a, b, scale32, gnorm, lse_a, g_a, lse_b, g_b, mask_diago
     """
     (M, D), N = a.shape, b.shape[0]
     bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
-    chunk = _gemm_chunk_rows(M, N, D, cfg)
+    chunk = _gemm_chunk_rows(M, D, cfg)
     dummy = lse_a if lse_a is not None else lse_b
     g_buf = torch.empty((chunk, N), dtype=a.dtype, device=a.device) if write_da else dummy
     da = torch.empty(a.shape, dtype=a.dtype, device=a.device) if write_da else None

@@ -47,8 +47,7 @@ def build_image_transform(augment: str, processor, image_size: int | None = None
     if augment == "clip" and image_size is None and hasattr(processor, "preprocess_images"):
         return _ProcessorTransform(processor)
     if augment in ("clip", "none"):
-        return T.Compose([T.Resize(min(size), interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(size),
-                          *finish])
+        return T.Compose([*_resize_crop(size), *finish])
     # Blur kernel about a tenth of the image side, odd, as in SimCLR.
     kernel = max(3, int(0.1 * min(size)) // 2 * 2 + 1)
     blur = T.RandomApply([T.GaussianBlur(kernel, sigma=(0.1, 2.0))], p=0.5)
@@ -80,8 +79,14 @@ def build_uint8_transform(processor, image_size: int | None = None):
     from torchvision import transforms as T
 
     size, _, _ = processor_geometry(processor, image_size)
-    return T.Compose([T.Resize(min(size), interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(size),
-                      T.PILToTensor()])
+    return T.Compose([*_resize_crop(size), T.PILToTensor()])
+
+
+def _resize_crop(size):
+    """The deterministic geometry of the "none"/"clip" presets: bicubic short-side resize, centre crop."""
+    from torchvision import transforms as T
+
+    return [T.Resize(min(size), interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(size)]
 
 
 class _ProcessorTransform:

@@ -137,11 +137,13 @@ class _DatasetColumn:
         return self.dataset[index][self.column]
 
 
-def iter_image_batches(model, images, *, image_column: str = "image", batch_size: int = 64) -> Iterator[torch.Tensor]:
-    """Yield (b, 3, H, W) pixel batches prepared by `model.processor`, on the model's device."""
+def iter_image_batches(model, images, *, image_column: str = "image", batch_size: int = 64,
+                       device=None) -> Iterator[torch.Tensor]:
+    """Yield (b, 3, H, W) pixel batches prepared by `model.processor`, on `device` (default: the
+    model's)."""
     items = _as_items(images, image_column)
     batch_size = positive_int("batch_size", batch_size)
-    device = model_device(model)
+    device = model_device(model) if device is None else torch.device(device)
     if len(items) == 0:
         raise ValueError("no images given")
     for start in range(0, len(items), batch_size):

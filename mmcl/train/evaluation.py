@@ -144,17 +144,7 @@ class Evaluator:
         used = sum(p.numel() * p.element_size() for p in self._pixels.values())
         if not (height and width) or used + len(ds) * 3 * height * width * 4 > self.pixel_cache_bytes:
             return ds
-        batches = iter_image_batches(_OnCPU(model), ds, image_column=self.cfg.data.image_column,
-                                     batch_size=self.cfg.eval.batch_size)
+        batches = iter_image_batches(model, ds, image_column=self.cfg.data.image_column,
+                                     batch_size=self.cfg.eval.batch_size, device="cpu")
         self._pixels[name] = torch.cat(list(batches))
         return self._pixels[name]
-
-
-class _OnCPU:
-    """Stands for `model` in iter_image_batches so that the preprocessed pixels stay on the CPU."""
-
-    def __init__(self, model):
-        self.processor = model.processor
-
-    def parameters(self):
-        return iter(())

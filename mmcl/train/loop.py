@@ -43,15 +43,7 @@ def _flat(d: dict, prefix: str = "") -> dict:
 
 
 def _to_device(batch: dict, device) -> dict:
-    moved = {}  # by id: a tensor that stands for two keys (identical device views) moves once
-    out = {}
-    for k, v in batch.items():
-        if isinstance(v, torch.Tensor):
-            if id(v) not in moved:
-                moved[id(v)] = v.to(device, non_blocking=True)
-            v = moved[id(v)]
-        out[k] = v
-    return out
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 def _make_accelerator(cfg: Config):
