@@ -7,13 +7,18 @@ edge to a.b.c when c is a module, else to a.b; relative imports are resolved aga
 importing module's package. Only edges between mmcl modules count.
 """
 import ast
+import os
 import subprocess
 import sys
 import textwrap
-import tomllib
 from pathlib import Path
 
 import pytest
+
+try:
+    import tomllib
+except ImportError:  # Python 3.10
+    tomllib = pytest.importorskip("tomli")
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -148,10 +153,10 @@ _IMPORT_EACH = textwrap.dedent("""
 """)
 
 
-@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs os.fork")
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
 def test_every_mmcl_module_imports_on_its_own():
     names = sorted(mmcl_modules())
-    env = {**__import__("os").environ, "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     result = subprocess.run([sys.executable, "-c", _IMPORT_EACH, *names], capture_output=True, text=True,
                             timeout=600, env=env, cwd=ROOT)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-6000:]

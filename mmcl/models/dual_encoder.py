@@ -111,7 +111,7 @@ class DualEncoder(nn.Module):
         if path_or_spec.startswith("open_clip:"):
             return cls._from_parts(hf_interop.from_open_clip(path_or_spec))
         directory = hf_interop.resolve_directory(path_or_spec)
-        if hf_interop.is_open_clip_source(directory):
+        if hf_interop.is_open_clip_dir(directory):
             return cls._from_parts(hf_interop.from_open_clip(directory))
         config = hf_interop.read_config(directory)
         if "mmcl_model_type" in config:

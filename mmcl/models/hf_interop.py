@@ -106,12 +106,10 @@ def from_transformers_dir(directory: str, config: dict) -> DualEncoderParts:
         text_head=hf.text_projection.weight.detach())
 
 
-def is_open_clip_source(path_or_spec: str) -> bool:
-    """An "open_clip:..." spec, or a directory in open_clip's published layout."""
-    if path_or_spec.startswith("open_clip:"):
-        return True
-    return os.path.isfile(os.path.join(path_or_spec, "open_clip_config.json")) and not os.path.isfile(
-        os.path.join(path_or_spec, "config.json"))
+def is_open_clip_dir(directory: str) -> bool:
+    """A directory in open_clip's published layout (open_clip_config.json, no config.json)."""
+    return os.path.isfile(os.path.join(directory, "open_clip_config.json")) and not os.path.isfile(
+        os.path.join(directory, "config.json"))
 
 
 def from_open_clip(spec: str) -> DualEncoderParts:
