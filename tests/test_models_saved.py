@@ -27,21 +27,31 @@ MAX_COMMITTED_WEIGHTS = 64_000
 _DTYPES = {"F32": torch.float32, "I64": torch.int64}
 
 
+def _uniform(n: int, index: int) -> torch.Tensor:
+    """n values in [-1, 1) from an integer hash of (position, index): the same on any machine."""
+    mask = 2**31 - 1  # 31-bit arithmetic: no product overflows int64
+    x = (torch.arange(n, dtype=torch.int64) * 0x1E3779B1 + index * 0x05EBCA77 + 0x165667B1) & mask
+    for mult in (0x05EBCA6B, 0x42B2AE35):
+        x = ((x ^ (x >> 15)) * mult) & mask
+    x = x ^ (x >> 13)
+    return x.double() / 2**30 - 1.0
+
+
 def formula_tensor(name: str, index: int, shape: list[int], dtype: str) -> torch.Tensor:
-    """Deterministic weights with sane magnitudes: matrices ~ U(+-sqrt(3 / fan_in)) shaped,
-    norm scales near 1, running variances positive, counters 0. Computed in float64."""
+    """Deterministic weights with sane magnitudes: matrices ~ U(+-sqrt(3 / fan_in)), norm scales
+    near 1, biases and running means small, running variances near 1, counters 0."""
     if dtype == "I64":
         return torch.zeros(shape, dtype=torch.int64)
     n = math.prod(shape)
-    wave = torch.sin(torch.arange(n, dtype=torch.float64) * 0.7311 + 1.37 * index)
+    u = _uniform(n, index)
     if name.endswith("running_var"):
-        values = 1.0 + 0.25 * wave * wave
+        values = 1.0 + 0.25 * u
     elif name.endswith("running_mean") or len(shape) <= 1 and not name.endswith("weight"):
-        values = 0.05 * wave
+        values = 0.05 * u
     elif len(shape) <= 1:  # norm scales
-        values = 1.0 + 0.1 * wave
+        values = 1.0 + 0.1 * u
     else:
-        values = wave * math.sqrt(3.0 / (n // shape[0]))
+        values = u * math.sqrt(3.0 / (n // shape[0]))
     return values.reshape(shape).to(_DTYPES[dtype])
 
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors.torch import load_model, save_model
 
 import mmcl
 from mmcl.losses import LogitScale
@@ -133,8 +134,6 @@ class DualEncoder(nn.Module):
 
     @classmethod
     def _from_mmcl_dir(cls, directory: str, config: dict) -> "DualEncoder":
-        from safetensors.torch import load_model
-
         if config["mmcl_model_type"] != "dual_encoder":
             raise ValueError(f"{directory!r} holds an mmcl {config['mmcl_model_type']!r}, not a dual_encoder")
         image = from_saved(config["image_tower"], "image")
@@ -150,8 +149,6 @@ class DualEncoder(nn.Module):
 
     def save_pretrained(self, directory: str) -> None:
         """Write config.json, model.safetensors and the processor files into `directory`."""
-        from safetensors.torch import save_model
-
         os.makedirs(directory, exist_ok=True)
         with open(os.path.join(directory, CONFIG_FILE), "w") as f:
             json.dump(self.config(), f, indent=2)
