@@ -153,6 +153,7 @@ _IMPORT_EACH = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # one interpreter plus a forked child per module
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
 def test_every_mmcl_module_imports_on_its_own():
     names = sorted(mmcl_modules())

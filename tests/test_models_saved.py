@@ -1,4 +1,4 @@
-"""Models saved by mmcl 0.1.0 (before towers had a registry) still load, with the same outputs.
+"""Models saved by mmcl 0.1.0 still load, with the same outputs.
 
 tests/fixtures/saved_models/<kind>/ holds, for each saveable tower kind, what save_pretrained
 wrote (config.json, mmcl_processor.json), the header of its model.safetensors (weights.json:
