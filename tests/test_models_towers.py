@@ -1,5 +1,6 @@
 """timm, torchvision and open_clip towers against their libraries' own forward passes, the real
-EfficientNet-Lite0 and MiniLM towers, save/load of those towers, locking and checkpointing."""
+EfficientNet-Lite0 and MiniLM towers, save/load of those towers, locking and checkpointing, and
+the tower registry (every kind rebuilt from its saved spec, shared open_clip pairs, spec errors)."""
 import json
 
 import pytest
