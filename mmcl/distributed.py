@@ -84,7 +84,7 @@ def shuffle_batch(x: torch.Tensor, generator: torch.Generator | None = None) -> 
     All ranks' (B, ...) batches are gathered into (W*B, ...); one random permutation `perm` of
     W*B rows is drawn on rank 0 and broadcast; rank r keeps rows perm[r*B:(r+1)*B]. Every rank
     must hold the same B. Outside a distributed run it shuffles the local batch (W = 1), which
-    matters with split BatchNorm (mmcl.models.cifar_resnet.SplitBatchNorm2d).
+    matters with split BatchNorm (mmcl.models.batchnorm.SplitBatchNorm2d).
 
     Returns:
         (shuffled (B, ...), unshuffle index (W*B,) long: argsort(perm), for `unshuffle_batch`).

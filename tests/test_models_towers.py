@@ -1,5 +1,6 @@
 """timm, torchvision and open_clip towers against their libraries' own forward passes, the real
-EfficientNet-Lite0 and MiniLM towers, save/load of those towers, locking and checkpointing."""
+EfficientNet-Lite0 and MiniLM towers, save/load of those towers, locking and checkpointing, and
+the tower registry (every kind rebuilt from its saved spec, shared open_clip pairs, spec errors)."""
 import json
 
 import pytest
@@ -229,3 +230,87 @@ def test_gradient_checkpointing_same_gradients():
     assert plain.keys() == ckpt.keys()
     for n in plain:
         torch.testing.assert_close(ckpt[n], plain[n], atol=1e-6, rtol=1e-5, msg=n)
+
+
+def _tiny_hf_configs():
+    from transformers import BertConfig, ViTConfig
+
+    tiny = dict(hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=12)
+    return ViTConfig(image_size=16, patch_size=8, **tiny), BertConfig(vocab_size=30, max_position_embeddings=16, **tiny)
+
+
+def test_registry_rebuilds_every_kind_from_its_saved_spec(tiny_open_clip):
+    from mmcl.models import towers
+
+    vit, bert = _tiny_hf_configs()
+    cases = [(vit, "image"), (bert, "text"), ("open_clip:mmcl-tiny-clip", "image"), ("open_clip:mmcl-tiny-clip", "text"),
+             ("timm:test_efficientnet", "image"), ("torchvision:shufflenet_v2_x0_5", "image"),
+             ("mmcl:cifar_resnet18", "image")]
+    assert set(towers.KINDS) == {"transformers", "open_clip", "timm", "torchvision", "mmcl"}
+    for spec, modality in cases:
+        tower = towers.build(spec, modality).eval()
+        assert isinstance(tower, towers.Tower) and towers.KINDS[tower.kind] is type(tower), spec
+        saved = json.loads(json.dumps(tower.spec()))  # as config.json holds it
+        back = towers.from_saved(saved, modality).eval()
+        assert type(back) is type(tower) and back.spec() == tower.spec() and back.modality == modality
+        back.load_state_dict(tower.state_dict(), strict=True)
+        if modality == "image":
+            x = {"pixel_values": torch.randn(2, 3, 16, 16) if tower.kind != "open_clip" else torch.randn(2, 3, 32, 32)}
+        else:
+            x = {"input_ids": torch.randint(1, 30, (2, 12)), "attention_mask": torch.ones(2, 12, dtype=torch.long)}
+        with torch.no_grad():
+            out = tower(**x)
+            assert out.shape == (2, tower.output_dim), spec
+            torch.testing.assert_close(back(**x), out, atol=0, rtol=0)
+    # build() also takes a saved dict: one builder for spec strings and saved configs.
+    assert towers.build({"kind": "timm", "name": "test_efficientnet"}, "image").spec() == \
+        {"kind": "timm", "name": "test_efficientnet"}
+
+
+def test_build_pair_shares_one_open_clip_model(tiny_open_clip, monkeypatch):
+    import open_clip
+
+    from mmcl.models import towers
+
+    _, ckpt = tiny_open_clip
+    calls = []
+    create = open_clip.create_model
+    monkeypatch.setattr(open_clip, "create_model", lambda *a, **k: calls.append(a) or create(*a, **k))
+    spec = f"open_clip:mmcl-tiny-clip:{ckpt}"
+    image, text = towers.build_pair(spec, spec)
+    assert len(calls) == 1 and (image.modality, text.modality) == ("image", "text")
+    # The halves of one open_clip model: the text tower's weights are the checkpoint's.
+    reference = tiny_open_clip[0]
+    torch.testing.assert_close(text.model.token_embedding.weight, reference.token_embedding.weight, atol=0, rtol=0)
+    _, bert = _tiny_hf_configs()
+    image, text = towers.build_pair(spec, bert)
+    assert len(calls) == 2 and text.kind == "transformers"
+    image, text = towers.build_pair(spec, "open_clip:mmcl-tiny-clip")  # two models: weights differ
+    assert len(calls) == 4 and not torch.equal(text.model.token_embedding.weight, reference.token_embedding.weight)
+    image, text = towers.build_pair("timm:test_efficientnet")
+    assert text is None and image.kind == "timm"
+
+
+def test_tower_spec_errors_name_the_problem(tiny_open_clip, tmp_path):
+    from mmcl.models import towers
+
+    with pytest.raises(ValueError, match="timm towers are image towers, got 'timm:test_efficientnet' as the text"):
+        towers.build("timm:test_efficientnet", "text")
+    with pytest.raises(ValueError, match="timm towers are image towers"):
+        towers.build_pair("timm:test_efficientnet", "timm:test_efficientnet")
+    with pytest.raises(ValueError, match=r"'mmcl:' names no model \(expected 'mmcl:NAME"):
+        towers.build("mmcl:", "image")
+    with pytest.raises(ValueError, match="unknown mmcl tower 'resnet9'"):
+        towers.build("mmcl:resnet9", "image")
+    with pytest.raises(ValueError, match="open_clip checkpoint .* does not exist"):
+        towers.build(f"open_clip:mmcl-tiny-clip:{tmp_path / 'missing.safetensors'}", "image")
+    with pytest.raises(ValueError, match="unknown tower kind 'keras' in saved config"):
+        towers.from_saved({"kind": "keras", "name": "x"}, "image")
+    with pytest.raises(ValueError, match="modality must be one of"):
+        towers.build("timm:test_efficientnet", "audio")
+    with pytest.raises(ValueError, match="pooling must be one of"):
+        towers.build_pair("timm:test_efficientnet", image_pooling="max")
+    with pytest.raises(TypeError, match="image_tower must be a str, a path or a transformers PretrainedConfig"):
+        towers.build(42, "image")
+    with pytest.raises(ValueError, match="image_tower is required"):
+        towers.build_pair(None, "timm:test_efficientnet")

@@ -9,10 +9,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors.torch import load_model, save_model
 
+import mmcl
 from mmcl.losses import LogitScale
+from mmcl.models import hf_interop
 from mmcl.models.processor import DualProcessor, TransformImageProcessor
-from mmcl.models.towers import build_tower, has_image_processor_files, has_tokenizer_files, tower_from_spec
+from mmcl.models.towers import Tower, build_pair, from_saved
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -40,17 +43,13 @@ def make_projection(kind: str, in_dim: int, out_dim: int) -> nn.Module:
     raise ValueError(f"projection must be one of {PROJECTIONS}, got {kind!r}")
 
 
-def _is_open_clip(spec) -> bool:
-    return isinstance(spec, str) and spec.startswith("open_clip:")
-
-
 class DualEncoder(nn.Module):
     """Two towers + projection heads + LogitScale. Build with `from_towers` or `from_pretrained`.
 
     encode_image (B, 3, H, W) -> (B, P); encode_text (B, L) ids -> (B, P); forward -> both.
     """
 
-    def __init__(self, image_tower: nn.Module, text_tower: nn.Module | None, processor: DualProcessor, *,
+    def __init__(self, image_tower: Tower, text_tower: Tower | None, processor: DualProcessor, *,
                  projection_dim: int = 512, projection: str = "linear", init_temperature: float = 0.07,
                  max_scale: float = 100.0):
         super().__init__()
@@ -92,25 +91,9 @@ class DualEncoder(nn.Module):
         the ones found with the towers; image_size / image_mean / image_std switch to a
         torchvision-transforms processor with those values.
         """
-        from mmcl.models.open_clip_towers import open_clip_tokenizer_for, open_clip_towers_from_cfg, \
-            parse_open_clip_spec
-
-        if image_tower is None:
-            raise ValueError("image_tower is required (text_tower may be None for an image-only model)")
-        image_tower, text_tower = (os.fspath(t) if isinstance(t, os.PathLike) else t for t in (image_tower, text_tower))
-        oc = {}
-        for spec in {s for s in (image_tower, text_tower) if _is_open_clip(s)}:
-            name, ckpt = parse_open_clip_spec(spec)
-            oc[spec] = open_clip_towers_from_cfg(name, None, ckpt)
-        image = oc[image_tower][0] if _is_open_clip(image_tower) else build_tower(image_tower, "image", image_pooling)
-        text = None
-        if text_tower is not None:
-            text = oc[text_tower][1] if _is_open_clip(text_tower) else build_tower(text_tower, "text", text_pooling)
-
-        image_proc = _resolve_image_processor(image, image_tower, image_processor, image_size, image_mean, image_std)
-        tok = _resolve_tokenizer(text, text_tower, tokenizer)
-        if tok is None and text is not None and text.kind == "open_clip":
-            tok = open_clip_tokenizer_for(text.model_cfg)
+        image, text = build_pair(image_tower, text_tower, image_pooling, text_pooling)
+        image_proc = _resolve_image_processor(image, image_processor, image_size, image_mean, image_std)
+        tok = _resolve_tokenizer(text, tokenizer)
         processor = DualProcessor(image_proc, tok, getattr(text, "max_length", None) if text is not None else None)
         model = cls(image, text, processor, projection_dim=projection_dim, projection=projection,
                     init_temperature=init_temperature)
@@ -122,31 +105,39 @@ class DualEncoder(nn.Module):
         VisionTextDualEncoderModel directory (or cached hub id), or an open_clip model:
         "open_clip:NAME[:CHECKPOINT]" or a directory with open_clip_config.json (then the heads
         are identities and the logit scale is open_clip's)."""
-        from mmcl.models import hf_interop
-
         if isinstance(path_or_spec, os.PathLike):
             path_or_spec = os.fspath(path_or_spec)
         if not isinstance(path_or_spec, str):
             raise TypeError(f"path_or_spec must be a str, got {type(path_or_spec).__name__}")
-        if _is_open_clip(path_or_spec):
-            return hf_interop.from_open_clip(cls, path_or_spec)
+        if path_or_spec.startswith("open_clip:"):
+            return cls._from_parts(hf_interop.from_open_clip(path_or_spec))
         directory = hf_interop.resolve_directory(path_or_spec)
-        if os.path.isfile(os.path.join(directory, "open_clip_config.json")) and not os.path.isfile(
-                os.path.join(directory, "config.json")):
-            return hf_interop.from_open_clip(cls, directory)
+        if hf_interop.is_open_clip_dir(directory):
+            return cls._from_parts(hf_interop.from_open_clip(directory))
         config = hf_interop.read_config(directory)
         if "mmcl_model_type" in config:
             return cls._from_mmcl_dir(directory, config)
-        return hf_interop.from_transformers_dir(cls, directory, config)
+        return cls._from_parts(hf_interop.from_transformers_dir(directory, config))
+
+    @classmethod
+    def _from_parts(cls, parts: hf_interop.DualEncoderParts) -> "DualEncoder":
+        model = cls(parts.image_tower, parts.text_tower, parts.processor, projection_dim=parts.projection_dim,
+                    projection=parts.projection, init_temperature=1.0 / parts.scale,
+                    max_scale=max(100.0, parts.scale))
+        with torch.no_grad():
+            if parts.image_head is not None:
+                model.image_projection.weight.copy_(parts.image_head)
+            if parts.text_head is not None:
+                model.text_projection.weight.copy_(parts.text_head)
+            model.logit_scale.log_scale.copy_(parts.log_scale)
+        return model.eval()
 
     @classmethod
     def _from_mmcl_dir(cls, directory: str, config: dict) -> "DualEncoder":
-        from safetensors.torch import load_model
-
         if config["mmcl_model_type"] != "dual_encoder":
             raise ValueError(f"{directory!r} holds an mmcl {config['mmcl_model_type']!r}, not a dual_encoder")
-        image = tower_from_spec(config["image_tower"], "image")
-        text = tower_from_spec(config["text_tower"], "text") if config.get("text_tower") else None
+        image = from_saved(config["image_tower"], "image")
+        text = from_saved(config["text_tower"], "text") if config.get("text_tower") else None
         model = cls(image, text, DualProcessor.from_pretrained(directory), projection_dim=config["projection_dim"],
                     projection=config["projection"], init_temperature=config["init_temperature"],
                     max_scale=config.get("max_scale", 100.0))
@@ -158,8 +149,6 @@ class DualEncoder(nn.Module):
 
     def save_pretrained(self, directory: str) -> None:
         """Write config.json, model.safetensors and the processor files into `directory`."""
-        from safetensors.torch import save_model
-
         os.makedirs(directory, exist_ok=True)
         with open(os.path.join(directory, CONFIG_FILE), "w") as f:
             json.dump(self.config(), f, indent=2)
@@ -168,8 +157,6 @@ class DualEncoder(nn.Module):
 
     def config(self) -> dict:
         """JSON-serialisable description that rebuilds this architecture."""
-        import mmcl
-
         return {
             "mmcl_model_type": "dual_encoder", "mmcl_version": mmcl.__version__,
             "image_tower": self.image_tower.spec(),
@@ -183,8 +170,6 @@ class DualEncoder(nn.Module):
         towers are CLIP's) with its processor files; transformers' zero-shot pipeline loads it.
         Raises ValueError for what transformers cannot express (non-transformers towers, "mlp"
         heads, towers not pooled by pooler_output, image-only models)."""
-        from mmcl.models import hf_interop
-
         hf_interop.export_to_transformers(self, directory)
 
     # ------------------------------------------------------------------ encoding
@@ -267,10 +252,7 @@ class DualEncoder(nn.Module):
     def _lock(self, modality, tower, head, unlocked_layers, lock_projection):
         if not isinstance(unlocked_layers, int) or isinstance(unlocked_layers, bool) or unlocked_layers < 0:
             raise ValueError(f"unlocked_layers must be an int >= 0, got {unlocked_layers!r}")
-        if hasattr(tower, "lock"):
-            tower.lock(unlocked_layers)
-        else:
-            _lock_blocks(tower, unlocked_layers)
+        tower.lock(unlocked_layers)
         for p in head.parameters():
             p.requires_grad_(not lock_projection)
         if unlocked_layers == 0:
@@ -292,26 +274,7 @@ class DualEncoder(nn.Module):
                 tower.gradient_checkpointing_enable()
 
 
-def _lock_blocks(tower: nn.Module, unlocked_layers: int) -> None:
-    blocks = tower.blocks()
-    if unlocked_layers > len(blocks):
-        raise ValueError(f"unlocked_layers={unlocked_layers} but the tower has only {len(blocks)} layers")
-    params = list(tower.parameters())
-    for p in params:
-        p.requires_grad_(False)
-    if unlocked_layers == 0:
-        return
-    # The last N blocks, and every parameter registered after the last block (final norm, pooler).
-    last_block_ids = {id(p) for p in blocks[-1].parameters()}
-    end = max(i for i, p in enumerate(params) if id(p) in last_block_ids)
-    for block in blocks[-unlocked_layers:]:
-        for p in block.parameters():
-            p.requires_grad_(True)
-    for p in params[end + 1:]:
-        p.requires_grad_(True)
-
-
-def _resolve_image_processor(tower, spec, image_processor, image_size, image_mean, image_std):
+def _resolve_image_processor(tower, image_processor, image_size, image_mean, image_std):
     if image_processor is not None:
         if isinstance(image_processor, (str, os.PathLike)):
             from transformers import AutoImageProcessor
@@ -322,10 +285,8 @@ def _resolve_image_processor(tower, spec, image_processor, image_size, image_mea
                 raise ValueError(f"cannot load an image processor from {image_processor!r}: {exc}") from exc
         return image_processor
     overrides = image_size is not None or image_mean is not None or image_std is not None
-    if not overrides and tower.kind == "transformers" and isinstance(spec, str) and has_image_processor_files(spec):
-        from transformers import AutoImageProcessor
-
-        return AutoImageProcessor.from_pretrained(spec)
+    if not overrides and (saved := tower.default_image_processor()) is not None:
+        return saved
     cfg = tower.image_processing()
     return TransformImageProcessor(
         image_size if image_size is not None else cfg["size"], image_mean if image_mean is not None else cfg["mean"],
@@ -334,7 +295,7 @@ def _resolve_image_processor(tower, spec, image_processor, image_size, image_mea
     )
 
 
-def _resolve_tokenizer(text, spec, tokenizer):
+def _resolve_tokenizer(text, tokenizer):
     if text is None:
         return None
     if isinstance(tokenizer, (str, os.PathLike)):
@@ -344,10 +305,8 @@ def _resolve_tokenizer(text, spec, tokenizer):
             tokenizer = AutoTokenizer.from_pretrained(os.fspath(tokenizer))
         except Exception as exc:
             raise ValueError(f"cannot load a tokenizer from {tokenizer!r}: {exc}") from exc
-    elif tokenizer is None and text.kind == "transformers" and isinstance(spec, str) and has_tokenizer_files(spec):
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(spec)
+    elif tokenizer is None:
+        tokenizer = text.default_tokenizer()
     vocab = getattr(text, "vocab_size", None)
     if tokenizer is not None and vocab is not None and hasattr(tokenizer, "__len__") and len(tokenizer) > vocab:
         raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the text tower's vocab_size is {vocab}")

@@ -1,5 +1,5 @@
-"""Loading transformers' CLIPModel / VisionTextDualEncoderModel and open_clip models into a
-DualEncoder, and exporting a DualEncoder back to transformers.
+"""Reading transformers' CLIPModel / VisionTextDualEncoderModel and open_clip models as the
+parts of a DualEncoder, and exporting a DualEncoder back to transformers.
 
 The mapping is one to one: both transformers models pool each tower by its pooler_output,
 project with bias-free linears (`visual_projection`, `text_projection`) and store the log of the
@@ -11,11 +11,31 @@ from __future__ import annotations
 import json
 import math
 import os
+from dataclasses import dataclass
 
 import torch
 
 from mmcl.models.processor import DualProcessor, TransformImageProcessor
-from mmcl.models.towers import HFTower, has_image_processor_files, has_tokenizer_files
+from mmcl.models.towers import HFTower, Tower, has_image_processor_files, has_tokenizer_files, parse
+from mmcl.models.towers.open_clip import open_clip_tokenizer_for, open_clip_towers_from_cfg, \
+    open_clip_towers_from_dir
+
+
+@dataclass
+class DualEncoderParts:
+    """What a foreign model is made of, in DualEncoder's terms: towers, processor, heads and
+    logit scale. `image_head` / `text_head` are (P, H) weights of "linear" heads (None: fresh);
+    `log_scale` is the log of the logit multiplier `scale`."""
+
+    image_tower: Tower
+    text_tower: Tower
+    processor: DualProcessor
+    projection: str
+    projection_dim: int
+    scale: float
+    log_scale: torch.Tensor
+    image_head: torch.Tensor | None = None
+    text_head: torch.Tensor | None = None
 
 
 def resolve_directory(path: str) -> str:
@@ -62,53 +82,50 @@ def _hf_processor(directory: str, vision_config, text_tower) -> DualProcessor:
     return DualProcessor(image_processor, tokenizer, text_tower.max_length)
 
 
-def from_transformers_dir(cls, directory: str, config: dict):
-    """A DualEncoder equal to a transformers CLIPModel or VisionTextDualEncoderModel."""
+def from_transformers_dir(directory: str, config: dict) -> DualEncoderParts:
+    """The parts of a transformers CLIPModel or VisionTextDualEncoderModel directory."""
     import transformers
 
     model_type = config.get("model_type")
     if model_type == "clip":
         # transformers 5's CLIPModel holds a CLIPVisionModel and a CLIPTextModel: take them.
         hf = transformers.CLIPModel.from_pretrained(directory, dtype=torch.float32)
-        vision, text = hf.vision_model, hf.text_model
     elif model_type == "vision-text-dual-encoder":
         hf = transformers.VisionTextDualEncoderModel.from_pretrained(directory, dtype=torch.float32)
-        vision, text = hf.vision_model, hf.text_model
     else:
         raise ValueError(
             f"{directory!r} holds a transformers {model_type!r} model; DualEncoder.from_pretrained loads mmcl, "
             "CLIPModel and VisionTextDualEncoderModel directories (use DualEncoder.from_towers for single towers)"
         )
+    vision, text = hf.vision_model, hf.text_model
     image_tower, text_tower = HFTower(vision, "image", "pooler"), HFTower(text, "text", "pooler")
-    scale = float(hf.logit_scale.detach().exp())
-    model = cls(image_tower, text_tower, _hf_processor(directory, vision.config, text_tower),
-                projection_dim=hf.visual_projection.out_features, projection="linear",
-                init_temperature=1.0 / scale, max_scale=max(100.0, scale))
-    with torch.no_grad():
-        model.image_projection.weight.copy_(hf.visual_projection.weight)
-        model.text_projection.weight.copy_(hf.text_projection.weight)
-        model.logit_scale.log_scale.copy_(hf.logit_scale.detach().reshape(()))
-    return model.eval()
+    return DualEncoderParts(
+        image_tower, text_tower, _hf_processor(directory, vision.config, text_tower), projection="linear",
+        projection_dim=hf.visual_projection.out_features, scale=float(hf.logit_scale.detach().exp()),
+        log_scale=hf.logit_scale.detach().reshape(()), image_head=hf.visual_projection.weight.detach(),
+        text_head=hf.text_projection.weight.detach())
 
 
-def from_open_clip(cls, spec: str):
+def is_open_clip_dir(directory: str) -> bool:
+    """A directory in open_clip's published layout (open_clip_config.json, no config.json)."""
+    return os.path.isfile(os.path.join(directory, "open_clip_config.json")) and not os.path.isfile(
+        os.path.join(directory, "config.json"))
+
+
+def from_open_clip(spec: str) -> DualEncoderParts:
     """Both towers of one open_clip model ("open_clip:NAME[:CKPT]" or an open_clip model
-    directory), open_clip's own heads (mmcl heads are identities) and logit scale."""
-    from mmcl.models import open_clip_towers as oc
-
+    directory), with open_clip's own heads inside them (mmcl heads are identities) and its
+    logit scale."""
     if os.path.isdir(spec):
-        image, text, scale = oc.open_clip_towers_from_dir(spec)
+        image, text, scale = open_clip_towers_from_dir(spec)
     else:
-        name, ckpt = oc.parse_open_clip_spec(spec)
-        image, text, scale = oc.open_clip_towers_from_cfg(name, None, ckpt)
+        _, name, ckpt = parse(spec, "image")
+        image, text, scale = open_clip_towers_from_cfg(name, None, ckpt)
     cfg = image.image_processing()
     processor = DualProcessor(TransformImageProcessor(cfg["size"], cfg["mean"], cfg["std"], 1.0, cfg["interpolation"]),
-                              oc.open_clip_tokenizer_for(image.model_cfg), text.max_length)
-    model = cls(image, text, processor, projection="none", init_temperature=1.0 / scale,
-                max_scale=max(100.0, scale))
-    with torch.no_grad():
-        model.logit_scale.log_scale.fill_(math.log(scale))
-    return model.eval()
+                              open_clip_tokenizer_for(image.model_cfg), text.max_length)
+    return DualEncoderParts(image, text, processor, projection="none", projection_dim=image.output_dim,
+                            scale=scale, log_scale=torch.tensor(math.log(scale)))
 
 
 def _export_problems(model) -> list[str]:

@@ -13,6 +13,8 @@ import os
 
 import torch
 
+from mmcl.models.towers.open_clip import OpenCLIPTokenizer
+
 PROCESSOR_FILE = "mmcl_processor.json"
 
 
@@ -219,7 +221,5 @@ class DualProcessor:
 
                 tokenizer = AutoTokenizer.from_pretrained(directory)
             else:
-                from mmcl.models.open_clip_towers import OpenCLIPTokenizer
-
                 tokenizer = OpenCLIPTokenizer(meta["text"]["context_length"])
         return cls(image_processor, tokenizer, meta.get("text_max_length"))

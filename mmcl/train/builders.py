@@ -88,7 +88,7 @@ def build_model(cfg):
     # Norm conversions happen here, before MoCo copies the model into its key encoder, so the
     # key encoder (whose BatchNorm is what could leak the positive) gets them too.
     if m.bn_splits > 1:
-        from mmcl.models.cifar_resnet import convert_split_batchnorm
+        from mmcl.models.batchnorm import convert_split_batchnorm
 
         convert_split_batchnorm(model, m.bn_splits)
     if m.sync_bn:

@@ -1,7 +1,8 @@
 """open_clip models as towers: `visual` is the image tower, the text transformer the text tower.
 
-Both towers of one open_clip model are built together (a single `create_model` call) and split.
-The model is built with open_clip's "custom text" layout, where the text encoder is one module
+Spec "open_clip:NAME[:CHECKPOINT]". Both towers of one open_clip model are built together (a
+single `create_model` call) and split; one spec given for both towers shares that model. The
+model is built with open_clip's "custom text" layout, where the text encoder is one module
 (`model.text`); checkpoints in the standard layout are converted with open_clip's own
 `convert_to_custom_text_state_dict`. Checkpoints are read without unpickling (safetensors, or
 torch.load(weights_only=True)).
@@ -9,39 +10,54 @@ torch.load(weights_only=True)).
 from __future__ import annotations
 
 import copy
+import json
 import os
 import tempfile
 
 import torch.nn as nn
 
+from mmcl.models.towers.base import Tower, as_size
 from mmcl.models.weights import read_state_dict
 
+OPEN_CLIP_DIR_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
-class OpenCLIPTower(nn.Module):
+
+class OpenCLIPTower(Tower):
     """One half of an open_clip model; forward gives open_clip's encode_image/encode_text
     features (B, embed_dim), unnormalised."""
 
-    kind = "open_clip"
+    kind = prefix = "open_clip"
+    modalities = ("image", "text")
 
     def __init__(self, module: nn.Module, modality: str, name: str, model_cfg: dict):
-        super().__init__()
-        self.model = module
-        self.modality = modality
+        super().__init__(module, modality, model_cfg["embed_dim"])
         self.name = name
         self.model_cfg = copy.deepcopy(model_cfg)
-        self.output_dim = int(model_cfg["embed_dim"])
-        self.num_channels = 3
         self.vocab_size = getattr(module, "vocab_size", None)
         self.max_length = getattr(module, "context_length", None)
+
+    @classmethod
+    def from_spec(cls, name, weights, modality, pooling="auto"):
+        image, text = cls.pair_from_spec(name, weights)
+        return image if modality == "image" else text
+
+    @classmethod
+    def from_saved(cls, spec, modality):
+        image, text, _ = open_clip_towers_from_cfg(spec["name"], spec["model_cfg"], None)
+        return image if modality == "image" else text
+
+    @classmethod
+    def pair_from_spec(cls, name, weights, image_pooling="auto", text_pooling="auto"):
+        image, text, _ = open_clip_towers_from_cfg(name, None, weights)
+        return image, text
 
     @property
     def required_size(self):
         if self.modality != "image":
             return None
-        size = getattr(self.model, "image_size", None)
-        if size is None:
-            return None
-        return (size, size) if isinstance(size, int) else tuple(size)
+        return as_size(getattr(self.model, "image_size", None))
 
     def forward(self, pixel_values=None, input_ids=None, attention_mask=None):
         # open_clip's text encoders use a causal mask and pool at the EOS token, so padding is
@@ -54,11 +70,12 @@ class OpenCLIPTower(nn.Module):
 
     def image_processing(self):
         cfg = getattr(self.model, "preprocess_cfg", {}) or {}
-        size = cfg.get("size", 224)
-        size = (size, size) if isinstance(size, int) else tuple(size)
-        return {"size": size, "mean": tuple(cfg.get("mean", (0.48145466, 0.4578275, 0.40821073))),
-                "std": tuple(cfg.get("std", (0.26862954, 0.26130258, 0.27577711))), "crop_pct": 1.0,
+        return {"size": as_size(cfg.get("size", 224)), "mean": tuple(cfg.get("mean", _CLIP_MEAN)),
+                "std": tuple(cfg.get("std", _CLIP_STD)), "crop_pct": 1.0,
                 "interpolation": cfg.get("interpolation", "bicubic")}
+
+    def default_tokenizer(self):
+        return open_clip_tokenizer_for(self.model_cfg)
 
     def lock(self, unlocked_layers: int):
         # open_clip's own LiT locking knows its groups. Its transformers count the projection
@@ -72,11 +89,6 @@ class OpenCLIPTower(nn.Module):
             self.model.lock(unlocked_groups=groups)
         else:
             self.model.lock(unlocked_layers=groups)
-
-    def blocks(self):
-        from mmcl.models.towers import largest_block_list
-
-        return largest_block_list(self.model)
 
     def gradient_checkpointing_enable(self):
         self.model.set_grad_checkpointing(True)
@@ -95,8 +107,6 @@ def _create(name: str, model_cfg: dict | None):
         raise ValueError(f"open_clip has no model config named {name!r} (open_clip.list_models() lists them)")
     # A config that open_clip does not know under this name (saved by mmcl): open_clip loads it
     # from a local directory holding open_clip_config.json.
-    import json
-
     with tempfile.TemporaryDirectory() as tmp:
         with open(os.path.join(tmp, "open_clip_config.json"), "w") as f:
             json.dump({"model_cfg": model_cfg}, f)
@@ -118,14 +128,10 @@ def _load_checkpoint(model: nn.Module, path: str) -> None:
         )
 
 
-OPEN_CLIP_DIR_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
-
-
 def open_clip_towers_from_dir(directory: str):
-    """Towers of an open_clip model directory (open_clip_config.json + open_clip_model.safetensors,
-    the layout open_clip publishes on the Hugging Face hub)."""
-    import json
-
+    """(image tower, text tower, logit_scale multiplier) of an open_clip model directory
+    (open_clip_config.json + open_clip_model.safetensors, the layout open_clip publishes on the
+    Hugging Face hub)."""
     import open_clip
 
     with open(os.path.join(directory, "open_clip_config.json")) as f:
@@ -141,7 +147,10 @@ def open_clip_towers_from_dir(directory: str):
 
 
 def open_clip_towers_from_cfg(name: str, model_cfg: dict | None, checkpoint: str | None):
-    """(image tower, text tower, logit_scale multiplier) of one open_clip model."""
+    """(image tower, text tower, logit_scale multiplier) of one open_clip model: the model named
+    `name` (or described by `model_cfg`), with the weights of `checkpoint` if given."""
+    if checkpoint and not os.path.isfile(checkpoint):
+        raise ValueError(f"open_clip checkpoint {checkpoint!r} (of model {name!r}) does not exist")
     model, cfg = _create(name, model_cfg)
     return _split(model, name, cfg, checkpoint)
 
@@ -155,16 +164,6 @@ def _split(model, name: str, cfg: dict, checkpoint: str | None):
     return image, text, float(model.logit_scale.detach().exp().reshape(-1)[0])
 
 
-def parse_open_clip_spec(spec: str) -> tuple[str, str | None]:
-    _, _, rest = spec.partition(":")
-    name, _, ckpt = rest.partition(":")
-    if not name:
-        raise ValueError(f"open_clip spec {spec!r} names no model (expected 'open_clip:NAME[:CHECKPOINT_FILE]')")
-    if ckpt and not os.path.isfile(ckpt):
-        raise ValueError(f"open_clip checkpoint {ckpt!r} (from spec {spec!r}) does not exist")
-    return name, ckpt or None
-
-
 class OpenCLIPTokenizer:
     """open_clip's BPE tokenizer (it ships with open_clip), producing fixed-length ids."""
 
@@ -175,6 +174,7 @@ class OpenCLIPTokenizer:
         self._tok = SimpleTokenizer(context_length=self.context_length)
 
     def __call__(self, texts: list[str], max_length: int | None = None) -> dict:
+        """texts -> {"input_ids": (B, L) int64, "attention_mask": (B, L) int64}."""
         ids = self._tok(texts, context_length=max_length or self.context_length)
         return {"input_ids": ids.long(), "attention_mask": (ids != 0).long()}
 
@@ -183,6 +183,7 @@ class OpenCLIPTokenizer:
 
 
 def open_clip_tokenizer_for(model_cfg: dict) -> OpenCLIPTokenizer:
+    """The tokenizer of an open_clip model config (its BPE tokenizer at its context length)."""
     text_cfg = model_cfg.get("text_cfg", {})
     if text_cfg.get("hf_tokenizer_name") or text_cfg.get("hf_model_name"):
         raise ValueError(
