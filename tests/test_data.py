@@ -17,6 +17,8 @@ from mmcl.data import (
 from mmcl.data.loader import _sample_seed
 
 MEAN, STD = (0.48, 0.45, 0.40), (0.27, 0.26, 0.28)
+PAIRS = {"text": True, "views": False}  # image-text batches (CLIP)
+VIEWS = {"text": False, "views": True}  # two-view batches (SimCLR, MoCo)
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +113,7 @@ def test_parquet_with_corrupt_images_skips_and_counts(tmp_path, processor):
     ds.to_parquet(str(tmp_path / "pairs.parquet"))
     cfg = DataConfig(source=str(tmp_path / "pairs.parquet"), image_column="img", caption_column="text",
                      augment="none", image_size=16)
-    loader = build_dataloader(cfg, processor, text=True, views=False, batch_size=4, seed=1, drop_last=False)
+    loader = build_dataloader(cfg, processor, **PAIRS, batch_size=4, seed=1, drop_last=False)
     batches = _epoch(loader)
     assert sum(b["num_skipped"] for b in batches) == 2
     seen = torch.cat([b["index"] for b in batches]).tolist()
@@ -125,7 +127,7 @@ def test_parquet_with_corrupt_images_skips_and_counts(tmp_path, processor):
             assert text in captions[row]
     # A list of captions: one drawn per epoch, the same for the same (seed, epoch).
     def captions_of(epoch, seed=1):
-        loader = build_dataloader(cfg, processor, text=True, views=False, batch_size=4, seed=seed, drop_last=False)
+        loader = build_dataloader(cfg, processor, **PAIRS, batch_size=4, seed=seed, drop_last=False)
         loader.sampler.set_epoch(epoch)
         return {i: processor.tokenizer.decode(ids, skip_special_tokens=True)
                 for b in loader for i, ids in zip(b["index"].tolist(), b["input_ids"])}
@@ -151,7 +153,7 @@ def test_imagefolder_csv_json_saved_and_object_sources(tmp_path, processor):
         {"image": photos, "caption": [f"a photo number {i}" for i in range(5)]})}).save_to_disk(str(saved))
 
     def check(cfg, expect_skipped, from_files=True, **kw):
-        batches = _epoch(build_dataloader(cfg, processor, text=True, views=False, batch_size=2, drop_last=False, **kw))
+        batches = _epoch(build_dataloader(cfg, processor, **PAIRS, batch_size=2, drop_last=False, **kw))
         assert sum(b["num_skipped"] for b in batches) == expect_skipped
         rows = torch.cat([b["index"] for b in batches]).tolist()
         assert len(rows) == 5 - expect_skipped
@@ -170,7 +172,7 @@ def test_imagefolder_csv_json_saved_and_object_sources(tmp_path, processor):
     check(DataConfig(source=str(saved), split="validation", augment="none"), 0, from_files=False)
     check(DataConfig(augment="none"), 0, from_files=False, dataset=datasets.load_from_disk(str(saved))["validation"])
     # The "clip" preset is the processor's own preprocessing.
-    loader = build_dataloader(DataConfig(source=str(saved), split="validation"), processor, text=True, views=False,
+    loader = build_dataloader(DataConfig(source=str(saved), split="validation"), processor, **PAIRS,
                               batch_size=5)
     b = next(iter(loader))
     torch.testing.assert_close(b["pixel_values"], processor.preprocess_images([photos[i] for i in b["index"].tolist()]))
@@ -179,45 +181,45 @@ def test_imagefolder_csv_json_saved_and_object_sources(tmp_path, processor):
 def test_bad_config_raises_clear_errors(tmp_path, processor):
     ds = datasets.Dataset.from_dict({"image": _photos(3), "caption": ["a", "b", "c"]})
     with pytest.raises(ValueError, match=r"caption_column='captions'.*available columns: \['image', 'caption'\]"):
-        build_dataloader(DataConfig(caption_column="captions"), processor, text=True, views=False, batch_size=2, dataset=ds)
+        build_dataloader(DataConfig(caption_column="captions"), processor, **PAIRS, batch_size=2, dataset=ds)
     with pytest.raises(ValueError, match="label_column='y'"):
-        build_dataloader(DataConfig(label_column="y", augment="simclr"), processor, text=False, views=True, batch_size=2,
+        build_dataloader(DataConfig(label_column="y", augment="simclr"), processor, **VIEWS, batch_size=2,
                          dataset=ds)
     with pytest.raises(ValueError, match="augment must be one of"):
         DataConfig(augment="randaugment")
     with pytest.raises(ValueError, match="does not exist"):
-        build_dataloader(DataConfig(source=str(tmp_path / "missing.parquet")), processor, text=True, views=False, batch_size=2)
+        build_dataloader(DataConfig(source=str(tmp_path / "missing.parquet")), processor, **PAIRS, batch_size=2)
     with pytest.raises(ValueError, match="does not exist"):
-        build_dataloader(DataConfig(source=str(tmp_path / "no_dir") + "/"), processor, text=True, views=False, batch_size=2)
+        build_dataloader(DataConfig(source=str(tmp_path / "no_dir") + "/"), processor, **PAIRS, batch_size=2)
     with pytest.raises(ValueError, match="nothing to load"):
         build_dataloader(DataConfig(), processor, text=False, views=False, batch_size=2, dataset=ds)
     with pytest.raises(ValueError, match="two random views"):
-        build_dataloader(DataConfig(augment="clip"), processor, text=False, views=True, batch_size=2, dataset=ds)
+        build_dataloader(DataConfig(augment="clip"), processor, **VIEWS, batch_size=2, dataset=ds)
     # Views augmented later on the device (mmcl.train's train.device_augment): plain, identical views.
-    b = next(iter(build_dataloader(DataConfig(augment="none"), processor, text=False, views=True, batch_size=3, dataset=ds,
+    b = next(iter(build_dataloader(DataConfig(augment="none"), processor, **VIEWS, batch_size=3, dataset=ds,
                                    device_views=True)))
     assert b["view2"] is b["view1"] and b["view1"].shape == (3, 3, 20, 20) and b["view1"].dtype == torch.uint8
     # The uint8 view is the "none" preset's image before normalisation (same resize and crop).
-    plain = next(iter(build_dataloader(DataConfig(augment="none"), processor, text=True, views=False, batch_size=3, dataset=ds,
+    plain = next(iter(build_dataloader(DataConfig(augment="none"), processor, **PAIRS, batch_size=3, dataset=ds,
                                        shuffle=False)))
-    order = next(iter(build_dataloader(DataConfig(augment="none"), processor, text=False, views=True, batch_size=3,
+    order = next(iter(build_dataloader(DataConfig(augment="none"), processor, **VIEWS, batch_size=3,
                                        dataset=ds, device_views=True, shuffle=False)))
     mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (processor.image_mean, processor.image_std))
     expected = (plain["pixel_values"] * std + mean) * 255
     assert torch.equal(plain["index"], order["index"])
     assert (order["view1"].float() - expected).abs().max() <= 0.51
     with pytest.raises(ValueError, match="cutmix"):
-        build_dataloader(DataConfig(cutmix=0.5), processor, text=True, views=False, batch_size=2, dataset=ds)
+        build_dataloader(DataConfig(cutmix=0.5), processor, **PAIRS, batch_size=2, dataset=ds)
     with pytest.raises(ValueError, match="batch_size"):
-        build_dataloader(DataConfig(), processor, text=True, views=False, batch_size=0, dataset=ds)
+        build_dataloader(DataConfig(), processor, **PAIRS, batch_size=0, dataset=ds)
     with pytest.raises(TypeError, match="DatasetDict"):
-        build_dataloader(DataConfig(), processor, text=True, views=False, batch_size=2, dataset=datasets.DatasetDict(train=ds))
+        build_dataloader(DataConfig(), processor, **PAIRS, batch_size=2, dataset=datasets.DatasetDict(train=ds))
     with pytest.raises(TypeError, match="tokenize"):
-        build_dataloader(DataConfig(), object(), text=True, views=False, batch_size=2, dataset=ds)
+        build_dataloader(DataConfig(), object(), **PAIRS, batch_size=2, dataset=ds)
     with pytest.raises(TypeError, match="image_mean"):
-        build_dataloader(DataConfig(augment="simclr"), object(), text=False, views=True, batch_size=2, dataset=ds)
+        build_dataloader(DataConfig(augment="simclr"), object(), **VIEWS, batch_size=2, dataset=ds)
     with pytest.raises(ValueError, match=r"split 'test' does not exist; available splits: \['train'\]"):
-        build_dataloader(DataConfig(source=_saved(tmp_path, ds), split="test"), processor, text=True, views=False, batch_size=2)
+        build_dataloader(DataConfig(source=_saved(tmp_path, ds), split="test"), processor, **PAIRS, batch_size=2)
     with pytest.raises(ValueError, match="cutmix"):
         DataConfig(cutmix=1.5)
 
@@ -292,8 +294,8 @@ def test_cutmix_boxes_against_naive_paste():
 def test_cutmix_in_loader(processor):
     ds = load_digits_dataset("test").select(range(16))
     cfg = DataConfig(augment="mocov2", cutmix=1.0, image_size=16)
-    b = next(iter(build_dataloader(cfg, processor, text=False, views=True, batch_size=16, dataset=ds)))
-    plain = next(iter(build_dataloader(DataConfig(augment="mocov2", image_size=16), processor, text=False, views=True,
+    b = next(iter(build_dataloader(cfg, processor, **VIEWS, batch_size=16, dataset=ds)))
+    plain = next(iter(build_dataloader(DataConfig(augment="mocov2", image_size=16), processor, **VIEWS,
                                        batch_size=16, dataset=ds)))
     assert torch.equal(b["index"], plain["index"]) and (b["mix_partner"] != torch.arange(16)).all()
     for key in ("view1", "view2"):
@@ -322,7 +324,7 @@ def test_sampler_order_skip_and_accelerate_sharding(processor):
     assert ResumableSampler(41, seed=5, shuffle=False).order().tolist() == list(range(41))
 
     def loader():
-        return build_dataloader(cfg, processor, text=False, views=True, batch_size=4, seed=5, dataset=ds)
+        return build_dataloader(cfg, processor, **VIEWS, batch_size=4, seed=5, dataset=ds)
     full = loader()
     full.sampler.set_epoch(1)
     full = _epoch(full)
@@ -352,7 +354,7 @@ def test_batch_stream_across_epochs_resume_and_ranks(processor):
     cfg = DataConfig(augment="simclr", image_size=12, num_workers=2)
 
     def stream(rank=0, world=1):
-        dataset, collate_fn = build_dataset(cfg, processor, text=False, views=True, seed=7, dataset=ds)
+        dataset, collate_fn = build_dataset(cfg, processor, **VIEWS, seed=7, dataset=ds)
         return BatchStream(dataset, collate_fn, 3, num_workers=cfg.num_workers, rank=rank, world_size=world, seed=7)
 
     s = stream()
