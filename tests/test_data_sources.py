@@ -97,5 +97,8 @@ def test_listed_image_paths_resolve_and_a_file_is_one_split(tmp_path):
     assert len(load_source(str(saved))) == 1  # validation preferred over train
     with pytest.raises(ValueError, match=r"split 'test' does not exist; available splits: \['train', 'validation'\]"):
         load_source(str(saved), "test")
+    for bad in (None, "", 3):
+        with pytest.raises(ValueError, match="source must be a non-empty string"):
+            load_source(bad, "train")
     with pytest.raises(ValueError, match="several splits exist"):
         pick_split({"a": 1, "b": 2}, None)

@@ -57,6 +57,7 @@ def load_source(source: str, split: str | None = None, *, seed: int = 0, image_c
     Raises:
         ValueError: the source does not exist or is not cached, or it has no split ``split``.
     """
+    _check_source(source)
     if split is not None and _is_dataset_name(source):
         try:  # only the asked split is loaded from the cache
             ds = datasets.load_dataset(source, split=split)
@@ -146,8 +147,7 @@ def undecoded(ds, image_column: str):
 
 def _read(source: str, seed: int) -> tuple[dict, str | None]:
     """``({split: Dataset}, base_dir)``: base_dir (or None) resolves relative image paths."""
-    if not isinstance(source, str) or not source:
-        raise ValueError(f"source must be a non-empty string, got {source!r}")
+    _check_source(source)
     datasets.disable_progress_bars()  # loading a local file is quick; its bars would only clutter stderr
     if source == "digits":
         return _LazySplits({s: (lambda s=s: load_digits_dataset(s, seed=seed)) for s in ("train", "test")}), None
@@ -173,6 +173,11 @@ def _read(source: str, seed: int) -> tuple[dict, str | None]:
         return dict(datasets.load_dataset(source)), None
     except Exception as err:  # the hub is offline here: say what was tried and why it failed
         raise ValueError(_not_cached(source, err)) from err
+
+
+def _check_source(source) -> None:
+    if not isinstance(source, str) or not source:
+        raise ValueError(f"source must be a non-empty string, got {source!r}")
 
 
 def _resolved_images(ds, image_column: str, base_dir: str):
