@@ -1,12 +1,12 @@
 """Images per second that the two-view training stream delivers: CPU augmentation vs device views.
 
 For MoCo/SimCLR on small images the data pipeline, not the network, sets the pace. This measures
-mmcl's training stream (mmcl.train.stream.BatchStream over mmcl.data.build_dataloader, as `fit`
+mmcl's training stream (mmcl.data.BatchStream over mmcl.data.build_dataset, as `fit`
 builds it) on CIFAR-10 with the recipe's processor (32x32), for
 
 - `cpu-mocov2`: both views augmented on the CPU, per sample (PIL + torchvision, `data.augment=mocov2`);
 - `device-views`: the loader only decodes and crops one uint8 view per sample; the views are made
-  batched by `train.device_augment` (mmcl.train.device_augment.DeviceAugment, timed here on the CPU
+  batched by `train.device_augment` (mmcl.data.DeviceAugment, timed here on the CPU
   too, so the column is an upper bound of what the training device spends on it).
 
 Each row: images/s of the stream alone over whole batches after the first (workers started),
@@ -40,11 +40,9 @@ def parse(argv=None):
 def measure(path: str, args) -> dict:
     import torch
 
-    from mmcl.data import build_dataloader
+    from mmcl.data import BatchStream, DeviceAugment, build_dataset
     from mmcl.train import load_config
     from mmcl.train.builders import build_model
-    from mmcl.train.device_augment import DeviceAugment
-    from mmcl.train.stream import BatchStream
 
     overrides = [f"data.source={Path(args.data) / 'train.parquet'}", f"data.num_workers={args.workers}"]
     if path == "cpu-mocov2":
@@ -53,10 +51,10 @@ def measure(path: str, args) -> dict:
     torch.manual_seed(0)
     model = build_model(cfg)
     device_views = path == "device-views"
-    loader = build_dataloader(cfg.data, model.processor, mode=cfg.mode, batch_size=args.batch_size, seed=0,
-                              device_views=device_views)
+    dataset, collate_fn = build_dataset(cfg.data, model.processor, text=False, views=True, seed=0,
+                                        device_views=device_views)
     augment = DeviceAugment(cfg.train.device_augment, model.processor) if device_views else None
-    stream = BatchStream(loader, args.batch_size, seed=0)
+    stream = BatchStream(dataset, collate_fn, args.batch_size, num_workers=cfg.data.num_workers, seed=0)
     stream.next()  # workers started, first batch out
     t0 = time.perf_counter()
     for _ in range(args.batches):  # the stream alone: what the training loop waits for

@@ -16,7 +16,22 @@ import os
 import sys
 from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+import transformers
+
 from mmcl.cli_parser import build_parser
+from mmcl.data.digits import EVAL_TEMPLATES
+from mmcl.data.images import load_image
+from mmcl.data.sources import class_names_of, holdout_split, load_splits, pick_split, subsample
+from mmcl.eval import embed_images, embed_texts, knn_predict, linear_probe_predict
+from mmcl.eval.plots import plot_confusion_matrix, plot_similarity
+from mmcl.eval.retrieval import evaluate, flatten_captions
+from mmcl.eval.zeroshot import TEMPLATE_SETS, ZeroShotClassifier
+from mmcl.models import DualEncoder
+from mmcl.search import EmbeddingIndex, build_index
 
 
 class UsageError(Exception):
@@ -30,11 +45,6 @@ def _load_model(args):
     path = Path(args.model)
     if not path.is_dir():
         raise UsageError(f"--model {args.model}: no such directory (give a model saved with save_pretrained)")
-    import torch
-    import transformers
-
-    from mmcl.models import DualEncoder
-
     transformers.utils.logging.disable_progress_bar()  # mmcl's own bars show the work that takes time
     device = getattr(args, "device", None) or ("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -59,13 +69,9 @@ def _class_names(value: str | None) -> list[str]:
 
 
 def _templates(value: str):
-    from mmcl.zeroshot import TEMPLATE_SETS
-
     if value in TEMPLATE_SETS:
         return value
     if value == "digits":  # the demo's held-out prompts, disjoint from its training captions
-        from mmcl.data import EVAL_TEMPLATES
-
         return list(EVAL_TEMPLATES)
     lines = [t.strip() for t in _read_text(value, "--templates").splitlines() if t.strip()]
     if not lines:
@@ -82,24 +88,16 @@ def _read_text(path: str, what: str) -> str:
 
 def _check_files(paths: list[str]) -> None:
     """Fail before the (slow) model load when an image file is missing or not an image."""
-    from PIL import Image, UnidentifiedImageError
-
     for p in paths:
-        if not os.path.isfile(p):
-            raise UsageError(f"image file not found: {p}")
-        try:
-            with Image.open(p) as im:
-                im.verify()
-        except (UnidentifiedImageError, OSError, SyntaxError) as err:
-            raise UsageError(f"cannot read image {p}: {err}") from None
+        load_image(p)  # ValueError "image file not found: ..." / "cannot read image ...: ..."
 
 
 def _dataset(args):
-    from mmcl.eval.sources import load_source
-
+    """The --split of --data (--max-samples random rows of it)."""
     if not args.data:
         raise UsageError("--data is required")
-    return load_source(args.data, args.split, image_column=args.image_column, max_samples=args.max_samples)
+    splits = load_splits(args.data, image_column=args.image_column)
+    return subsample(splits[pick_split(splits, args.split, what="--split")], args.max_samples)
 
 
 def _print_metrics(metrics: dict, as_json: bool, title: str) -> None:
@@ -115,8 +113,6 @@ def _print_metrics(metrics: dict, as_json: bool, title: str) -> None:
 
 
 def cmd_zeroshot(args) -> None:
-    from mmcl.zeroshot import ZeroShotClassifier
-
     names, templates = _class_names(args.labels), _templates(args.templates)
     _check_files(args.images)
     if args.top < 1:
@@ -156,10 +152,6 @@ def cmd_eval(args) -> None:
 
 
 def _eval_zeroshot(model, args):
-    from mmcl.eval.plots import plot_confusion_matrix
-    from mmcl.eval.sources import class_names_of
-    from mmcl.zeroshot import ZeroShotClassifier
-
     ds = _dataset(args)
     if args.label_column not in ds.column_names:
         raise UsageError(f"--label-column {args.label_column!r} is not in the data; columns: {ds.column_names}")
@@ -174,17 +166,12 @@ def _eval_zeroshot(model, args):
 
 
 def _eval_retrieval(model, args):
-    from mmcl.eval.plots import plot_similarity
-    from mmcl.retrieval import evaluate
-
     ds = _dataset(args)
     res = evaluate(model, ds, image_column=args.image_column, caption_column=args.caption_column,
                    batch_size=args.batch_size, progress=not args.quiet, return_similarity=True)
     sim, owner = res.pop("similarity"), res.pop("text_to_image")
 
     def plot(out):
-        from mmcl.eval.embed import load_image
-
         n = min(16, len(ds))
         first = [int((owner == i).nonzero()[0]) for i in range(n)]  # each image's first caption, in order
         captions = ds[args.caption_column]
@@ -196,12 +183,6 @@ def _eval_retrieval(model, args):
 
 
 def _eval_features(model, args):
-    import torch
-
-    from mmcl.eval import embed_images, knn_predict, linear_probe_predict
-    from mmcl.eval.plots import plot_confusion_matrix
-    from mmcl.eval.sources import class_names_of, holdout_split, load_splits, pick_split, subsample
-
     splits = load_splits(args.data, image_column=args.image_column)
     test_split = pick_split(splits, args.split)
     train_source = args.train_data or args.data
@@ -234,10 +215,6 @@ def _eval_features(model, args):
 
 
 def cmd_embed(args) -> None:
-    import numpy as np
-
-    from mmcl.eval import embed_images, embed_texts
-
     out = Path(args.out)
     if out.suffix not in (".npy", ".parquet"):
         raise UsageError(f"--out {args.out}: the file name must end in .npy or .parquet")
@@ -254,8 +231,6 @@ def cmd_embed(args) -> None:
     elif args.images:
         ids, feats = list(args.images), embed_images(model, args.images, batch_size=args.batch_size, progress=progress)
     elif args.caption_column:
-        from mmcl.retrieval import flatten_captions
-
         ds = _dataset(args)
         if args.caption_column not in ds.column_names:
             raise UsageError(f"--caption-column {args.caption_column!r} is not in the data; columns: {ds.column_names}")
@@ -269,9 +244,6 @@ def cmd_embed(args) -> None:
     if out.suffix == ".npy":
         np.save(out, array)
     else:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
         column = pa.FixedSizeListArray.from_arrays(pa.array(array.reshape(-1)), array.shape[1])
         pq.write_table(pa.table({"id": pa.array(ids), "embedding": column}), out)
     print(f"wrote {array.shape[0]} x {array.shape[1]} embeddings to {out}", file=sys.stderr)
@@ -287,18 +259,12 @@ def cmd_export(args) -> None:
 
 
 def cmd_index(args) -> None:
-    import numpy as np
-
-    from mmcl.eval.index import build_index
-
     path = Path(args.embeddings)
     if not path.is_file():
         raise UsageError(f"--embeddings {args.embeddings}: file not found")
     if path.suffix == ".npy":
         array, ids = np.load(path, allow_pickle=False), None
     elif path.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
         table = pq.read_table(path)
         if "embedding" not in table.column_names:
             raise UsageError(f"--embeddings {args.embeddings}: no 'embedding' column (write it with mmcl embed)")
@@ -312,9 +278,6 @@ def cmd_index(args) -> None:
 
 
 def cmd_search(args) -> None:
-    from mmcl.eval import embed_images, embed_texts
-    from mmcl.eval.index import EmbeddingIndex
-
     if not args.text and not args.image:
         raise UsageError("give at least one query with --text or --image")
     _check_files(args.image)
@@ -327,8 +290,6 @@ def cmd_search(args) -> None:
     if args.image:
         queries.append(embed_images(model, args.image, batch_size=args.batch_size))
         names += args.image
-    import torch
-
     scores, ids = index.search(torch.cat(queries), k=args.k, nprobe=args.nprobe)
     results = [{"query": q, "ids": row, "scores": [round(v, 6) for v in s]}
                for q, row, s in zip(names, ids, scores.tolist())]
@@ -349,6 +310,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if getattr(args, "batch_size", 1) < 1:
             raise UsageError("--batch-size must be at least 1")
+        if getattr(args, "max_samples", None) is not None and args.max_samples < 1:
+            raise UsageError("--max-samples must be at least 1")
         command(args)
     except (UsageError, ValueError, TypeError, OSError, ImportError) as err:
         if os.environ.get("MMCL_DEBUG"):

@@ -11,12 +11,14 @@ from PIL import Image
 from torchvision import transforms as T
 
 from mmcl.data import (
-    DIGIT_CLASS_NAMES, EVAL_TEMPLATES, TRAIN_TEMPLATES, DataConfig, ResumableSampler, build_dataloader,
-    cutmix, load_digits_dataset, load_eval_dataset,
+    DIGIT_CLASS_NAMES, EVAL_TEMPLATES, TRAIN_TEMPLATES, BatchStream, DataConfig, ResumableSampler, build_dataloader,
+    build_dataset, cutmix, epoch_order, load_digits_dataset, load_eval_dataset,
 )
 from mmcl.data.loader import _sample_seed
 
 MEAN, STD = (0.48, 0.45, 0.40), (0.27, 0.26, 0.28)
+PAIRS = {"text": True, "views": False}  # image-text batches (CLIP)
+VIEWS = {"text": False, "views": True}  # two-view batches (SimCLR, MoCo)
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +113,7 @@ def test_parquet_with_corrupt_images_skips_and_counts(tmp_path, processor):
     ds.to_parquet(str(tmp_path / "pairs.parquet"))
     cfg = DataConfig(source=str(tmp_path / "pairs.parquet"), image_column="img", caption_column="text",
                      augment="none", image_size=16)
-    loader = build_dataloader(cfg, processor, mode="clip", batch_size=4, seed=1, drop_last=False)
+    loader = build_dataloader(cfg, processor, **PAIRS, batch_size=4, seed=1, drop_last=False)
     batches = _epoch(loader)
     assert sum(b["num_skipped"] for b in batches) == 2
     seen = torch.cat([b["index"] for b in batches]).tolist()
@@ -125,7 +127,7 @@ def test_parquet_with_corrupt_images_skips_and_counts(tmp_path, processor):
             assert text in captions[row]
     # A list of captions: one drawn per epoch, the same for the same (seed, epoch).
     def captions_of(epoch, seed=1):
-        loader = build_dataloader(cfg, processor, mode="clip", batch_size=4, seed=seed, drop_last=False)
+        loader = build_dataloader(cfg, processor, **PAIRS, batch_size=4, seed=seed, drop_last=False)
         loader.sampler.set_epoch(epoch)
         return {i: processor.tokenizer.decode(ids, skip_special_tokens=True)
                 for b in loader for i, ids in zip(b["index"].tolist(), b["input_ids"])}
@@ -151,7 +153,7 @@ def test_imagefolder_csv_json_saved_and_object_sources(tmp_path, processor):
         {"image": photos, "caption": [f"a photo number {i}" for i in range(5)]})}).save_to_disk(str(saved))
 
     def check(cfg, expect_skipped, from_files=True, **kw):
-        batches = _epoch(build_dataloader(cfg, processor, mode="clip", batch_size=2, drop_last=False, **kw))
+        batches = _epoch(build_dataloader(cfg, processor, **PAIRS, batch_size=2, drop_last=False, **kw))
         assert sum(b["num_skipped"] for b in batches) == expect_skipped
         rows = torch.cat([b["index"] for b in batches]).tolist()
         assert len(rows) == 5 - expect_skipped
@@ -170,7 +172,7 @@ def test_imagefolder_csv_json_saved_and_object_sources(tmp_path, processor):
     check(DataConfig(source=str(saved), split="validation", augment="none"), 0, from_files=False)
     check(DataConfig(augment="none"), 0, from_files=False, dataset=datasets.load_from_disk(str(saved))["validation"])
     # The "clip" preset is the processor's own preprocessing.
-    loader = build_dataloader(DataConfig(source=str(saved), split="validation"), processor, mode="clip",
+    loader = build_dataloader(DataConfig(source=str(saved), split="validation"), processor, **PAIRS,
                               batch_size=5)
     b = next(iter(loader))
     torch.testing.assert_close(b["pixel_values"], processor.preprocess_images([photos[i] for i in b["index"].tolist()]))
@@ -179,45 +181,45 @@ def test_imagefolder_csv_json_saved_and_object_sources(tmp_path, processor):
 def test_bad_config_raises_clear_errors(tmp_path, processor):
     ds = datasets.Dataset.from_dict({"image": _photos(3), "caption": ["a", "b", "c"]})
     with pytest.raises(ValueError, match=r"caption_column='captions'.*available columns: \['image', 'caption'\]"):
-        build_dataloader(DataConfig(caption_column="captions"), processor, mode="clip", batch_size=2, dataset=ds)
+        build_dataloader(DataConfig(caption_column="captions"), processor, **PAIRS, batch_size=2, dataset=ds)
     with pytest.raises(ValueError, match="label_column='y'"):
-        build_dataloader(DataConfig(label_column="y", augment="simclr"), processor, mode="simclr", batch_size=2,
+        build_dataloader(DataConfig(label_column="y", augment="simclr"), processor, **VIEWS, batch_size=2,
                          dataset=ds)
     with pytest.raises(ValueError, match="augment must be one of"):
         DataConfig(augment="randaugment")
     with pytest.raises(ValueError, match="does not exist"):
-        build_dataloader(DataConfig(source=str(tmp_path / "missing.parquet")), processor, mode="clip", batch_size=2)
+        build_dataloader(DataConfig(source=str(tmp_path / "missing.parquet")), processor, **PAIRS, batch_size=2)
     with pytest.raises(ValueError, match="does not exist"):
-        build_dataloader(DataConfig(source=str(tmp_path / "no_dir") + "/"), processor, mode="clip", batch_size=2)
-    with pytest.raises(ValueError, match="mode must be one of"):
-        build_dataloader(DataConfig(), processor, mode="byol", batch_size=2, dataset=ds)
+        build_dataloader(DataConfig(source=str(tmp_path / "no_dir") + "/"), processor, **PAIRS, batch_size=2)
+    with pytest.raises(ValueError, match="nothing to load"):
+        build_dataloader(DataConfig(), processor, text=False, views=False, batch_size=2, dataset=ds)
     with pytest.raises(ValueError, match="two random views"):
-        build_dataloader(DataConfig(augment="clip"), processor, mode="moco", batch_size=2, dataset=ds)
+        build_dataloader(DataConfig(augment="clip"), processor, **VIEWS, batch_size=2, dataset=ds)
     # Views augmented later on the device (mmcl.train's train.device_augment): plain, identical views.
-    b = next(iter(build_dataloader(DataConfig(augment="none"), processor, mode="moco", batch_size=3, dataset=ds,
+    b = next(iter(build_dataloader(DataConfig(augment="none"), processor, **VIEWS, batch_size=3, dataset=ds,
                                    device_views=True)))
     assert b["view2"] is b["view1"] and b["view1"].shape == (3, 3, 20, 20) and b["view1"].dtype == torch.uint8
     # The uint8 view is the "none" preset's image before normalisation (same resize and crop).
-    plain = next(iter(build_dataloader(DataConfig(augment="none"), processor, mode="clip", batch_size=3, dataset=ds,
+    plain = next(iter(build_dataloader(DataConfig(augment="none"), processor, **PAIRS, batch_size=3, dataset=ds,
                                        shuffle=False)))
-    order = next(iter(build_dataloader(DataConfig(augment="none"), processor, mode="moco", batch_size=3,
+    order = next(iter(build_dataloader(DataConfig(augment="none"), processor, **VIEWS, batch_size=3,
                                        dataset=ds, device_views=True, shuffle=False)))
     mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (processor.image_mean, processor.image_std))
     expected = (plain["pixel_values"] * std + mean) * 255
     assert torch.equal(plain["index"], order["index"])
     assert (order["view1"].float() - expected).abs().max() <= 0.51
     with pytest.raises(ValueError, match="cutmix"):
-        build_dataloader(DataConfig(cutmix=0.5), processor, mode="clip", batch_size=2, dataset=ds)
+        build_dataloader(DataConfig(cutmix=0.5), processor, **PAIRS, batch_size=2, dataset=ds)
     with pytest.raises(ValueError, match="batch_size"):
-        build_dataloader(DataConfig(), processor, mode="clip", batch_size=0, dataset=ds)
+        build_dataloader(DataConfig(), processor, **PAIRS, batch_size=0, dataset=ds)
     with pytest.raises(TypeError, match="DatasetDict"):
-        build_dataloader(DataConfig(), processor, mode="clip", batch_size=2, dataset=datasets.DatasetDict(train=ds))
+        build_dataloader(DataConfig(), processor, **PAIRS, batch_size=2, dataset=datasets.DatasetDict(train=ds))
     with pytest.raises(TypeError, match="tokenize"):
-        build_dataloader(DataConfig(), object(), mode="clip", batch_size=2, dataset=ds)
+        build_dataloader(DataConfig(), object(), **PAIRS, batch_size=2, dataset=ds)
     with pytest.raises(TypeError, match="image_mean"):
-        build_dataloader(DataConfig(augment="simclr"), object(), mode="simclr", batch_size=2, dataset=ds)
-    with pytest.raises(ValueError, match="no split 'test'"):
-        build_dataloader(DataConfig(source=_saved(tmp_path, ds), split="test"), processor, mode="clip", batch_size=2)
+        build_dataloader(DataConfig(augment="simclr"), object(), **VIEWS, batch_size=2, dataset=ds)
+    with pytest.raises(ValueError, match=r"split 'test' does not exist; available splits: \['train'\]"):
+        build_dataloader(DataConfig(source=_saved(tmp_path, ds), split="test"), processor, **PAIRS, batch_size=2)
     with pytest.raises(ValueError, match="cutmix"):
         DataConfig(cutmix=1.5)
 
@@ -243,11 +245,11 @@ def _reference_preset(name, size):
                       T.RandomHorizontalFlip(), *end])
 
 
-@pytest.mark.parametrize("preset,mode", [("simclr", "simclr"), ("mocov2", "moco"), ("simclr", "clip+simclr")])
-def test_view_presets_match_reference_and_are_deterministic(preset, mode, processor):
+@pytest.mark.parametrize("preset,text", [("simclr", False), ("mocov2", False), ("simclr", True)])
+def test_view_presets_match_reference_and_are_deterministic(preset, text, processor):
     ds = load_digits_dataset("test").select(range(13))
     cfg = DataConfig(augment=preset, image_size=28, label_column="label")
-    loader = build_dataloader(cfg, processor, mode=mode, batch_size=5, seed=7, dataset=ds)
+    loader = build_dataloader(cfg, processor, text=text, views=True, batch_size=5, seed=7, dataset=ds)
     loader.sampler.set_epoch(2)
     batches = _epoch(loader)
     assert len(batches) == 2  # drop_last with 13 rows
@@ -259,13 +261,13 @@ def test_view_presets_match_reference_and_are_deterministic(preset, mode, proces
             torch.manual_seed(_sample_seed(7, 2, row))
             torch.testing.assert_close(v1, reference(ds[row]["image"]))
             torch.testing.assert_close(v2, reference(ds[row]["image"]))
-        if mode == "clip+simclr":  # "clip" preset at an overridden size: resize + crop + normalise
+        if text:  # image-text pairs and views: the "clip" preset at an overridden size: resize + crop + normalise
             torch.testing.assert_close(b["pixel_values"], torch.stack([_reference_pixels(ds[i]["image"], 28)
                                                                        for i in b["index"].tolist()]), atol=1e-5, rtol=0)
     # Same batches with DataLoader workers, and the caller's RNG stream is left alone.
     state = torch.get_rng_state()
     cfg.num_workers = 2
-    again = build_dataloader(cfg, processor, mode=mode, batch_size=5, seed=7, dataset=ds)
+    again = build_dataloader(cfg, processor, text=text, views=True, batch_size=5, seed=7, dataset=ds)
     again.sampler.set_epoch(2)
     for b, c in zip(batches, _epoch(again)):
         torch.testing.assert_close(b["view1"], c["view1"])
@@ -292,8 +294,8 @@ def test_cutmix_boxes_against_naive_paste():
 def test_cutmix_in_loader(processor):
     ds = load_digits_dataset("test").select(range(16))
     cfg = DataConfig(augment="mocov2", cutmix=1.0, image_size=16)
-    b = next(iter(build_dataloader(cfg, processor, mode="moco", batch_size=16, dataset=ds)))
-    plain = next(iter(build_dataloader(DataConfig(augment="mocov2", image_size=16), processor, mode="moco",
+    b = next(iter(build_dataloader(cfg, processor, **VIEWS, batch_size=16, dataset=ds)))
+    plain = next(iter(build_dataloader(DataConfig(augment="mocov2", image_size=16), processor, **VIEWS,
                                        batch_size=16, dataset=ds)))
     assert torch.equal(b["index"], plain["index"]) and (b["mix_partner"] != torch.arange(16)).all()
     for key in ("view1", "view2"):
@@ -305,7 +307,7 @@ def test_cutmix_in_loader(processor):
 # ---------------------------------------------------------------- order, resume, Accelerate
 
 
-def test_sampler_resume_and_accelerate_sharding(processor):
+def test_sampler_order_skip_and_accelerate_sharding(processor):
     from accelerate import Accelerator
     from accelerate.data_loader import prepare_data_loader
 
@@ -318,19 +320,15 @@ def test_sampler_resume_and_accelerate_sharding(processor):
         orders.append([i for _, i in sampler])
         assert sorted(orders[-1]) == list(range(41))
     assert orders[0] != orders[1] and ResumableSampler(41, seed=5).order().tolist() == orders[0]
+    assert orders[2] == epoch_order(41, 5, 2).tolist() == np.random.default_rng([5, 2]).permutation(41).tolist()
+    assert ResumableSampler(41, seed=5, shuffle=False).order().tolist() == list(range(41))
 
     def loader():
-        return build_dataloader(cfg, processor, mode="simclr", batch_size=4, seed=5, dataset=ds)
+        return build_dataloader(cfg, processor, **VIEWS, batch_size=4, seed=5, dataset=ds)
     full = loader()
     full.sampler.set_epoch(1)
     full = _epoch(full)
     assert len(full) == 10 and torch.cat([b["index"] for b in full]).tolist() == orders[1][:40]
-    # Resume after 3 batches: the rest of the epoch, bit for bit.
-    resumed = loader()
-    resumed.sampler.set_epoch(1)
-    resumed.sampler.set_start_index(12)
-    for b, c in zip(full[3:], _epoch(resumed), strict=True):
-        assert torch.equal(b["index"], c["index"]) and torch.equal(b["view2"], c["view2"])
     # Accelerate: single process prepare + skip_first_batches, and a two-process split.
     accelerator = Accelerator(cpu=True)
     prepared = accelerator.prepare(loader())
@@ -348,18 +346,16 @@ def test_sampler_resume_and_accelerate_sharding(processor):
 
 
 def test_batch_stream_across_epochs_resume_and_ranks(processor):
-    """mmcl.train's BatchStream: one DataLoader (2 workers) over three epochs gives each epoch's
+    """mmcl.data's BatchStream over build_dataset: one DataLoader (2 workers) over three epochs gives each epoch's
     seeded order cut into full batches (the tail dropped), also across a close(); a stream rebuilt
     from any position's state_dict continues with the same batches (views too); rank r of 2 gets
     the r-th slice of every global batch."""
-    from mmcl.train.stream import BatchStream
-
     ds = load_digits_dataset("test").select(range(23))
     cfg = DataConfig(augment="simclr", image_size=12, num_workers=2)
 
     def stream(rank=0, world=1):
-        loader = build_dataloader(cfg, processor, mode="simclr", batch_size=3, seed=7, dataset=ds)
-        return BatchStream(loader, 3, rank, world, seed=7)
+        dataset, collate_fn = build_dataset(cfg, processor, **VIEWS, seed=7, dataset=ds)
+        return BatchStream(dataset, collate_fn, 3, num_workers=cfg.num_workers, rank=rank, world_size=world, seed=7)
 
     s = stream()
     assert s.batches_per_epoch == 7  # 23 // 3, the last 2 samples of each epoch dropped

@@ -121,7 +121,7 @@ def test_confusion_plot_counts_and_file(tmp_path):
 
 def test_faiss_index_matches_brute_force(tmp_path):
     pytest.importorskip("faiss", reason="the optional embedding index needs faiss-cpu")
-    from mmcl.eval.index import EmbeddingIndex, build_index
+    from mmcl.search import EmbeddingIndex, build_index
 
     gen = torch.Generator().manual_seed(0)
     base = torch.randn(503, 48, generator=gen) * torch.rand(503, 1, generator=gen)  # rows of unequal norm
@@ -144,7 +144,7 @@ def test_faiss_index_matches_brute_force(tmp_path):
 
 def test_faiss_index_bad_input_is_named(tmp_path):
     pytest.importorskip("faiss", reason="the optional embedding index needs faiss-cpu")
-    from mmcl.eval.index import EmbeddingIndex, build_index
+    from mmcl.search import EmbeddingIndex, build_index
 
     x = torch.randn(50, 8)
     with pytest.raises(ValueError, match="ids has 3 entries but embeddings has 50 rows"):
@@ -155,28 +155,3 @@ def test_faiss_index_bad_input_is_named(tmp_path):
         build_index(x).search(torch.randn(2, 4))
     with pytest.raises(ValueError, match="is not an mmcl embedding index"):
         EmbeddingIndex.load(tmp_path)
-
-
-def test_command_line_sources_resolve_listed_image_paths(tmp_path):
-    """mmcl.eval.sources (the CLI's reader, over mmcl.data.sources): a TSV listing images relative
-    to its own folder yields decoded PIL images in a "train" split; a name that is neither a
-    path nor a cached datasets name fails naming what was tried; a missing file says so."""
-    from PIL import Image
-
-    from mmcl.eval.sources import load_source, load_splits
-
-    (tmp_path / "img").mkdir()
-    rows = ["path\tlabel"]
-    for i, color in enumerate([(255, 0, 0), (0, 0, 255), (0, 255, 0)]):
-        Image.new("RGB", (6, 4), color).save(tmp_path / "img" / f"{i}.png")
-        rows.append(f"img/{i}.png\t{i % 2}")
-    (tmp_path / "list.tsv").write_text("\n".join(rows) + "\n")
-    ds = load_source(str(tmp_path / "list.tsv"), image_column="path")
-    assert list(load_splits(str(tmp_path / "list.tsv"), image_column="path")) == ["train"]
-    assert ds["label"] == [0, 1, 0]
-    image = ds[1]["path"]
-    assert image.size == (6, 4) and image.convert("RGB").getpixel((0, 0)) == (0, 0, 255)
-    with pytest.raises(ValueError, match="nor a datasets name in the local cache"):
-        load_splits("mmcl-no-such-dataset")
-    with pytest.raises(ValueError, match="does not exist"):
-        load_splits(str(tmp_path / "missing.parquet"))

@@ -126,3 +126,38 @@ def test_cuda_matches_cpu():
     on_cpu = aug(images, generator=torch.Generator().manual_seed(1))
     on_cuda = aug(images.cuda(), generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(on_cuda.cpu(), on_cpu, atol=1e-4, rtol=0)
+
+
+# The papers' numbers, written out: (crop scale, colour jitter) of each device preset.
+_PAPER_PRESETS = {"mocov2": ((0.2, 1.0), (0.4, 0.4, 0.4, 0.1)), "simclr": ((0.08, 1.0), (0.8, 0.8, 0.8, 0.2)),
+                  "moco_cifar": ((0.08, 1.0), (0.4, 0.4, 0.4, 0.1))}
+
+
+@pytest.mark.parametrize("preset", sorted(_PAPER_PRESETS))
+def test_device_augment_views_follow_the_preset_table(preset):
+    """DeviceAugment (train.device_augment): each view is the batched ops with the preset's numbers,
+    drawn in order from one generator, from a normalised float view or a uint8 view; other keys pass."""
+    from types import SimpleNamespace
+
+    from mmcl.data import DEVICE_PRESETS, VIEW_PRESETS, DeviceAugment
+
+    scale, jitter = _PAPER_PRESETS[preset]
+    assert (VIEW_PRESETS[preset].scale, VIEW_PRESETS[preset].jitter) == (scale, jitter)
+    proc = SimpleNamespace(image_size=(13, 11), image_mean=(0.5, 0.4, 0.3), image_std=(0.2, 0.25, 0.3))
+    mean, std = torch.tensor(proc.image_mean).view(1, 3, 1, 1), torch.tensor(proc.image_std).view(1, 3, 1, 1)
+    images = torch.rand(5, 3, 17, 19)
+    pixels = (images * 255).round().to(torch.uint8)
+    out = DeviceAugment(preset, proc, generator=torch.Generator().manual_seed(3))(
+        {"view1": (images - mean) / std, "view2": pixels, "num_skipped": 2})
+    g = torch.Generator().manual_seed(3)
+    for key, source in (("view1", images), ("view2", pixels.float() / 255)):
+        params = sample_augment_params(5, 17, 19, scale=scale, jitter=jitter, jitter_p=0.8, gray_p=0.2, flip_p=0.5,
+                                       generator=g)
+        expected = (apply_augment(source, params, (13, 11), jitter) - mean) / std
+        assert out[key].dtype == torch.float32 and out[key].shape == (5, 3, 13, 11)
+        torch.testing.assert_close(out[key], expected, rtol=1e-5, atol=1e-5)
+    assert out["num_skipped"] == 2 and DEVICE_PRESETS[preset]["scale"] == scale
+    with pytest.raises(ValueError, match="missing"):
+        DeviceAugment(preset, proc)({"view1": pixels})
+    with pytest.raises(ValueError, match="train.device_augment must be one of"):
+        DeviceAugment("blur", proc)

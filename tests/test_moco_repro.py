@@ -201,7 +201,8 @@ def test_shuffle_bn_two_processes_follows_moco(tmp_path):
 
 def test_device_augment_views_match_gpu_augment():
     from mmcl.data.gpu_augment import apply_augment, sample_augment_params
-    from mmcl.train.device_augment import PRESETS, DeviceAugment
+    from mmcl.data import DEVICE_PRESETS as PRESETS
+    from mmcl.data import DeviceAugment
 
     model = DualEncoder.from_towers("mmcl:cifar_resnet18", projection_dim=8)
     proc = model.processor

@@ -176,3 +176,18 @@ def test_evaluate_with_a_model_and_duplicate_captions(tmp_path):
     for key, value in expected.items():
         assert got[key] == pytest.approx(value, abs=1e-9), key
     assert (got["num_images"], got["num_texts"]) == (6, len(texts))
+
+
+def test_old_module_names_are_the_eval_modules():
+    """mmcl.retrieval and mmcl.zeroshot stay importable: the same objects as mmcl.eval's modules."""
+    import mmcl.eval.retrieval
+    import mmcl.eval.zeroshot
+    import mmcl.retrieval
+    import mmcl.zeroshot
+
+    for old, new in ((mmcl.retrieval, mmcl.eval.retrieval), (mmcl.zeroshot, mmcl.eval.zeroshot)):
+        assert old.__all__ == new.__all__
+        for name in new.__all__:
+            assert getattr(old, name) is getattr(new, name), name
+    assert mmcl.zeroshot.TEMPLATE_SETS is mmcl.eval.zeroshot.TEMPLATE_SETS
+    assert mmcl.ZeroShotClassifier is mmcl.eval.zeroshot.ZeroShotClassifier

@@ -8,7 +8,11 @@ from __future__ import annotations
 
 import functools
 
+import datasets
 import numpy as np
+from PIL import Image
+from sklearn.datasets import load_digits
+from sklearn.model_selection import train_test_split
 
 DIGIT_CLASS_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 
@@ -49,11 +53,6 @@ def load_digits_dataset(split: str = "train", seed: int = 0, image_size: int = 3
         (ClassLabel over ``DIGIT_CLASS_NAMES``), ``caption`` (list of strings, one per template in
         ``TRAIN_TEMPLATES``, all naming the digit).
     """
-    import datasets
-    from PIL import Image
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test' for the digits, got {split!r}")
     if not isinstance(image_size, int) or image_size < 8:

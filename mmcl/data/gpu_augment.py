@@ -9,6 +9,10 @@ sample through torchvision's functional ops with the same numbers.
 Semantics follow torchvision's tensor ops: crop then bilinear resize (no antialiasing, i.e.
 ``F.resized_crop(..., antialias=False)``), ``hflip``, ColorJitter's four adjustments in a random
 order per sample, ``rgb_to_grayscale`` with 3 output channels.
+
+``DeviceAugment`` is the training loop's use of it (``train.device_augment``): the loader then
+only decodes, resizes and crops (one uint8 view per sample, a quarter of the bytes of a float32
+view), and both views are augmented here with a preset of ``mmcl.data.augment``, without blur.
 """
 from __future__ import annotations
 
@@ -17,6 +21,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from mmcl.data.augment import DEVICE_PRESETS
 
 _GREY = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights
 
@@ -234,3 +240,45 @@ class GPUAugment(torch.nn.Module):
         if self.mean is not None:
             x = (x - self.mean.to(x)) / self.std.to(x)
         return x
+
+
+VIEW_KEYS = ("view1", "view2")
+
+
+class DeviceAugment:
+    """``__call__(batch)`` replaces batch["view1"] / batch["view2"] (B, 3, H, W) by independently
+    augmented views of the same size on their device, float32 normalised with the processor's
+    mean/std. The input views are uint8 images (what the loader gives for device views) or float
+    views already normalised with that mean/std.
+
+    Args:
+        preset: a name in ``mmcl.data.augment.DEVICE_PRESETS``.
+        processor: the model's processor (image_size, image_mean, image_std).
+        generator: optional torch.Generator on the batch's device (tests); default: global RNG.
+    """
+
+    def __init__(self, preset: str, processor, generator: torch.Generator | None = None):
+        if preset not in DEVICE_PRESETS:
+            raise ValueError(f"train.device_augment must be one of {', '.join(DEVICE_PRESETS)} or null, got {preset!r}")
+        self.mean = torch.tensor(processor.image_mean, dtype=torch.float32).view(1, 3, 1, 1)
+        self.std = torch.tensor(processor.image_std, dtype=torch.float32).view(1, 3, 1, 1)
+        self.augment = GPUAugment(tuple(processor.image_size), mean=processor.image_mean,
+                                  std=processor.image_std, **DEVICE_PRESETS[preset])
+        self.generator = generator
+
+    @torch.no_grad()
+    def __call__(self, batch: dict) -> dict:
+        missing = [k for k in VIEW_KEYS if k not in batch]
+        if missing:
+            raise ValueError(f"train.device_augment needs batches with {VIEW_KEYS}, missing {missing}")
+        out = dict(batch)
+        for key in VIEW_KEYS:
+            x = batch[key]
+            if x.dtype == torch.uint8:
+                images = x.float().div_(255)  # the colour ops work on [0, 1] images
+                dtype = torch.float32
+            else:  # undo the loader's normalisation
+                images = (x.float() * self.std.to(x.device) + self.mean.to(x.device)).clamp_(0, 1)
+                dtype = x.dtype
+            out[key] = self.augment(images, generator=self.generator).to(dtype)
+        return out

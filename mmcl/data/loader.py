@@ -1,18 +1,20 @@
-"""``build_dataloader``: a seeded, resumable DataLoader of contrastive batches.
+"""Contrastive batches: ``build_dataset`` -> (dataset, collate_fn), and ``build_dataloader`` over it.
 
 Every random choice (the epoch's order, the caption drawn from a list, each augmentation, CutMix)
 is a function of ``(seed, epoch, sample index)``, not of global RNG state or worker ids. So the
 same seed gives the same batches with any ``num_workers``, under Accelerate's sharding, and after a
-resume that skips the first samples of an epoch.
+resume (``mmcl.data.stream.BatchStream``, which cuts the same epoch orders into batches).
 """
 from __future__ import annotations
 
+import datasets
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from mmcl.data.config import MODES, DataConfig, validate_config
-from mmcl.data.sources import ImageReader, check_columns, resolve_source, undecoded
+from mmcl.data.config import DataConfig, validate_config
+from mmcl.data.images import decode_image
+from mmcl.data.sources import check_columns, load_source, undecoded
 from mmcl.data.transforms import build_image_transform, build_uint8_transform, cutmix, processor_geometry
 
 
@@ -20,57 +22,46 @@ def _sample_seed(*keys: int) -> int:
     return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1)[0])
 
 
-class ResumableSampler(Sampler):
-    """Shuffles ``num_samples`` indices per epoch from ``(seed, epoch)``; yields ``(epoch, index)``.
+def epoch_order(num_samples: int, seed: int, epoch: int, shuffle: bool = True) -> np.ndarray:
+    """The order of sample indices in ``epoch``, (num_samples,): a (seed, epoch)-seeded permutation."""
+    if not shuffle:
+        return np.arange(num_samples)
+    return np.random.default_rng([int(seed), int(epoch)]).permutation(num_samples)
 
-    ``set_epoch(epoch)`` picks the epoch (Accelerate's ``DataLoader.set_epoch`` reaches it) and
-    resets the start; ``set_start_index(n)`` then skips the first ``n`` samples of that epoch's order,
-    which resumes a run mid-epoch: after ``s`` optimizer steps with global batch ``G`` (batch size
-    x processes x accumulation), ``n = s * G`` within the epoch.
+
+class ResumableSampler(Sampler):
+    """Yields ``(epoch, index)`` keys in ``epoch_order(num_samples, seed, epoch, shuffle)``.
+
+    ``set_epoch(epoch)`` picks the epoch (Accelerate's ``DataLoader.set_epoch`` reaches it).
     """
 
     def __init__(self, num_samples: int, *, seed: int = 0, shuffle: bool = True):
         if num_samples < 1:
             raise ValueError(f"the dataset is empty (num_samples={num_samples})")
         self.num_samples, self.seed, self.shuffle = int(num_samples), int(seed), bool(shuffle)
-        self.epoch, self.start_index = 0, 0
+        self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch, self.start_index = int(epoch), 0
-
-    def set_start_index(self, start_index: int) -> None:
-        if not 0 <= int(start_index) <= self.num_samples:
-            raise ValueError(f"start_index must be in [0, {self.num_samples}], got {start_index}")
-        self.start_index = int(start_index)
+        self.epoch = int(epoch)
 
     def order(self) -> np.ndarray:
         """This epoch's full order of sample indices, (num_samples,)."""
-        if not self.shuffle:
-            return np.arange(self.num_samples)
-        return np.random.default_rng([self.seed, self.epoch]).permutation(self.num_samples)
+        return epoch_order(self.num_samples, self.seed, self.epoch, self.shuffle)
 
     def __iter__(self):
-        for index in self.order()[self.start_index:]:
+        for index in self.order():
             yield (self.epoch, int(index))
 
     def __len__(self) -> int:
-        return self.num_samples - self.start_index
-
-    def state_dict(self) -> dict:
-        return {"seed": self.seed, "epoch": self.epoch, "start_index": self.start_index}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.seed = int(state["seed"])
-        self.set_epoch(state["epoch"])
-        self.set_start_index(state["start_index"])
+        return self.num_samples
 
 
 class ContrastiveDataset(Dataset):
     """Wraps a ``datasets.Dataset``: item ``(epoch, index)`` -> dict of tensors, or a skip marker."""
 
-    def __init__(self, ds, *, reader, image_column, caption_column, label_column, pixel_transform,
+    def __init__(self, ds, *, image_column, caption_column, label_column, pixel_transform,
                  view_transform, seed, same_views=False):
-        self.ds, self.reader, self.seed, self.same_views = ds, reader, int(seed), bool(same_views)
+        self.ds, self.seed, self.same_views = ds, int(seed), bool(same_views)
         self.image_column, self.caption_column, self.label_column = image_column, caption_column, label_column
         self.pixel_transform, self.view_transform = pixel_transform, view_transform
 
@@ -80,7 +71,7 @@ class ContrastiveDataset(Dataset):
     def __getitem__(self, key):
         epoch, index = key if isinstance(key, tuple) else (0, int(key))
         row = self.ds[index]
-        image = self.reader(row[self.image_column])
+        image = decode_image(row[self.image_column])  # None: skipped, and counted by the collator
         caption = None
         if self.caption_column is not None:
             caption = row[self.caption_column]
@@ -150,55 +141,106 @@ class ContrastiveCollator:
         return batch
 
 
-def build_dataloader(cfg: DataConfig, processor, *, mode: str, batch_size: int, seed: int = 0,
-                     dataset=None, shuffle: bool = True, drop_last: bool | None = None,
-                     device_views: bool = False) -> DataLoader:
-    """A DataLoader of contrastive batches for ``mode``.
+def build_dataset(cfg: DataConfig, processor, *, text: bool, views: bool, seed: int = 0, dataset=None,
+                  device_views: bool = False) -> tuple[ContrastiveDataset, ContrastiveCollator]:
+    """The dataset of contrastive samples and the collate_fn that batches them.
 
     Args:
         cfg: the data config (source, columns, augmentation, ...).
         processor: the model's processor (``model.processor``): image_size, image_mean, image_std,
-            ``preprocess_images`` and, for text modes, ``tokenize(texts, max_length)``.
-        mode: ``"clip"`` -> ``pixel_values`` (B, 3, H, W), ``input_ids`` / ``attention_mask`` (B, L);
-            ``"simclr"`` / ``"moco"`` -> ``view1``, ``view2`` (B, 3, H, W), two independent views;
-            ``"clip+simclr"`` -> all five (pixel_values from the "clip" preset, views from cfg.augment).
-            ``labels`` (B,) is added when ``cfg.label_column`` is set; with ``cfg.cutmix > 0`` the
-            views are CutMix-ed and ``mix_partner`` (B,) / ``mix_lambda`` (B,) describe the mixing.
-            Every batch has ``num_skipped`` (int, unreadable samples dropped from it, so B may be
-            smaller than ``batch_size``, even 0) and ``index`` (B,) the dataset rows it holds.
-        batch_size: samples per batch (per process under Accelerate).
-        seed: seeds the order, captions drawn from lists, augmentations and CutMix.
+            ``preprocess_images`` and, with ``text``, ``tokenize(texts, max_length)``.
+        text: batches hold ``pixel_values`` (B, 3, H, W) and the tokenized caption ``input_ids`` /
+            ``attention_mask`` (B, L); pixel_values use ``cfg.augment``, or the "clip" preset when
+            ``views`` is set too.
+        views: batches hold ``view1``, ``view2`` (B, 3, H, W), two independent views from
+            ``cfg.augment``. ``labels`` (B,) is added when ``cfg.label_column`` is set; with
+            ``cfg.cutmix > 0`` the views are CutMix-ed and ``mix_partner`` (B,) / ``mix_lambda``
+            (B,) describe the mixing. Every batch has ``num_skipped`` (int, unreadable samples
+            dropped from it, so B may be smaller than asked, even 0) and ``index`` (B,) its rows.
+        seed: seeds captions drawn from lists, augmentations and CutMix.
         dataset: a ready ``datasets.Dataset`` to use instead of ``cfg.source``.
-        shuffle: shuffle each epoch (``loader.sampler`` is a ``ResumableSampler``).
-        drop_last: default True when the dataset holds at least one full batch.
-        device_views: the caller augments the views on the device (mmcl.train's
-            ``train.device_augment``), so ``augment='none'`` (identical, un-augmented views) is allowed.
-            With ``augment='none'`` the views are then uint8 (B, 3, H, W), resized and cropped but not
-            normalised, and ``view2`` is the same tensor as ``view1`` (unless CutMix copies them).
-    """
-    import datasets
+        device_views: the caller augments the views on the device (``DeviceAugment``), so
+            ``augment='none'`` (identical, un-augmented views) is allowed. With ``augment='none'``
+            the views are then uint8 (B, 3, H, W), resized and cropped but not normalised, and
+            ``view2`` is the same tensor as ``view1`` (unless CutMix copies them).
 
+    Returns:
+        ``(dataset, collate_fn)``: the dataset takes ``(epoch, index)`` keys (see ``ResumableSampler``).
+    """
+    size = _check_request(cfg, processor, text=text, views=views, device_views=device_views)
+    ds = _source_rows(cfg, text=text, seed=seed, dataset=dataset)
+    pixel_transform = None
+    if text:
+        pixel_transform = build_image_transform("clip" if views else cfg.augment, processor, cfg.image_size)
+    uint8_views = views and device_views and cfg.augment == "none"
+    view_transform = None
+    if views:
+        view_transform = (build_uint8_transform(processor, cfg.image_size) if uint8_views
+                          else build_image_transform(cfg.augment, processor, cfg.image_size))
+    wrapped = ContrastiveDataset(
+        ds, image_column=cfg.image_column, caption_column=cfg.caption_column if text else None,
+        label_column=cfg.label_column, pixel_transform=pixel_transform, view_transform=view_transform,
+        seed=seed, same_views=uint8_views,
+    )
+    image_keys = (["pixel_values"] if text else []) + (["view1", "view2"] if views else [])
+    collator = ContrastiveCollator(processor, image_keys=image_keys, size=size, text=text,
+                                   labels=cfg.label_column is not None, max_text_length=cfg.max_text_length,
+                                   cutmix=cfg.cutmix, seed=seed)
+    return wrapped, collator
+
+
+def build_dataloader(cfg: DataConfig, processor, *, text: bool, views: bool, batch_size: int, seed: int = 0,
+                     dataset=None, shuffle: bool = True, drop_last: bool | None = None,
+                     device_views: bool = False) -> DataLoader:
+    """A DataLoader over ``build_dataset(cfg, processor, text=..., views=..., ...)`` (see there).
+
+    Args:
+        batch_size: samples per batch (per process under Accelerate).
+        seed: seeds the order too (``loader.sampler`` is a ``ResumableSampler``: ``set_epoch``).
+        shuffle: shuffle each epoch.
+        drop_last: default True when the dataset holds at least one full batch.
+        cfg, processor, text, views, dataset, device_views: as for ``build_dataset``.
+    """
+    _check_batch_size(batch_size)
+    wrapped, collator = build_dataset(cfg, processor, text=text, views=views, seed=seed, dataset=dataset,
+                                      device_views=device_views)
+    if drop_last is None:
+        drop_last = len(wrapped) >= batch_size
+    # A private generator: DataLoader draws its worker base seed from it, not from torch's global RNG,
+    # so iterating the loader leaves the training loop's random stream untouched.
+    return DataLoader(wrapped, batch_size=batch_size, sampler=ResumableSampler(len(wrapped), seed=seed,
+                      shuffle=shuffle), collate_fn=collator, num_workers=cfg.num_workers, drop_last=drop_last,
+                      generator=torch.Generator().manual_seed(int(seed)))
+
+
+def _check_batch_size(batch_size) -> None:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+
+
+def _check_request(cfg, processor, *, text: bool, views: bool, device_views: bool) -> tuple[int, int]:
+    """Raise naming the argument when the request cannot be served; the batches' (H, W)."""
     if not isinstance(cfg, DataConfig):
         raise TypeError(f"cfg must be an mmcl.data.DataConfig, got {type(cfg).__name__}")
     validate_config(cfg)
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    text = mode in ("clip", "clip+simclr")
-    views = mode != "clip"
+    if not (text or views):
+        raise ValueError("nothing to load: set text=True (image-text pairs), views=True (two views) or both")
     if views and cfg.augment in ("none", "clip") and not device_views:
-        raise ValueError(f"mode {mode!r} needs two random views: set augment to 'simclr' or 'mocov2' "
-                         f"(augment={cfg.augment!r} would make both views identical)")
+        raise ValueError(f"two-view batches (views=True) need two random views: set augment to 'simclr' or "
+                         f"'mocov2' (augment={cfg.augment!r} would make both views identical)")
     if cfg.cutmix > 0 and not views:
-        raise ValueError("cutmix applies to image-only views; it needs mode 'simclr', 'moco' or 'clip+simclr'")
+        raise ValueError("cutmix applies to image-only views; it needs two-view batches (views=True)")
     if text and not callable(getattr(processor, "tokenize", None)):
-        raise TypeError(f"mode {mode!r} tokenizes captions: processor must have tokenize(texts, max_length)")
+        raise TypeError("text=True tokenizes captions: processor must have tokenize(texts, max_length)")
     size, _, _ = processor_geometry(processor, cfg.image_size)
+    return size
 
-    base_dir = None
+
+def _source_rows(cfg, *, text: bool, seed: int, dataset):
+    """The rows to serve: ``dataset`` or ``cfg.source`` (split, max_samples), only the used columns,
+    images left undecoded."""
     if dataset is None:
-        ds, base_dir = resolve_source(cfg.source, cfg.split, seed=seed)
+        ds = load_source(cfg.source, cfg.split, seed=seed, image_column=cfg.image_column)
     elif isinstance(dataset, datasets.Dataset):
         ds = dataset
     else:
@@ -209,29 +251,4 @@ def build_dataloader(cfg: DataConfig, processor, *, mode: str, batch_size: int, 
     if cfg.max_samples is not None and cfg.max_samples < len(ds):
         ds = ds.select(range(cfg.max_samples))
     keep = [c for c in (cfg.image_column, cfg.caption_column if text else None, cfg.label_column) if c]
-    ds = undecoded(ds.select_columns(keep), cfg.image_column)
-
-    pixel_transform = None
-    if text:
-        pixel_transform = build_image_transform("clip" if views else cfg.augment, processor, cfg.image_size)
-    uint8_views = views and device_views and cfg.augment == "none"
-    view_transform = None
-    if views:
-        view_transform = (build_uint8_transform(processor, cfg.image_size) if uint8_views
-                          else build_image_transform(cfg.augment, processor, cfg.image_size))
-    wrapped = ContrastiveDataset(
-        ds, reader=ImageReader(base_dir), image_column=cfg.image_column,
-        caption_column=cfg.caption_column if text else None, label_column=cfg.label_column,
-        pixel_transform=pixel_transform, view_transform=view_transform, seed=seed, same_views=uint8_views,
-    )
-    image_keys = (["pixel_values"] if text else []) + (["view1", "view2"] if views else [])
-    collator = ContrastiveCollator(processor, image_keys=image_keys, size=size, text=text,
-                                   labels=cfg.label_column is not None, max_text_length=cfg.max_text_length,
-                                   cutmix=cfg.cutmix, seed=seed)
-    if drop_last is None:
-        drop_last = len(wrapped) >= batch_size
-    # A private generator: DataLoader draws its worker base seed from it, not from torch's global RNG,
-    # so iterating the loader leaves the training loop's random stream untouched.
-    return DataLoader(wrapped, batch_size=batch_size, sampler=ResumableSampler(len(wrapped), seed=seed,
-                      shuffle=shuffle), collate_fn=collator, num_workers=cfg.num_workers, drop_last=drop_last,
-                      generator=torch.Generator().manual_seed(int(seed)))
+    return undecoded(ds.select_columns(keep), cfg.image_column)

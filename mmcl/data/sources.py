@@ -1,37 +1,155 @@
-"""Turning a ``DataConfig.source`` into a ``datasets.Dataset`` and reading its images safely."""
+"""mmcl's one source loader: a ``DataConfig.source`` (or the command line's ``--data``) as splits.
+
+A source is "digits" (scikit-learn's handwritten digits, train/test); a .parquet, .csv, .tsv,
+.json or .jsonl file (one split, "train", as ``datasets`` names it); a directory written by
+``save_to_disk`` (a Dataset, or a DatasetDict of splits); an image folder (class sub-folders,
+optionally under train/ test/ split folders, optional ``metadata.csv``/``metadata.jsonl``); or a
+``datasets`` name already in the local cache. Nothing is downloaded. Image paths listed in
+CSV/JSON rows are relative to the file that lists them: they are made absolute and the column
+becomes a ``datasets.Image``, so every source's image column yields images the same way.
+Training, the training evaluator and the command line all read sources through this module.
+"""
 from __future__ import annotations
 
-import io
 import os
 from pathlib import Path
 
+import datasets
 import numpy as np
+
+from mmcl.data.digits import load_digits_dataset
+
+__all__ = ["load_splits", "load_source", "pick_split", "subsample", "holdout_split", "class_names_of",
+           "load_eval_dataset", "check_columns", "undecoded"]
 
 FILE_BUILDERS = {".parquet": "parquet", ".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json"}
 # Files ``save_to_disk`` leaves in a Dataset (state.json, dataset_info.json) or DatasetDict directory.
 _SAVED_MARKERS = ("dataset_dict.json", "dataset_info.json", "state.json")
+# Which split to take when several exist and none is named, in order of preference.
+_SPLIT_PREFERENCE = ("test", "validation", "valid", "val", "train")
 
 
-def load_source(source: str, split: str = "train", *, seed: int = 0):
-    """Load ``source`` as a ``datasets.Dataset`` (see ``resolve_source``)."""
-    return resolve_source(source, split, seed=seed)[0]
+def load_splits(source: str, *, seed: int = 0, image_column: str = "image") -> dict:
+    """Every split of ``source`` as ``{split name: datasets.Dataset}``.
 
-
-def load_splits(source: str, *, seed: int = 0):
-    """Every split of ``source`` as ``({split name: datasets.Dataset}, base_dir)``.
-
-    A file is one split, "train" (as ``datasets`` names it); "digits" has "train" and "test" (each
-    built when first asked for); a directory has its saved or folder splits; a ``datasets`` name
-    must be in the local cache (nothing is downloaded). base_dir (or None) resolves relative image
-    paths in the rows. Raises ValueError naming the source when it cannot be read.
+    "digits" builds each split when first asked for (``seed`` fixes its train/test split).
+    Relative image paths in ``image_column`` are resolved against the listing file's folder.
+    Raises ValueError naming the source when it cannot be read.
     """
-    import datasets
+    splits, base_dir = _read(source, seed)
+    if base_dir is None:
+        return splits
+    return {name: _resolved_images(ds, image_column, base_dir) for name, ds in splits.items()}
 
-    if not isinstance(source, str) or not source:
-        raise ValueError(f"source must be a non-empty string, got {source!r}")
+
+def load_source(source: str, split: str | None = None, *, seed: int = 0, image_column: str = "image",
+                max_samples: int | None = None):
+    """One split of ``source`` as a ``datasets.Dataset``.
+
+    Args:
+        source: see the module docstring.
+        split: the split to take; None takes the only one, else the first of test / validation /
+            train present. A file holds one split, returned whatever ``split`` names.
+        seed: seeds the digits' train/test split.
+        image_column: the column whose relative paths are made absolute (see ``load_splits``).
+        max_samples: keep this many seeded random rows (see ``subsample``); None keeps all.
+
+    Raises:
+        ValueError: the source does not exist or is not cached, or it has no split ``split``.
+    """
+    _check_source(source)
+    if split is not None and _is_dataset_name(source):
+        try:  # only the asked split is loaded from the cache
+            ds = datasets.load_dataset(source, split=split)
+        except Exception as err:  # the hub is offline here: say what was tried and why it failed
+            raise ValueError(_not_cached(source, err) + f" (split {split!r})") from err
+        return subsample(ds, max_samples)
+    splits = load_splits(source, seed=seed, image_column=image_column)
+    if Path(source).expanduser().is_file():
+        split = None
+    return subsample(splits[pick_split(splits, split, what=f"source {source!r}: split")], max_samples)
+
+
+def pick_split(splits: dict, split: str | None, *, default: str | None = None, what: str = "split") -> str:
+    """The split name to use: ``split`` if given (it must exist), else the only one, else
+    ``default`` or the first of test / validation / train present. ``what`` names the choice in
+    errors (the command line passes "--split")."""
+    names = list(splits)
+    if split is not None:
+        if split not in splits:
+            raise ValueError(f"{what} {split!r} does not exist; available splits: {names}")
+        return split
+    if len(names) == 1:
+        return names[0]
+    for name in ((default,) if default else ()) + _SPLIT_PREFERENCE:
+        if name in splits:
+            return name
+    raise ValueError(f"several splits exist ({names}); choose one with {what}")
+
+
+def subsample(ds, max_samples: int | None, seed: int = 0):
+    """``max_samples`` rows drawn without replacement (seeded, kept in their original order), or all.
+
+    Random rather than the first rows: many sources (image folders above all) are sorted by class.
+    """
+    if max_samples is None or max_samples >= len(ds):
+        return ds
+    if max_samples < 1:
+        raise ValueError(f"max_samples must be positive, got {max_samples}")
+    rows = np.random.default_rng(seed).choice(len(ds), size=max_samples, replace=False)
+    return ds.select(np.sort(rows))
+
+
+def holdout_split(ds, fraction: float = 0.2, seed: int = 0):
+    """Deterministic (train, test) split of one dataset, for sources that ship a single split."""
+    parts = ds.train_test_split(test_size=fraction, seed=seed, shuffle=True)
+    return parts["train"], parts["test"]
+
+
+def class_names_of(ds, label_column: str) -> list[str] | None:
+    """Class names from a ClassLabel column (the digits' label is one), else None."""
+    feature = ds.features.get(label_column)
+    if isinstance(feature, datasets.ClassLabel):
+        return list(feature.names)
+    return None
+
+
+def load_eval_dataset(cfg, *, seed: int = 0):
+    """The held-out ``datasets.Dataset`` of a ``DataConfig`` (eval_source / eval_split), or None.
+
+    With ``cfg.source == "digits"`` and no ``eval_source``, the digits' test split is used, so the
+    demo evaluates on digits never seen in training.
+    """
+    source = cfg.eval_source or ("digits" if cfg.source == "digits" else None)
+    if source is None:
+        return None
+    ds = load_source(source, cfg.eval_split, seed=seed, image_column=cfg.image_column)
+    check_columns(ds, image_column=cfg.image_column, caption_column=None, label_column=None)
+    return ds
+
+
+def check_columns(ds, *, image_column: str, caption_column: str | None, label_column: str | None) -> None:
+    """Raise ValueError naming a missing column and listing the ones that exist."""
+    available = list(ds.column_names)
+    for role, name in (("image_column", image_column), ("caption_column", caption_column),
+                       ("label_column", label_column)):
+        if name is not None and name not in available:
+            raise ValueError(f"{role}={name!r} is not a column of the dataset; available columns: {available}")
+
+
+def undecoded(ds, image_column: str):
+    """``ds`` with its image column left as bytes/paths, so a corrupt file is caught per sample."""
+    feature = ds.features.get(image_column)
+    if isinstance(feature, datasets.Image) and feature.decode:
+        ds = ds.cast_column(image_column, datasets.Image(decode=False))
+    return ds
+
+
+def _read(source: str, seed: int) -> tuple[dict, str | None]:
+    """``({split: Dataset}, base_dir)``: base_dir (or None) resolves relative image paths."""
+    _check_source(source)
+    datasets.disable_progress_bars()  # loading a local file is quick; its bars would only clutter stderr
     if source == "digits":
-        from mmcl.data.digits import load_digits_dataset
-
         return _LazySplits({s: (lambda s=s: load_digits_dataset(s, seed=seed)) for s in ("train", "test")}), None
     path = Path(source).expanduser()
     suffix = path.suffix.lower()
@@ -40,7 +158,6 @@ def load_splits(source: str, *, seed: int = 0):
             raise ValueError(f"source {source!r}: unsupported file type {suffix!r}; use one of {sorted(FILE_BUILDERS)}")
         kwargs = {"delimiter": "\t"} if suffix == ".tsv" else {}
         ds = datasets.load_dataset(FILE_BUILDERS[suffix], data_files=str(path), split="train", **kwargs)
-        # CSV/JSON image paths are relative to the file that lists them.
         return {"train": ds}, str(path.parent)
     if path.is_dir():
         if any((path / marker).is_file() for marker in _SAVED_MARKERS):
@@ -56,6 +173,24 @@ def load_splits(source: str, *, seed: int = 0):
         return dict(datasets.load_dataset(source)), None
     except Exception as err:  # the hub is offline here: say what was tried and why it failed
         raise ValueError(_not_cached(source, err)) from err
+
+
+def _check_source(source) -> None:
+    if not isinstance(source, str) or not source:
+        raise ValueError(f"source must be a non-empty string, got {source!r}")
+
+
+def _resolved_images(ds, image_column: str, base_dir: str):
+    """``ds`` with a string column of image paths made absolute and cast to ``datasets.Image``."""
+    feature = ds.features.get(image_column)
+    if getattr(feature, "dtype", None) not in ("string", "large_string"):
+        return ds
+
+    def absolute(rows):
+        return {image_column: [p if p is None or os.path.isabs(p) else os.path.join(base_dir, p)
+                               for p in rows[image_column]]}
+
+    return ds.map(absolute, batched=True).cast_column(image_column, datasets.Image())
 
 
 def _is_dataset_name(source: str) -> bool:
@@ -81,121 +216,3 @@ class _LazySplits(dict):
         if super().__getitem__(key) is None:
             super().__setitem__(key, self._factories[key]())
         return super().__getitem__(key)
-
-
-def resolve_source(source: str, split: str = "train", *, seed: int = 0):
-    """Load one split of ``source`` as a ``datasets.Dataset``.
-
-    Args:
-        source: ``"digits"``; a ``.parquet``/``.csv``/``.tsv``/``.json``/``.jsonl`` file (the whole
-            file is the split, whatever ``split`` says); an image-folder directory (optional
-            ``metadata.csv``/``metadata.jsonl``, optional split sub-folders); a directory written by
-            ``save_to_disk``; or a ``datasets`` name available in the local cache.
-        split: which split to take from a directory, a saved ``DatasetDict`` or a named dataset.
-        seed: seeds the digits' train/test split.
-
-    Returns:
-        ``(dataset, base_dir)``: base_dir (or None) resolves relative image paths in the rows.
-
-    Raises:
-        ValueError: the path does not exist, the split is missing, or the name is not cached.
-    """
-    import datasets
-
-    if isinstance(source, str) and source and _is_dataset_name(source):
-        try:  # only the asked split is loaded from the cache
-            return datasets.load_dataset(source, split=split), None
-        except Exception as err:
-            raise ValueError(_not_cached(source, err) + f" (split {split!r})") from err
-    splits, base_dir = load_splits(source, seed=seed)
-    if Path(source).expanduser().is_file():
-        return splits["train"], base_dir
-    if split not in splits:
-        raise ValueError(f"source {source!r} has no split {split!r}; splits: {sorted(splits)}")
-    return splits[split], base_dir
-
-
-def absolute_image_paths(ds, image_column: str, base_dir: str | None):
-    """``ds`` with relative image paths (a string column) made absolute against base_dir."""
-    feature = ds.features.get(image_column)
-    if base_dir is None or not (getattr(feature, "dtype", None) in ("string", "large_string")):
-        return ds
-    return ds.map(lambda row: {image_column: row[image_column] if os.path.isabs(row[image_column])
-                               else os.path.join(base_dir, row[image_column])})
-
-
-def check_columns(ds, *, image_column: str, caption_column: str | None, label_column: str | None) -> None:
-    """Raise ValueError naming a missing column and listing the ones that exist."""
-    available = list(ds.column_names)
-    for role, name in (("image_column", image_column), ("caption_column", caption_column),
-                       ("label_column", label_column)):
-        if name is not None and name not in available:
-            raise ValueError(f"{role}={name!r} is not a column of the dataset; available columns: {available}")
-
-
-def undecoded(ds, image_column: str):
-    """``ds`` with its image column left as bytes/paths, so a corrupt file is caught per sample."""
-    import datasets
-
-    feature = ds.features.get(image_column)
-    if isinstance(feature, datasets.Image) and feature.decode:
-        ds = ds.cast_column(image_column, datasets.Image(decode=False))
-    return ds
-
-
-class ImageReader:
-    """Decode one cell of an image column into an RGB PIL image; ``None`` when it cannot be read.
-
-    Accepts what ``datasets`` stores for images (``{"bytes", "path"}`` dicts), raw bytes, file paths
-    (relative ones resolved against ``base_dir``), PIL images and (H, W[, C]) uint8 arrays.
-    """
-
-    def __init__(self, base_dir: str | None = None):
-        self.base_dir = base_dir
-
-    def __call__(self, value):
-        from PIL import Image
-
-        try:
-            if isinstance(value, Image.Image):
-                image = value
-            elif isinstance(value, dict):
-                if value.get("bytes") is not None:
-                    image = Image.open(io.BytesIO(value["bytes"]))
-                elif value.get("path"):
-                    image = Image.open(self._resolve(value["path"]))
-                else:
-                    return None
-            elif isinstance(value, (bytes, bytearray)):
-                image = Image.open(io.BytesIO(value))
-            elif isinstance(value, (str, os.PathLike)):
-                image = Image.open(self._resolve(str(value)))
-            elif isinstance(value, np.ndarray):
-                image = Image.fromarray(value)
-            else:
-                return None
-            # PIL decodes lazily: force it here so a truncated file fails now, not inside a transform.
-            image.load()
-            return image.convert("RGB")
-        except (OSError, ValueError, SyntaxError, TypeError, Image.DecompressionBombError):
-            return None
-
-    def _resolve(self, path: str) -> str:
-        if self.base_dir is not None and not os.path.isabs(path):
-            return os.path.join(self.base_dir, path)
-        return path
-
-
-def load_eval_dataset(cfg, *, seed: int = 0):
-    """The held-out ``datasets.Dataset`` of ``cfg`` (eval_source / eval_split), or None.
-
-    With ``cfg.source == "digits"`` and no ``eval_source``, the digits' test split is used, so the
-    demo evaluates on digits never seen in training. Relative image paths in CSV/JSON rows are made
-    absolute so evaluation code can open them directly.
-    """
-    source = cfg.eval_source or ("digits" if cfg.source == "digits" else None)
-    if source is None:
-        return None
-    ds, base_dir = resolve_source(source, cfg.eval_split, seed=seed)
-    check_columns(ds, image_column=cfg.image_column, caption_column=None, label_column=None)
-    return absolute_image_paths(ds, cfg.image_column, base_dir)

@@ -1,9 +1,12 @@
-"""Augmentation presets (PIL image -> (3, H, W) float tensor) and CutMix for image-only batches."""
+"""CPU augmentation (PIL image -> (3, H, W) tensor) from the preset table, and CutMix for image-only batches."""
 from __future__ import annotations
 
 import math
 
 import torch
+from torchvision import transforms as T
+
+from mmcl.data.augment import AUGMENT_PRESETS, VIEW_PRESETS, ViewPreset
 
 
 def processor_geometry(processor, image_size: int | None) -> tuple[tuple[int, int], tuple, tuple]:
@@ -34,58 +37,47 @@ def build_image_transform(augment: str, processor, image_size: int | None = None
             with an ``image_size`` override, resize (bicubic) + centre crop + normalise.
         ``"none"``: resize (bicubic) the short side + centre crop + normalise with the processor's
             mean and std; deterministic.
-        ``"simclr"``: SimCLR's: RandomResizedCrop(scale 0.08-1), horizontal flip, ColorJitter(0.8,
-            0.8, 0.8, 0.2) with p=0.8, grayscale p=0.2, Gaussian blur (sigma 0.1-2) p=0.5.
-        ``"mocov2"``: MoCo v2's: RandomResizedCrop(scale 0.2-1), ColorJitter(0.4, 0.4, 0.4, 0.1)
-            p=0.8, grayscale p=0.2, Gaussian blur (sigma 0.1-2) p=0.5, horizontal flip.
+        ``"simclr"``, ``"mocov2"``: the view presets of ``mmcl.data.augment.VIEW_PRESETS`` (SimCLR's:
+            RandomResizedCrop(scale 0.08-1), flip, ColorJitter(0.8, 0.8, 0.8, 0.2) p=0.8, grayscale
+            p=0.2, Gaussian blur p=0.5; MoCo v2's: scale 0.2-1, ColorJitter(0.4, 0.4, 0.4, 0.1),
+            the flip last), then normalise.
     Random presets draw from torch's global generator; the loader seeds it per sample.
     """
-    from torchvision import transforms as T
-
+    if augment not in AUGMENT_PRESETS:
+        raise ValueError(f"augment must be one of {AUGMENT_PRESETS}, got {augment!r}")
     size, mean, std = processor_geometry(processor, image_size)
     finish = [T.ToTensor(), T.Normalize(mean, std)]
     if augment == "clip" and image_size is None and hasattr(processor, "preprocess_images"):
         return _ProcessorTransform(processor)
     if augment in ("clip", "none"):
         return T.Compose([*_resize_crop(size), *finish])
-    # Blur kernel about a tenth of the image side, odd, as in SimCLR.
-    kernel = max(3, int(0.1 * min(size)) // 2 * 2 + 1)
-    blur = T.RandomApply([T.GaussianBlur(kernel, sigma=(0.1, 2.0))], p=0.5)
-    if augment == "simclr":
-        return T.Compose([
-            T.RandomResizedCrop(size, scale=(0.08, 1.0), interpolation=T.InterpolationMode.BICUBIC),
-            T.RandomHorizontalFlip(),
-            T.RandomApply([T.ColorJitter(0.8, 0.8, 0.8, 0.2)], p=0.8),
-            T.RandomGrayscale(p=0.2),
-            blur,
-            *finish,
-        ])
-    if augment == "mocov2":
-        return T.Compose([
-            T.RandomResizedCrop(size, scale=(0.2, 1.0), interpolation=T.InterpolationMode.BICUBIC),
-            T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
-            T.RandomGrayscale(p=0.2),
-            blur,
-            T.RandomHorizontalFlip(),
-            *finish,
-        ])
-    raise ValueError(f"augment must be one of 'none', 'clip', 'simclr', 'mocov2', got {augment!r}")
+    return T.Compose([*view_ops(VIEW_PRESETS[augment], size), *finish])
+
+
+def view_ops(preset: ViewPreset, size: tuple[int, int]) -> list:
+    """The torchvision PIL ops of a view preset, in its order: crop, (flip,) jitter, grayscale,
+    blur, (flip)."""
+    flip = T.RandomHorizontalFlip(p=preset.flip_p)
+    ops = [T.RandomResizedCrop(size, scale=preset.scale, interpolation=T.InterpolationMode.BICUBIC)]
+    ops += [flip] if preset.flip_first else []
+    ops += [T.RandomApply([T.ColorJitter(*preset.jitter)], p=preset.jitter_p), T.RandomGrayscale(p=preset.gray_p)]
+    if preset.blur_p > 0:
+        kernel = max(3, int(0.1 * min(size)) // 2 * 2 + 1)  # about a tenth of the image side, odd, as in SimCLR
+        ops.append(T.RandomApply([T.GaussianBlur(kernel, sigma=(0.1, 2.0))], p=preset.blur_p))
+    ops += [] if preset.flip_first else [flip]
+    return ops
 
 
 def build_uint8_transform(processor, image_size: int | None = None):
     """PIL RGB image -> (3, H, W) uint8 tensor: the "none" preset's resize and centre crop, neither
     converted to float nor normalised. For views augmented on the training device, which then
     receives a quarter of the bytes of a float32 view."""
-    from torchvision import transforms as T
-
     size, _, _ = processor_geometry(processor, image_size)
     return T.Compose([*_resize_crop(size), T.PILToTensor()])
 
 
 def _resize_crop(size):
     """The deterministic geometry of the "none"/"clip" presets: bicubic short-side resize, centre crop."""
-    from torchvision import transforms as T
-
     return [T.Resize(min(size), interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(size)]
 
 

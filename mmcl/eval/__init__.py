@@ -1,5 +1,6 @@
-"""Evaluation of learned representations: kNN and linear probes on frozen features, embedding
-helpers, and plots. Zero-shot classification lives in `mmcl.zeroshot`, retrieval in `mmcl.retrieval`.
+"""Evaluation of learned representations: zero-shot classification (`mmcl.eval.zeroshot`),
+image<->text retrieval (`mmcl.eval.retrieval`), kNN and linear probes on frozen features,
+embedding helpers, and plots. The training loop's periodic evaluation calls these.
 """
 from mmcl.eval.embed import embed_images, embed_texts, load_image
 from mmcl.eval.knn import knn_accuracy, knn_predict

@@ -2,8 +2,9 @@
 
 Images may be PIL images, file paths, raw uint8 arrays/tensors (H, W, C) / (C, H, W), a float
 tensor of pixel values already prepared by `model.processor` ((N, 3, H, W) or (3, H, W)), or a
-`datasets.Dataset` whose image column holds any of these. Items are decoded one batch at a time,
-so a folder of a million files never sits in memory at once.
+`datasets.Dataset` whose image column holds any of these. Items are decoded one batch at a time
+(by `mmcl.data.images.load_image`, which raises naming a file it cannot read), so a folder of a
+million files never sits in memory at once.
 """
 from __future__ import annotations
 
@@ -11,17 +12,19 @@ import os
 from contextlib import contextmanager
 from typing import Iterator, Sequence
 
+import datasets
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
+from mmcl.data.images import load_image
+from mmcl.distributed import rank
 from mmcl.eval._checks import positive_int
 
 __all__ = ["load_image", "embed_images", "embed_texts", "model_device", "iter_image_batches"]
 
 
 def _show_progress(progress: bool) -> bool:
-    from mmcl.distributed import rank
-
     return bool(progress) and rank() == 0  # one bar per run, not one per process
 
 
@@ -44,61 +47,13 @@ def eval_mode(model: torch.nn.Module):
         model.train(was_training)
 
 
-def load_image(item):
-    """One image as an RGB PIL image, from a PIL image, a path, a uint8 array/tensor or a dict.
-
-    Raises ValueError naming the file when a path does not exist or cannot be decoded.
-    """
-    from PIL import Image
-
-    if isinstance(item, Image.Image):
-        return item.convert("RGB")
-    if isinstance(item, dict):  # an undecoded `datasets.Image` cell: {"bytes": ..., "path": ...}
-        if item.get("bytes") is not None:
-            import io
-
-            return _open(io.BytesIO(item["bytes"]), item.get("path") or "<image bytes>")
-        item = item.get("path")
-    if isinstance(item, (str, os.PathLike)):
-        if not os.path.isfile(item):
-            raise ValueError(f"image file not found: {os.fspath(item)}")
-        return _open(item, os.fspath(item))
-    if isinstance(item, torch.Tensor):
-        item = item.detach().cpu().numpy()
-    if isinstance(item, np.ndarray):
-        if item.dtype != np.uint8:
-            raise TypeError(f"a raw image array must be uint8, got {item.dtype} (float tensors are pixel values)")
-        if item.ndim == 3 and item.shape[0] in (1, 3) and item.shape[2] not in (1, 3):
-            item = item.transpose(1, 2, 0)  # (C, H, W) -> (H, W, C)
-        if item.ndim == 3 and item.shape[2] == 1:
-            item = item[:, :, 0]
-        if item.ndim not in (2, 3):
-            raise ValueError(f"a raw image array must be (H, W), (H, W, C) or (C, H, W), got {item.shape}")
-        return Image.fromarray(item).convert("RGB")
-    raise TypeError(f"cannot read an image from {type(item).__name__}; pass a PIL image, a path or a uint8 array")
-
-
-def _open(source, name: str):
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(source) as im:
-            return im.convert("RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError) as err:
-        raise ValueError(f"cannot read image {name}: {err}") from None
-
-
 def _is_pixel_tensor(x) -> bool:
     return isinstance(x, torch.Tensor) and x.is_floating_point()
 
 
 def _as_items(images, image_column: str):
     """Normalise the accepted inputs to something indexable with len(), or a pixel tensor (N, 3, H, W)."""
-    try:
-        import datasets
-    except ImportError:  # pragma: no cover - datasets is a dependency
-        datasets = None
-    if datasets is not None and isinstance(images, datasets.Dataset):
+    if isinstance(images, datasets.Dataset):
         if image_column not in images.column_names:
             raise ValueError(f"image_column {image_column!r} is not in the dataset; columns: {images.column_names}")
         return _DatasetColumn(images, image_column)
@@ -124,8 +79,6 @@ class _DatasetColumn:
     and decoded by `load_image`, so a corrupt file raises mmcl's ValueError naming its row."""
 
     def __init__(self, dataset, column: str):
-        import datasets
-
         if isinstance(dataset.features.get(column), datasets.Image):
             dataset = dataset.cast_column(column, datasets.Image(decode=False))
         self.dataset, self.column = dataset, column
@@ -181,8 +134,6 @@ def embed_images(
     `images`: a `datasets.Dataset` (its `image_column` is used), a list of PIL images / paths /
     uint8 arrays, one such image, or a float pixel tensor (N, 3, H, W) already preprocessed.
     """
-    from tqdm.auto import tqdm
-
     total = _count(images, image_column)
     out = []
     bar = tqdm(total=total, desc="images", unit="img", disable=not _show_progress(progress))
@@ -195,8 +146,6 @@ def embed_images(
 
 def embed_texts(model, texts, *, batch_size: int = 256, normalize: bool = True, progress: bool = False) -> torch.Tensor:
     """Text embeddings (N, P) as float32 on CPU, from `model.processor.tokenize` + `model.encode_text`."""
-    from tqdm.auto import tqdm
-
     if isinstance(texts, str):
         texts = [texts]
     if not isinstance(texts, Sequence) or not all(isinstance(t, str) for t in texts):

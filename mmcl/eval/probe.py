@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
+from sklearn.linear_model import LogisticRegression
 
 from mmcl.eval._checks import as_features, as_labels, positive_float, positive_int, same_dim
 
@@ -28,8 +29,6 @@ def fit_linear_probe(train_features, train_labels, *, C: float = 1.0, max_iter: 
     `C` is the inverse L2 penalty (scikit-learn's meaning); `normalize` L2-normalises rows first,
     which puts every model's features on one scale so a single `C` is a sensible default.
     """
-    from sklearn.linear_model import LogisticRegression
-
     x = _numpy_features("train_features", train_features, normalize)
     y = as_labels("train_labels", train_labels, x.shape[0]).cpu().numpy()
     if np.unique(y).size < 2:

@@ -293,7 +293,7 @@ def validate(cfg: Config) -> None:
     _check(t.resume is None or isinstance(t.resume, str), f"train.resume must be null, 'auto' or a path, got {t.resume!r}")
     _check(isinstance(t.trackers, list), f"train.trackers must be a list, got {t.trackers!r}")
     if t.device_augment is not None:
-        from mmcl.train.device_augment import PRESETS
+        from mmcl.data.augment import DEVICE_PRESETS as PRESETS
 
         _check(t.device_augment in PRESETS, f"train.device_augment must be one of {', '.join(PRESETS)} or null, "
                                             f"got {t.device_augment!r}")

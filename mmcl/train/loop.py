@@ -101,12 +101,11 @@ def _fit(cfg: Config, on_batch, on_step_end, closers: list) -> dict:
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
 
-    from mmcl.data import build_dataloader
+    from mmcl.data import BatchStream, DeviceAugment, build_dataset
     from mmcl.train.builders import build_model
     from mmcl.train.evaluation import Evaluator
     from mmcl.train.objectives import build_objective
     from mmcl.train.optim import build_optimizer, build_scheduler
-    from mmcl.train.stream import BatchStream
 
     t, out = cfg.train, Path(cfg.output_dir)
     accelerator = _make_accelerator(cfg)
@@ -119,14 +118,11 @@ def _fit(cfg: Config, on_batch, on_step_end, closers: list) -> dict:
                          "on CPU leave it off (MoCo's loss.shuffle_bn works everywhere)")
     model = build_model(cfg)  # converts to SyncBatchNorm before MoCo copies the key encoder
     objective = build_objective(cfg.mode, cfg.loss, model, t.max_steps)
-    loader = build_dataloader(cfg.data, model.processor, mode=cfg.mode, batch_size=t.batch_size, seed=cfg.seed,
-                              **({"device_views": True} if t.device_augment else {}))
-    device_augment = None
-    if t.device_augment:
-        from mmcl.train.device_augment import DeviceAugment
-
-        device_augment = DeviceAugment(t.device_augment, model.processor)
-    stream = BatchStream(loader, t.batch_size, rank, world, seed=cfg.seed)
+    dataset, collate_fn = build_dataset(cfg.data, model.processor, text=cfg.mode in ("clip", "clip+simclr"),
+                                        views=cfg.mode != "clip", seed=cfg.seed, device_views=bool(t.device_augment))
+    device_augment = DeviceAugment(t.device_augment, model.processor) if t.device_augment else None
+    stream = BatchStream(dataset, collate_fn, t.batch_size, num_workers=cfg.data.num_workers, rank=rank,
+                         world_size=world, seed=cfg.seed)
     closers.append(stream.close)
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, t.max_steps)

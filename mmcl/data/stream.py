@@ -1,43 +1,49 @@
 """An endless, resumable, sharded stream of batches over epochs.
 
-mmcl.data's loader makes every sample's augmentation a function of (seed, epoch, index) and
-its sampler's order a function of (seed, epoch). This stream cuts each epoch's order into global
+mmcl.data's dataset makes every sample's augmentation a function of (seed, epoch, index), and
+``epoch_order`` each epoch's order a function of (seed, epoch). This stream cuts that order into global
 batches of B × world samples, hands rank r its r-th slice of each, and remembers (epoch,
 batches consumed). Resuming rebuilds the same epoch order and starts after the consumed batches,
 so a resumed run sees exactly the batches an uninterrupted one would have seen. One DataLoader
 serves every epoch: its workers live for the whole run and keep prefetching across epoch ends.
+This is mmcl's resume mechanism for data: ``state_dict`` goes into the training checkpoint.
 """
 from __future__ import annotations
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from mmcl.data.loader import epoch_order
+
 
 class BatchStream:
-    """Batches of `batch_size` for this rank from `loader`'s dataset, collate_fn and workers.
+    """Batches of ``batch_size`` for this rank, from ``dataset`` through ``collate_fn``.
 
     Args:
-        loader: a DataLoader from mmcl.data.build_dataloader (its sampler has set_epoch; any
-            other sampler is replaced by a (seed, epoch)-seeded permutation).
+        dataset: takes ``(epoch, index)`` keys, as ``build_dataset``'s first result does.
+        collate_fn: list of items -> batch dict (``build_dataset``'s second result).
         batch_size: per-rank batch size B.
+        num_workers: DataLoader worker processes (0: load in this process).
         rank, world_size: this process and the number of processes.
-        seed: seeds the fallback permutation.
+        seed: seeds each epoch's order (``epoch_order``).
     """
 
-    def __init__(self, loader: DataLoader, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0):
-        self.dataset, self.collate_fn, self.num_workers = loader.dataset, loader.collate_fn, loader.num_workers
-        self.sampler = loader.sampler
+    def __init__(self, dataset, collate_fn, batch_size: int, *, num_workers: int = 0, rank: int = 0,
+                 world_size: int = 1, seed: int = 0):
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank!r}")
+        if len(dataset) < 1:
+            raise ValueError("the dataset is empty")
+        self.dataset, self.collate_fn, self.num_workers = dataset, collate_fn, int(num_workers)
         self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
         self.epoch, self.position = 0, 0
         self._iterator = None
         self.batches_per_epoch = len(self._epoch_batches(0))
 
-    def _epoch_order(self, epoch: int) -> list:
-        if hasattr(self.sampler, "set_epoch"):
-            self.sampler.set_epoch(epoch)
-            return list(self.sampler)
-        return np.random.default_rng([self.seed, epoch]).permutation(len(self.dataset)).tolist()
+    def _epoch_order(self, epoch: int) -> list[tuple[int, int]]:
+        return [(epoch, int(i)) for i in epoch_order(len(self.dataset), self.seed, epoch)]
 
     def _epoch_batches(self, epoch: int) -> list[list]:
         order = self._epoch_order(epoch)
@@ -90,8 +96,10 @@ class BatchStream:
             shutdown()
 
     def state_dict(self) -> dict:
+        """``{"epoch", "position"}``: the epoch and how many of its batches were consumed."""
         return {"epoch": self.epoch, "position": self.position}
 
     def load_state_dict(self, state: dict) -> None:
+        """Continue from a ``state_dict``: the next batch is the one after the consumed ones."""
         self.close()
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
