@@ -11,9 +11,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from mmcl.data.config import MODES, DataConfig, validate_config
+from mmcl.data.config import DataConfig, validate_config
 from mmcl.data.sources import ImageReader, check_columns, resolve_source, undecoded
 from mmcl.data.transforms import build_image_transform, build_uint8_transform, cutmix, processor_geometry
+from mmcl.methods import objective_class
 
 
 def _sample_seed(*keys: int) -> int:
@@ -181,12 +182,10 @@ def build_dataloader(cfg: DataConfig, processor, *, mode: str, batch_size: int, 
     if not isinstance(cfg, DataConfig):
         raise TypeError(f"cfg must be an mmcl.data.DataConfig, got {type(cfg).__name__}")
     validate_config(cfg)
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    method = objective_class(mode)  # raises naming the valid modes
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    text = mode in ("clip", "clip+simclr")
-    views = mode != "clip"
+    text, views = method.needs_text, method.needs_views
     if views and cfg.augment in ("none", "clip") and not device_views:
         raise ValueError(f"mode {mode!r} needs two random views: set augment to 'simclr' or 'mocov2' "
                          f"(augment={cfg.augment!r} would make both views identical)")
