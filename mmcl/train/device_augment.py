@@ -1,4 +1,4 @@
-"""Two-view augmentation on the training device (`train.device_augment`), for image-only modes.
+"""Two-view augmentation on the training device (`data.augment_on_device`), for image-only modes.
 
 With `data.augment: none` the loader only decodes, resizes and crops (one uint8 view per sample,
 a quarter of the bytes of a float32 view and no per-sample float work on the CPU); the random crops,
@@ -41,7 +41,7 @@ class DeviceAugment:
         from mmcl.data.gpu_augment import GPUAugment
 
         if preset not in PRESETS:
-            raise ValueError(f"train.device_augment must be one of {', '.join(PRESETS)} or null, got {preset!r}")
+            raise ValueError(f"data.augment_on_device must be one of {', '.join(PRESETS)} or null, got {preset!r}")
         self.mean = torch.tensor(processor.image_mean, dtype=torch.float32).view(1, 3, 1, 1)
         self.std = torch.tensor(processor.image_std, dtype=torch.float32).view(1, 3, 1, 1)
         self.augment = GPUAugment(tuple(processor.image_size), mean=processor.image_mean,
