@@ -231,7 +231,7 @@ def test_device_augment_views_match_gpu_augment():
         torch.testing.assert_close(out8[key], expected, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="missing"):
         DeviceAugment("mocov2", proc)({"view1": batch["view1"]})
-    with pytest.raises(ValueError, match="device_augment"):
+    with pytest.raises(ValueError, match="augment_on_device"):
         DeviceAugment("blur", proc)
 
 
