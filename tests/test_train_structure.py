@@ -19,7 +19,8 @@ from mmcl.train import (
     BatchNormConfig, CheckpointConfig, EvalConfig, ModelConfig, OptimConfig, TrainConfig, fit, load_config,
     load_saved_config,
 )
-from mmcl.train.config import RENAMED, flat_dict, upgrade_keys
+from mmcl.train.config import RENAMED
+from mmcl.train.saved import flat_dict, upgrade_keys
 from mmcl.train.evaluation import Evaluator
 
 TOWERS = ["model.image_tower=timm:resnet18", "model.text_tower=x"]

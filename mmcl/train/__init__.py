@@ -7,11 +7,12 @@ from mmcl.methods import LossConfig, MoCoConfig
 from mmcl.train.builders import BatchNormConfig, ModelConfig
 from mmcl.train.checkpoint import CheckpointConfig
 from mmcl.train.config import (
-    Config, TrainConfig, from_dict, load_config, load_saved_config, parse_overrides, to_dict,
+    Config, TrainConfig, from_dict, load_config, parse_overrides, to_dict,
 )
 from mmcl.train.evaluation import EvalConfig
 from mmcl.train.loop import fit
 from mmcl.train.optim import LARS, OptimConfig, build_optimizer, build_scheduler, lr_factor, param_groups
+from mmcl.train.saved import load_saved_config
 from mmcl.train.trackers import JsonlTracker
 
 __all__ = [

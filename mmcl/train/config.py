@@ -11,10 +11,8 @@ ValueError naming it and the closest valid keys; a renamed key names its new pla
 """
 from __future__ import annotations
 
-import ast
 import dataclasses
 import difflib
-import json
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -176,7 +174,7 @@ def _merge(obj, updates: dict, prefix: str = "") -> None:
             setattr(obj, key, _coerce(path, value, hints[key]))
 
 
-def _set_dotted(raw: dict, dotted: str, value) -> None:
+def set_dotted(raw: dict, dotted: str, value) -> None:
     parts = dotted.split(".")
     node = raw
     for part in parts[:-1]:
@@ -200,11 +198,11 @@ def parse_overrides(overrides) -> dict:
             value = yaml.safe_load(text) if text.strip() else None
         except yaml.YAMLError as exc:
             raise ValueError(f"override {item!r}: the value is not valid YAML (quote it?): {exc}") from exc
-        _set_dotted(raw, key, value)
+        set_dotted(raw, key, value)
     return raw
 
 
-# --------------------------------------------------------------------------- loading and saving
+# --------------------------------------------------------------------------- loading
 
 
 def load_config(path=None, overrides=None) -> Config:
@@ -242,62 +240,12 @@ def to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def flat_dict(cfg: Config) -> dict:
-    """{"train.max_steps": 1000, ...}: the config as the trackers store it (logs/config.json);
-    values other than int / float / str / bool are written as their repr."""
-    def flat(d: dict, prefix: str) -> dict:
-        out = {}
-        for k, v in d.items():
-            if isinstance(v, dict):
-                out.update(flat(v, f"{prefix}{k}."))
-            else:
-                out[prefix + k] = v if isinstance(v, (int, float, str, bool)) else str(v)
-        return out
-
-    return flat(to_dict(cfg), "")
-
-
-def _saved_value(value):
-    """A value of a saved flat config: repr strings of None / lists / tuples / dicts back to values."""
-    if isinstance(value, str) and (value == "None" or value[:1] in "[({"):
-        try:
-            return ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            return value
-    return value
-
-
-def upgrade_keys(flat: dict) -> dict:
-    """Map the dotted keys of an earlier config to today's (see RENAMED); the two accumulation
-    knobs become train.accumulate + train.accumulate_mode."""
-    out = dict(flat)
-    steps = out.pop("train.grad_accum_steps", None)
-    if steps is not None and int(steps) > 1:
-        out["train.accumulate"], out["train.accumulate_mode"] = steps, "plain"
-    old_size, new_size = out.pop("model.image_size", None), out.get("data.image_size")
-    if old_size is not None:
-        if new_size is not None and new_size != old_size:
-            raise ValueError(f"saved config sets model.image_size={old_size} and data.image_size={new_size}; "
-                             "today both are data.image_size")
-        out["data.image_size"] = old_size
-    for old, new in RENAMED.items():
-        if old in out:
-            out[new.split(" ")[0]] = out.pop(old)
-    return out
-
-
-def load_saved_config(path) -> Config:
-    """The Config of an earlier run from the config.json its trackers wrote (a run's output_dir,
-    its logs directory, or the file), with the keys of earlier versions mapped to today's."""
-    path = Path(path)
-    for candidate in (path, path / "config.json", path / "logs" / "config.json"):
-        if candidate.is_file():
-            break
-    else:
-        raise ValueError(f"no saved config.json at {str(path)!r} (nor in its logs/ directory)")
-    with open(candidate) as f:
-        flat = {k: _saved_value(v) for k, v in json.load(f).items()}
-    raw: dict = {}
-    for key, value in upgrade_keys(flat).items():
-        _set_dotted(raw, key, value)
-    return from_dict(raw)
+def as_config(config) -> Config:
+    """A Config from a Config, a nested dict or a YAML path."""
+    if isinstance(config, Config):
+        return config
+    if isinstance(config, dict):
+        return from_dict(config)
+    if isinstance(config, (str, Path)):
+        return load_config(config)
+    raise TypeError(f"config must be an mmcl.train.Config, a dict or a YAML path, got {type(config).__name__}")

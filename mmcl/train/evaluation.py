@@ -8,6 +8,7 @@ methods): kNN top-1 of held-out image embeddings against training image embeddin
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -179,3 +180,17 @@ class Evaluator:
                                      batch_size=self.cfg.eval.batch_size, device="cpu")
         self._pixels[name] = torch.cat(list(batches))
         return self._pixels[name]
+
+
+def print_report(results: dict, final_dir: Path) -> None:
+    """Print the final metrics of `fit` and where the model went (main process)."""
+    if "zeroshot_top1" in results:
+        print(f"mmcl: zero-shot top-1 {results['zeroshot_top1']:.4f} (top-5 {results['zeroshot_top5']:.4f}) "
+              f"on held-out data after {results['step']} steps, {results['train_seconds']:.0f} s of training")
+    if "retrieval_mean_recall" in results:
+        recalls = ", ".join(f"{k.removeprefix('retrieval_')} {v:.3f}" for k, v in results.items()
+                            if k.startswith("retrieval_") and "R@" in k)
+        print(f"mmcl: retrieval on held-out data after {results['step']} steps: {recalls}")
+    if "knn_top1" in results:
+        print(f"mmcl: kNN top-1 {results['knn_top1']:.4f} on held-out data after {results['step']} steps")
+    print(f"mmcl: model saved to {final_dir} (load it with mmcl.DualEncoder.from_pretrained)")

@@ -29,11 +29,12 @@ from mmcl.data import build_dataloader
 from mmcl.methods import Objective, build_objective
 from mmcl.train import checkpoint as ckpt
 from mmcl.train.builders import build_model
-from mmcl.train.config import Config, flat_dict, from_dict, load_config
+from mmcl.train.config import Config, as_config
 from mmcl.train.device_augment import DeviceAugment
-from mmcl.train.evaluation import Evaluator
+from mmcl.train.evaluation import Evaluator, print_report
 from mmcl.train.gradcache import cached_step, plain_step
 from mmcl.train.optim import build_optimizer, build_scheduler
+from mmcl.train.saved import flat_dict
 from mmcl.train.stream import BatchStream
 from mmcl.train.trackers import build_trackers
 
@@ -78,16 +79,6 @@ class StepResult:
     samples: int  # on this rank, all micro-batches together
 
 
-def _as_config(config) -> Config:
-    if isinstance(config, Config):
-        return config
-    if isinstance(config, dict):
-        return from_dict(config)
-    if isinstance(config, (str, Path)):
-        return load_config(config)
-    raise TypeError(f"config must be an mmcl.train.Config, a dict or a YAML path, got {type(config).__name__}")
-
-
 def fit(config, *, on_batch=None, on_step_end=None) -> dict:
     """Train a DualEncoder as `config` says and return the final metrics.
 
@@ -105,7 +96,7 @@ def fit(config, *, on_batch=None, on_step_end=None) -> dict:
     Raises:
         FloatingPointError: a non-finite loss, naming the step (unless train.skip_nonfinite).
     """
-    cfg = _as_config(config)
+    cfg = as_config(config)
     threads = torch.get_num_threads()
     if cfg.train.num_threads is not None:
         torch.set_num_threads(cfg.train.num_threads)
@@ -395,21 +386,8 @@ def _finish(run: Run) -> dict:
     final_dir = Path(run.cfg.output_dir) / "final"
     if acc.is_main_process:
         run.unwrapped.save_pretrained(str(final_dir))
-        _report(results, final_dir)
+        print_report(results, final_dir)
     acc.wait_for_everyone()
     acc.end_training()
     results["final_dir"] = str(final_dir)
     return results
-
-
-def _report(results: dict, final_dir: Path) -> None:
-    if "zeroshot_top1" in results:
-        print(f"mmcl: zero-shot top-1 {results['zeroshot_top1']:.4f} (top-5 {results['zeroshot_top5']:.4f}) "
-              f"on held-out data after {results['step']} steps, {results['train_seconds']:.0f} s of training")
-    if "retrieval_mean_recall" in results:
-        recalls = ", ".join(f"{k.removeprefix('retrieval_')} {v:.3f}" for k, v in results.items()
-                            if k.startswith("retrieval_") and "R@" in k)
-        print(f"mmcl: retrieval on held-out data after {results['step']} steps: {recalls}")
-    if "knn_top1" in results:
-        print(f"mmcl: kNN top-1 {results['knn_top1']:.4f} on held-out data after {results['step']} steps")
-    print(f"mmcl: model saved to {final_dir} (load it with mmcl.DualEncoder.from_pretrained)")
