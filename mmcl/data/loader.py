@@ -173,7 +173,7 @@ def build_dataloader(cfg: DataConfig, processor, *, mode: str, batch_size: int, 
         shuffle: shuffle each epoch (``loader.sampler`` is a ``ResumableSampler``).
         drop_last: default True when the dataset holds at least one full batch.
         device_views: the caller augments the views on the device (mmcl.train's
-            ``train.device_augment``), so ``augment='none'`` (identical, un-augmented views) is allowed.
+            ``data.augment_on_device``), so ``augment='none'`` (identical, un-augmented views) is allowed.
             With ``augment='none'`` the views are then uint8 (B, 3, H, W), resized and cropped but not
             normalised, and ``view2`` is the same tensor as ``view1`` (unless CutMix copies them).
     """

@@ -31,7 +31,7 @@ from mmcl.losses import IMPLS
 EVAL_KINDS = ("zeroshot", "knn")
 
 
-def _check(cond: bool, msg: str) -> None:
+def require(cond: bool, msg: str) -> None:
     if not cond:
         raise ValueError(msg)
 
@@ -47,10 +47,10 @@ class LossConfig:
     simclr_temperature: float = 0.1  # clip+simclr: temperature of the image-image term
 
     def validate(self) -> None:
-        _check(self.impl in IMPLS, f"loss.impl must be one of {', '.join(IMPLS)}, got {self.impl!r}")
-        _check(self.temperature > 0, f"loss.temperature must be > 0, got {self.temperature}")
-        _check(self.simclr_temperature > 0, f"loss.simclr_temperature must be > 0, got {self.simclr_temperature}")
-        _check(self.simclr_weight >= 0, f"loss.simclr_weight must be >= 0, got {self.simclr_weight}")
+        require(self.impl in IMPLS, f"loss.impl must be one of {', '.join(IMPLS)}, got {self.impl!r}")
+        require(self.temperature > 0, f"loss.temperature must be > 0, got {self.temperature}")
+        require(self.simclr_temperature > 0, f"loss.simclr_temperature must be > 0, got {self.simclr_temperature}")
+        require(self.simclr_weight >= 0, f"loss.simclr_weight must be >= 0, got {self.simclr_weight}")
 
 
 def gather(x: torch.Tensor) -> torch.Tensor:
@@ -78,10 +78,10 @@ class Objective:
         """Raise a ValueError naming the key when `cfg` does not suit this method."""
         m = cfg.model
         if cls.needs_text:
-            _check(bool(m.pretrained or m.text_tower or m.text_tower_config),
+            require(bool(m.pretrained or m.text_tower or m.text_tower_config),
                    f"mode {cls.name!r} needs a text tower: set model.text_tower or model.text_tower_config")
         if cfg.data.augment_on_device is not None:
-            _check(cls.needs_views and not cls.needs_text,
+            require(cls.needs_views and not cls.needs_text,
                    f"data.augment_on_device needs an image-only mode with two views (simclr, moco), got {cls.name!r}")
 
     def embed(self, model, batch: dict) -> dict:

@@ -20,7 +20,7 @@ import torch.nn as nn
 
 from mmcl import distributed
 from mmcl.losses import info_nce
-from mmcl.methods.base import Objective, _check
+from mmcl.methods.base import Objective, require
 
 
 @dataclass
@@ -34,12 +34,12 @@ class MoCoConfig:
 
     def validate(self) -> None:
         q = self.queue_size
-        _check(isinstance(q, int) and not isinstance(q, bool) and q >= 1,
+        require(isinstance(q, int) and not isinstance(q, bool) and q >= 1,
                f"moco.queue_size must be an int >= 1, got {q!r}")
-        _check(0 <= self.key_momentum < 1, f"moco.key_momentum must be in [0, 1), got {self.key_momentum}")
+        require(0 <= self.key_momentum < 1, f"moco.key_momentum must be in [0, 1), got {self.key_momentum}")
         f = self.final_momentum
-        _check(f is None or 0 <= f <= 1, f"moco.final_momentum must be null or in [0, 1], got {f}")
-        _check(isinstance(self.shuffle_bn, bool), f"moco.shuffle_bn must be true or false, got {self.shuffle_bn!r}")
+        require(f is None or 0 <= f <= 1, f"moco.final_momentum must be null or in [0, 1], got {f}")
+        require(isinstance(self.shuffle_bn, bool), f"moco.shuffle_bn must be true or false, got {self.shuffle_bn!r}")
 
 
 def _unwrap(module: nn.Module) -> nn.Module:

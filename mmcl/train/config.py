@@ -20,7 +20,7 @@ from pathlib import Path
 import yaml
 
 from mmcl.data.config import DataConfig
-from mmcl.methods import LossConfig, MoCoConfig, objective_class
+from mmcl.methods import MODES, LossConfig, MoCoConfig, objective_class  # noqa: F401  (MODES re-exported)
 from mmcl.train.builders import ModelConfig
 from mmcl.train.checkpoint import CheckpointConfig
 from mmcl.train.device_augment import PRESETS as DEVICE_AUGMENT_PRESETS

@@ -52,7 +52,7 @@ class DeviceAugment:
     def __call__(self, batch: dict) -> dict:
         missing = [k for k in VIEW_KEYS if k not in batch]
         if missing:
-            raise ValueError(f"train.device_augment needs batches with {VIEW_KEYS}, missing {missing}")
+            raise ValueError(f"data.augment_on_device needs batches with {VIEW_KEYS}, missing {missing}")
         out = dict(batch)
         for key in VIEW_KEYS:
             x = batch[key]

@@ -31,7 +31,8 @@ class EvalConfig:
 
     enabled: bool = True
     max_samples: int | None = None  # held-out samples used by evaluation
-    templates: str | list | None = "eval"  # "eval": mmcl.data's EVAL_TEMPLATES for the digits; a list; None: zeroshot default
+    # "eval": mmcl.data's EVAL_TEMPLATES for the digits (else zeroshot's default); a list; None: zeroshot default
+    templates: str | list | None = "eval"
     class_names: list | None = None  # None: the label column's ClassLabel names
     knn_k: int = 20
     knn_temperature: float = 0.1
