@@ -6,7 +6,7 @@ builds it) on CIFAR-10 with the recipe's processor (32x32), for
 
 - `cpu-mocov2`: both views augmented on the CPU, per sample (PIL + torchvision, `data.augment=mocov2`);
 - `device-views`: the loader only decodes and crops one uint8 view per sample; the views are made
-  batched by `train.device_augment` (mmcl.data.DeviceAugment, timed here on the CPU
+  batched by `data.augment_on_device` (mmcl.data.DeviceAugment, timed here on the CPU
   too, so the column is an upper bound of what the training device spends on it).
 
 Each row: images/s of the stream alone over whole batches after the first (workers started),
@@ -46,14 +46,14 @@ def measure(path: str, args) -> dict:
 
     overrides = [f"data.source={Path(args.data) / 'train.parquet'}", f"data.num_workers={args.workers}"]
     if path == "cpu-mocov2":
-        overrides += ["data.augment=mocov2", "train.device_augment=null"]
+        overrides += ["data.augment=mocov2", "data.augment_on_device=null"]
     cfg = load_config(ROOT / "recipes/configs/moco_v2_cifar10.yaml", overrides)
     torch.manual_seed(0)
     model = build_model(cfg)
     device_views = path == "device-views"
     dataset, collate_fn = build_dataset(cfg.data, model.processor, text=False, views=True, seed=0,
                                         device_views=device_views)
-    augment = DeviceAugment(cfg.train.device_augment, model.processor) if device_views else None
+    augment = DeviceAugment(cfg.data.augment_on_device, model.processor) if device_views else None
     stream = BatchStream(dataset, collate_fn, args.batch_size, num_workers=cfg.data.num_workers, seed=0)
     stream.next()  # workers started, first batch out
     t0 = time.perf_counter()

@@ -129,7 +129,7 @@ def run(cmd, env_extra=None) -> float:
 
 def train_mmcl(args, work: Path) -> float:
     overrides = [f"output_dir={work / 'mmcl'}", f"seed={args.seed}", f"train.max_steps={args.steps}",
-                 f"train.batch_size={args.batch_size}", f"train.save_every=0", f"train.log_every={args.steps}",
+                 f"train.batch_size={args.batch_size}", f"checkpoint.every=0", f"train.log_every={args.steps}",
                  f"train.progress=false", f"optim.lr={args.lr}", f"optim.warmup_steps={args.warmup}",
                  f"model.projection_dim={args.projection_dim}", f"data.source={args.train}",
                  f"data.eval_source={args.dev}", f"data.max_text_length={args.context_length}",

@@ -97,9 +97,10 @@ def worker_mmcl(args) -> dict:
     stamps = []
     config = {
         "mode": "clip", "output_dir": str(work / "mmcl_run"), "seed": 0,
-        "model": {"image_tower": f"timm:{args.image_tower}", "text_tower": minilm_dir(), "image_size": args.image_size,
+        "model": {"image_tower": f"timm:{args.image_tower}", "text_tower": minilm_dir(),
                   "projection_dim": args.projection_dim},
-        "data": {"source": str(work / "synthetic"), "augment": "clip", "max_text_length": args.context_length},
+        "data": {"source": str(work / "synthetic"), "augment": "clip", "max_text_length": args.context_length,
+                 "image_size": args.image_size},
         "optim": {"lr": 5e-4, "weight_decay": 0.1, "warmup_steps": 2},
         "train": {"batch_size": args.batch_size, "max_steps": args.steps, "log_every": args.steps,
                   "progress": False, "trackers": []},

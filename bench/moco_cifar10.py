@@ -14,7 +14,7 @@ bench/RESULTS.md.
     # a rehearsal at full size that records nothing (table printed, plot under --output):
     python bench/moco_cifar10.py --data data/cifar10 --minutes 0.3 --no-write
 
-Extra arguments after `--` are dotted config overrides for every method (e.g. -- loss.queue_size=8192).
+Extra arguments after `--` are dotted config overrides for every method (e.g. -- moco.queue_size=8192).
 A shorter run is reported as what it is: the curve up to its last epoch, next to the published
 points at 200/400/800 epochs.
 """
@@ -60,12 +60,12 @@ def method_config(method: str, args, out: Path):
     overrides = [f"data.source={data / 'train.parquet'}", f"data.eval_source={data / 'test.parquet'}",
                  f"output_dir={out / method}", "eval.knn_k=200", "eval.knn_temperature=0.1",
                  "eval.knn_train_samples=null", "eval.max_samples=null", "eval.batch_size=512",
-                 "train.trackers=[jsonl]", "train.resume=null", "train.save_every=0"]
+                 "train.trackers=[jsonl]", "checkpoint.resume=null", "checkpoint.every=0"]
     batch = base.train.batch_size * base.train.accumulate
     if args.smoke:
         n_train, batch = SMOKE_SIZES["train"], 32
-        overrides += ["train.batch_size=32", "train.accumulate=1", "data.num_workers=0", "loss.queue_size=128",
-                      "train.mixed_precision='no'", "optim.warmup_steps=2", "model.bn_splits=1", "eval.batch_size=128"]
+        overrides += ["train.batch_size=32", "train.accumulate=1", "data.num_workers=0", "moco.queue_size=128",
+                      "train.mixed_precision='no'", "optim.warmup_steps=2", "model.batchnorm.splits=1", "eval.batch_size=128"]
     steps_per_epoch = n_train // (batch * world)
     overrides += [f"train.max_steps={steps_per_epoch * args.epochs}", f"train.eval_every={steps_per_epoch}",
                   f"train.log_every={max(1, steps_per_epoch // 4)}"]
@@ -172,7 +172,7 @@ def report(runs: list[dict], plot_path: str = "bench/moco_cifar10.png") -> str:
         ref = ", ".join(f"{v} @ {k} ep" for k, v in published.items()) or "see recipes/README.md"
         rows.append([run["method"], f"{run['epochs_done']:.1f} of {run['epochs_planned']}", f"{last[1]:.2f}", f"{best:.2f}",
                      "-" if run["linear_probe"] is None else f"{run['linear_probe']:.2f}", ref,
-                     f"{c.train.batch_size}x{c.train.accumulate}", c.loss.queue_size if run["method"] == "moco" else "-",
+                     f"{c.train.batch_size}x{c.train.accumulate}", c.moco.queue_size if run["method"] == "moco" else "-",
                      c.loss.temperature, f"{run['wall_s'] / 60:.1f}"])
     table = markdown_table(["method", "epochs (of schedule)", "kNN top-1 (last)", "kNN best", "linear probe", "published kNN",
                             "batch", "queue", "T", "minutes"], rows)

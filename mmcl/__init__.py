@@ -8,8 +8,8 @@ __version__ = "0.1.0"
 # Heavier parts (transformers, datasets) load on first use.
 _LAZY = {
     "DualEncoder": "mmcl.models",
-    "MomentumEncoder": "mmcl.models",
-    "FeatureQueue": "mmcl.models",
+    "MomentumEncoder": "mmcl.methods.moco",
+    "FeatureQueue": "mmcl.methods.moco",
     "ZeroShotClassifier": "mmcl.zeroshot",
 }
 

@@ -114,3 +114,53 @@ def unshuffle_batch(y: torch.Tensor, unshuffle_index: torch.Tensor) -> torch.Ten
                          f"from shuffle_batch covers {unshuffle_index.shape[0]}")
     r = rank()
     return all_y[unshuffle_index[r * n:(r + 1) * n]]
+
+
+# --------------------------------------------------------------------------- rank reductions of small ints
+
+
+def _reduce_ints(values: list[int], device, op) -> list[int]:
+    t = torch.tensor(values, device=device, dtype=torch.long)
+    dist.all_reduce(t, op=op)
+    return [int(v) for v in t.tolist()]
+
+
+def all_min(value: int, device=None) -> int:
+    """The smallest `value` over all ranks (one process: `value`)."""
+    return _reduce_ints([value], device, dist.ReduceOp.MIN)[0] if is_distributed() else int(value)
+
+
+def all_sum(value: int, device=None) -> int:
+    """The sum of `value` over all ranks (one process: `value`)."""
+    return _reduce_ints([value], device, dist.ReduceOp.SUM)[0] if is_distributed() else int(value)
+
+
+def same_on_all_ranks(value: int, device=None) -> bool:
+    """Whether every rank holds the same `value` (one all-reduce of (value, -value) with MIN)."""
+    if not is_distributed():
+        return True
+    low, neg_high = _reduce_ints([value, -value], device, dist.ReduceOp.MIN)
+    return low == -neg_high
+
+
+def broadcast_flag(flag: bool, device=None) -> bool:
+    """Rank 0's `flag` on every rank (one process: `flag`)."""
+    if not is_distributed():
+        return bool(flag)
+    t = torch.tensor([int(flag)], device=device)
+    dist.broadcast(t, src=0)
+    return bool(t.item())
+
+
+@torch.no_grad()
+def parameters_agree(module: torch.nn.Module, device=None) -> bool:
+    """Whether every rank holds the same parameters: compares a float64 checksum (sum and sum of
+    squares of all parameters) across ranks; raises RuntimeError if they differ."""
+    if not is_distributed():
+        return True
+    sums = torch.stack([sum(p.double().sum() for p in module.parameters()),
+                        sum(p.double().square().sum() for p in module.parameters())]).to(device)
+    gathered = gather_no_grad(sums[None]).cpu()
+    if not bool((gathered == gathered[0]).all()):
+        raise RuntimeError(f"the {world_size()} processes ended with different weights: {gathered.tolist()}")
+    return True

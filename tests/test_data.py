@@ -195,7 +195,7 @@ def test_bad_config_raises_clear_errors(tmp_path, processor):
         build_dataloader(DataConfig(), processor, text=False, views=False, batch_size=2, dataset=ds)
     with pytest.raises(ValueError, match="two random views"):
         build_dataloader(DataConfig(augment="clip"), processor, **VIEWS, batch_size=2, dataset=ds)
-    # Views augmented later on the device (mmcl.train's train.device_augment): plain, identical views.
+    # Views augmented later on the device (data.augment_on_device): plain, identical views.
     b = next(iter(build_dataloader(DataConfig(augment="none"), processor, **VIEWS, batch_size=3, dataset=ds,
                                    device_views=True)))
     assert b["view2"] is b["view1"] and b["view1"].shape == (3, 3, 20, 20) and b["view1"].dtype == torch.uint8

@@ -135,7 +135,7 @@ _PAPER_PRESETS = {"mocov2": ((0.2, 1.0), (0.4, 0.4, 0.4, 0.1)), "simclr": ((0.08
 
 @pytest.mark.parametrize("preset", sorted(_PAPER_PRESETS))
 def test_device_augment_views_follow_the_preset_table(preset):
-    """DeviceAugment (train.device_augment): each view is the batched ops with the preset's numbers,
+    """DeviceAugment (data.augment_on_device): each view is the batched ops with the preset's numbers,
     drawn in order from one generator, from a normalised float view or a uint8 view; other keys pass."""
     from types import SimpleNamespace
 
@@ -159,5 +159,5 @@ def test_device_augment_views_follow_the_preset_table(preset):
     assert out["num_skipped"] == 2 and DEVICE_PRESETS[preset]["scale"] == scale
     with pytest.raises(ValueError, match="missing"):
         DeviceAugment(preset, proc)({"view1": pixels})
-    with pytest.raises(ValueError, match="train.device_augment must be one of"):
+    with pytest.raises(ValueError, match="data.augment_on_device must be one of"):
         DeviceAugment("blur", proc)

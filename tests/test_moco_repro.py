@@ -4,8 +4,8 @@
   same stem surgery, its 512-d features, save/load;
 - SplitBatchNorm2d against BatchNorm run separately on each chunk (float64, with gradients);
 - MoCo's shuffling BN (mmcl.distributed.shuffle_batch / unshuffle_batch) against MoCo's formulas,
-  in one process and in a real 2-process `accelerate launch`; model.sync_bn reaching the key encoder;
-- device-side view augmentation (train.device_augment) against gpu_augment's own ops;
+  in one process and in a real 2-process `accelerate launch`; model.batchnorm.sync reaching the key encoder;
+- device-side view augmentation (data.augment_on_device) against gpu_augment's own ops;
 - a short MoCo run on scikit-learn's digits through mmcl.train.fit whose kNN top-1 beats the
   random-init encoder's kNN top-1 (same evaluation code, same data).
 
@@ -192,7 +192,9 @@ def test_shuffle_bn_two_processes_follows_moco(tmp_path):
         # The shuffle changes what BatchNorm normalises with (the point of the guard).
         assert not torch.allclose(keys, torch.tensor(res["keys_without_shuffle"], dtype=torch.float64))
         assert "same batch size on every rank" in res["uneven_error"]
-        for part in ("model", "key_encoder"):  # model.sync_bn: SyncBatchNorm in both encoders
+        # The objective shuffles equal batches and leaves unequal ones (an explicit branch) alone.
+        assert res["moco_unshuffled"] == {"even": False, "uneven": True}, res["moco_unshuffled"]
+        for part in ("model", "key_encoder"):  # model.batchnorm.sync: SyncBatchNorm in both encoders
             assert res["sync_bn"][part]["plain"] == 0 and res["sync_bn"][part]["sync"] > 0, res["sync_bn"]
 
 
@@ -230,14 +232,14 @@ def test_device_augment_views_match_gpu_augment():
         torch.testing.assert_close(out8[key], expected, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="missing"):
         DeviceAugment("mocov2", proc)({"view1": batch["view1"]})
-    with pytest.raises(ValueError, match="device_augment"):
+    with pytest.raises(ValueError, match="augment_on_device"):
         DeviceAugment("blur", proc)
 
 
 @pytest.mark.parametrize("override,match", [
     ("data.augment=mocov2", "data.augment=none"),  # the YAML augments on the device
-    ("train.device_augment=sharpen", "device_augment must be one of"),
-    ("model.bn_splits=3", "divisible by model.bn_splits"),
+    ("data.augment_on_device=sharpen", "augment_on_device must be one of"),
+    ("model.batchnorm.splits=3", "divisible by model.batchnorm.splits"),
     ("eval.knn_train_samples=0", "knn_train_samples"),
 ])
 def test_protocol_config_errors(override, match):
@@ -261,17 +263,17 @@ def test_moco_keys_come_from_a_train_mode_key_encoder(shuffle_bn):
     changes nothing for plain BatchNorm), and its own running statistics must move."""
     from mmcl.train import load_config
     from mmcl.train.builders import build_model
-    from mmcl.train.objectives import build_objective
+    from mmcl.methods import build_objective
 
-    cfg = load_config(None, ["mode=moco", TINY_RESNET, "model.image_size=16", "model.projection_dim=8",
-                             "data.augment=mocov2", "loss.queue_size=16", f"loss.shuffle_bn={str(shuffle_bn).lower()}"])
+    cfg = load_config(None, ["mode=moco", TINY_RESNET, "data.image_size=16", "model.projection_dim=8",
+                             "data.augment=mocov2", "moco.queue_size=16", f"moco.shuffle_bn={str(shuffle_bn).lower()}"])
     model = build_model(cfg)
-    objective = build_objective("moco", cfg.loss, model, total_steps=10)
+    objective = build_objective(cfg, model)
     model.train()
     x = torch.randn(7, 3, 16, 16)
     bn = next(m for m in objective.key_encoder.modules() if isinstance(m, nn.BatchNorm2d))
     before = bn.running_mean.clone()
-    keys = objective.keys({"view2": x})["k"]
+    keys = objective.key_embeds({"view2": x})["k"]
     with torch.no_grad():
         expected = model(pixel_values=x).image_embeds
     torch.testing.assert_close(keys, expected, rtol=1e-5, atol=1e-5)
@@ -284,10 +286,10 @@ def test_moco_keys_come_from_a_train_mode_key_encoder(shuffle_bn):
 # views): 0.862 random, then 0.879 / 0.889 / 0.936 / 0.939 after 250 / 500 / 750 / 1000 steps
 # (MoCo starts slowly: its keys come from a lagging EMA encoder, so shorter runs were not reliably
 # above the margin).
-DIGITS_MOCO = ["train.max_steps=1000", "train.batch_size=128", "model.image_size=16", "loss.queue_size=512",
-               "loss.momentum=0.99", "loss.temperature=0.2", "optim.name=adamw", "optim.lr=0.002",
+DIGITS_MOCO = ["train.max_steps=1000", "train.batch_size=128", "data.image_size=16", "moco.queue_size=512",
+               "moco.key_momentum=0.99", "loss.temperature=0.2", "optim.name=adamw", "optim.lr=0.002",
                "optim.weight_decay=0.05", "optim.warmup_steps=20", "data.augment=none",
-               "train.device_augment=mocov2", "train.num_threads=1", "train.trackers=[]", "train.progress=false"]
+               "data.augment_on_device=mocov2", "train.num_threads=1", "train.trackers=[]", "train.progress=false"]
 KNN_MARGIN = 0.04
 
 
@@ -316,7 +318,7 @@ def test_evaluator_caches_preprocessed_pixels_with_the_same_knn(monkeypatch):
     from mmcl.train.builders import build_model
     from mmcl.train.evaluation import Evaluator
 
-    cfg = load_config(RECIPES / "moco_digits.yaml", ["model.image_size=16", "eval.knn_train_samples=300",
+    cfg = load_config(RECIPES / "moco_digits.yaml", ["data.image_size=16", "eval.knn_train_samples=300",
                                                       "eval.max_samples=200"])
     model = build_model(cfg).eval()
     decoded = []

@@ -14,7 +14,7 @@ from train_helpers import tiny_overrides, write_tokenizer
 from mmcl.train import load_config
 from mmcl.train.builders import build_model
 from mmcl.train.gradcache import cached_step, plain_step
-from mmcl.train.objectives import ClipObjective, SimCLRObjective
+from mmcl.methods import ClipObjective, SimCLRObjective
 
 SIZES = [3, 1, 4]  # micro-batches of uneven size, 8 rows in all
 
@@ -44,7 +44,7 @@ def _batches(mode, sizes):
 
 def _objective(mode, cfg):
     cfg.loss.impl = "naive"
-    return ClipObjective(cfg.loss) if mode == "clip" else SimCLRObjective(cfg.loss)
+    return ClipObjective(cfg) if mode == "clip" else SimCLRObjective(cfg)
 
 
 def _grads(model):

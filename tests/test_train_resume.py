@@ -17,7 +17,7 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path):
     (5 batches per epoch): killed during step 5, resumed from step 4's checkpoint, it ends with
     exactly the weights, key encoder and queue of an uninterrupted run."""
     tok = write_tokenizer(tmp_path / "tok")
-    common = ["train.max_steps=7", "train.save_every=2", "train.keep_checkpoints=2", "eval.enabled=false"]
+    common = ["train.max_steps=7", "checkpoint.every=2", "checkpoint.keep=2", "eval.enabled=false"]
     full, crashed = tmp_path / "full", tmp_path / "crashed"
 
     # The uninterrupted reference runs in this process (same config, same thread count).
@@ -25,11 +25,11 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path):
     r = run_python(["tests/scripts/train_fit.py", "moco", str(crashed), tok, "5", *common])
     assert r.returncode == -signal.SIGKILL, (r.returncode, r.stderr[-3000:])
     steps = [int(p.name.split("_")[1]) for p in list_checkpoints(crashed)]
-    assert steps == [2, 4]  # keep_checkpoints=2 pruned nothing yet; no step 6; nothing half-written
+    assert steps == [2, 4]  # checkpoint.keep=2 pruned nothing yet; no step 6; nothing half-written
     assert not any(p.name.startswith(".tmp") for p in (crashed / "checkpoints").iterdir())
     assert not (crashed / "final").exists()
 
-    r = run_python(["tests/scripts/train_fit.py", "moco", str(crashed), tok, "0", *common, "train.resume=auto"])
+    r = run_python(["tests/scripts/train_fit.py", "moco", str(crashed), tok, "0", *common, "checkpoint.resume=auto"])
     assert r.returncode == 0, r.stderr[-3000:]
     assert "resumed from" in r.stdout and "step 4" in r.stdout
 
@@ -74,7 +74,7 @@ def test_max_minutes_stops_with_a_checkpoint_that_resumes_exactly(tmp_path, monk
     monkeypatch.undo()
 
     res = fit(load_config(None, tiny_overrides("clip", cut, tok, dropout=0.1, samples=40) + common +
-                          ["train.resume=auto"]))
+                          ["checkpoint.resume=auto"]))
     assert res["step"] == 5 and not res["stopped_early"]
     a = load_file(str(full / "final" / "model.safetensors"))
     b = load_file(str(cut / "final" / "model.safetensors"))
@@ -104,8 +104,8 @@ def test_nonfinite_loss_stops_naming_the_step(tmp_path):
 def test_nonfinite_loss_skipped_when_asked(tmp_path):
     tok = write_tokenizer(tmp_path / "tok")
     cfg = load_config(None, tiny_overrides("clip", tmp_path / "a", tok) + [
-        "train.max_steps=3", "eval.enabled=false", "train.skip_nonfinite=true", "train.save_every=1",
-        "train.keep_checkpoints=3"])
+        "train.max_steps=3", "eval.enabled=false", "train.skip_nonfinite=true", "checkpoint.every=1",
+        "checkpoint.keep=3"])
     res = fit(cfg, on_batch=_nan_at(2))
     assert res["nonfinite_steps"] == 1 and res["step"] == 3
     step1, step2, step3 = (load_file(str(d / "model.safetensors")) for d in list_checkpoints(tmp_path / "a"))

@@ -31,7 +31,7 @@ def tiny_overrides(mode: str, output_dir, tokenizer_dir, *, steps: int = 3, batc
                    samples: int = 64) -> list:
     """Dotted overrides of a few-step run of `mode` on `samples` digits with tiny towers."""
     out = [f"mode={mode}", f"output_dir={output_dir}", f"model.image_tower_config={VIT % dropout}",
-           "model.projection_dim=16", "model.image_size=16", f"train.batch_size={batch}", f"train.max_steps={steps}",
+           "model.projection_dim=16", "data.image_size=16", f"train.batch_size={batch}", f"train.max_steps={steps}",
            "train.log_every=1", f"data.max_samples={samples}", "eval.max_samples=30", "train.progress=false",
            "optim.warmup_steps=1", "seed=3", "eval.knn_train_samples=200"]
     if mode in ("clip", "clip+simclr"):
@@ -39,7 +39,7 @@ def tiny_overrides(mode: str, output_dir, tokenizer_dir, *, steps: int = 3, batc
     if mode != "clip":
         out += ["data.augment=simclr"]
     if mode == "moco":
-        out += ["loss.queue_size=24", "model.projection=mlp"]
+        out += ["moco.queue_size=24", "model.projection=mlp"]
     return out
 
 
@@ -47,7 +47,7 @@ def recipe_overrides(mode: str, output_dir, tokenizer_dir, **kw) -> list:
     """tiny_overrides that also clear what the recipe YAMLs set for their real towers."""
     return tiny_overrides(mode, output_dir, tokenizer_dir, **kw) + [
         "model.text_tower=null", "model.lock_text=false", "model.cache_text_features=false",
-        "model.image_mean=null", "model.image_std=null", "train.device_augment=null"]
+        "model.image_mean=null", "model.image_std=null", "data.augment_on_device=null"]
 
 
 def run_python(args, timeout=240, env_extra=None):

@@ -3,7 +3,7 @@
 A view preset is the random part of a two-view recipe (crop scale, colour jitter, grayscale,
 flip, blur). ``mmcl.data.transforms`` builds torchvision PIL pipelines from it, one image at a
 time in the DataLoader workers (``data.augment``); ``mmcl.data.gpu_augment.DeviceAugment``
-applies the same numbers to whole batches on the training device (``train.device_augment``),
+applies the same numbers to whole batches on the training device (``data.augment_on_device``),
 without the Gaussian blur: at 32x32 the CIFAR protocols (MoCo's CIFAR-10 demo, lightly's
 benchmark) leave it out as well.
 """
@@ -49,5 +49,5 @@ VIEW_PRESETS = {
 
 # ``data.augment``: deterministic "none" / "clip" (the tower's own preprocessing) and two view presets.
 AUGMENT_PRESETS = ("none", "clip", "simclr", "mocov2")
-# ``train.device_augment``: every view preset, as keyword arguments of the batched augmenter.
+# ``data.augment_on_device``: every view preset, as keyword arguments of the batched augmenter.
 DEVICE_PRESETS = {name: preset.device_kwargs() for name, preset in VIEW_PRESETS.items()}

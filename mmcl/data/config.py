@@ -3,8 +3,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from mmcl.methods import MODES  # noqa: F401  (mmcl.data.MODES: the registry's modes)
+
 AUGMENT_PRESETS = ("none", "clip", "simclr", "mocov2")
-MODES = ("clip", "simclr", "moco", "clip+simclr")
 
 
 @dataclass
@@ -23,8 +24,13 @@ class DataConfig:
     image_column: str = "image"
     caption_column: str = "caption"
     label_column: str | None = None
-    augment: str = "clip"  # "none" | "clip" | "simclr" | "mocov2"
-    image_size: int | None = None  # None: the model processor's image_size
+    augment: str = "clip"  # one of AUGMENT_PRESETS (CPU transforms in the loader's workers)
+    # Views made on the training device instead (a preset of mmcl's device augmenter; image-only
+    # modes, with augment: none so that the loader only decodes, resizes and crops).
+    augment_on_device: str | None = None
+    # The image side for training and for the model: a model built from towers gets a processor of
+    # this size; None: the processor's own size.
+    image_size: int | None = None
     cutmix: float = 0.0  # probability per batch; image-only modes
     max_samples: int | None = None
     num_workers: int = 0
@@ -33,11 +39,18 @@ class DataConfig:
     max_text_length: int | None = None  # None: the processor's own default
 
     def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ValueError/TypeError naming the field when a value is impossible."""
         validate_config(self)
 
 
 def validate_config(cfg: DataConfig) -> None:
     """Raise ValueError/TypeError naming the field when ``cfg`` holds an impossible value."""
+    aod = cfg.augment_on_device
+    if aod is not None and (not isinstance(aod, str) or not aod):
+        raise ValueError(f"DataConfig.augment_on_device must be a preset name or None, got {aod!r}")
     if not isinstance(cfg.source, str) or not cfg.source:
         raise ValueError(f"DataConfig.source must be a non-empty string, got {cfg.source!r}")
     if cfg.augment not in AUGMENT_PRESETS:

@@ -10,7 +10,7 @@ Semantics follow torchvision's tensor ops: crop then bilinear resize (no antiali
 ``F.resized_crop(..., antialias=False)``), ``hflip``, ColorJitter's four adjustments in a random
 order per sample, ``rgb_to_grayscale`` with 3 output channels.
 
-``DeviceAugment`` is the training loop's use of it (``train.device_augment``): the loader then
+``DeviceAugment`` is the training loop's use of it (``data.augment_on_device``): the loader then
 only decodes, resizes and crops (one uint8 view per sample, a quarter of the bytes of a float32
 view), and both views are augmented here with a preset of ``mmcl.data.augment``, without blur.
 """
@@ -259,7 +259,7 @@ class DeviceAugment:
 
     def __init__(self, preset: str, processor, generator: torch.Generator | None = None):
         if preset not in DEVICE_PRESETS:
-            raise ValueError(f"train.device_augment must be one of {', '.join(DEVICE_PRESETS)} or null, got {preset!r}")
+            raise ValueError(f"data.augment_on_device must be one of {', '.join(DEVICE_PRESETS)} or null, got {preset!r}")
         self.mean = torch.tensor(processor.image_mean, dtype=torch.float32).view(1, 3, 1, 1)
         self.std = torch.tensor(processor.image_std, dtype=torch.float32).view(1, 3, 1, 1)
         self.augment = GPUAugment(tuple(processor.image_size), mean=processor.image_mean,
@@ -270,7 +270,7 @@ class DeviceAugment:
     def __call__(self, batch: dict) -> dict:
         missing = [k for k in VIEW_KEYS if k not in batch]
         if missing:
-            raise ValueError(f"train.device_augment needs batches with {VIEW_KEYS}, missing {missing}")
+            raise ValueError(f"data.augment_on_device needs batches with {VIEW_KEYS}, missing {missing}")
         out = dict(batch)
         for key in VIEW_KEYS:
             x = batch[key]

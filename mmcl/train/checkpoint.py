@@ -19,6 +19,7 @@ import os
 import random
 import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +27,23 @@ import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+@dataclass
+class CheckpointConfig:
+    """The `checkpoint:` section: how often to write checkpoints, how many to keep, where to resume."""
+
+    every: int = 0  # steps; 0: only the final model
+    keep: int = 2  # newest complete checkpoints kept
+    resume: str | None = None  # None | "auto" (the newest in output_dir, if any) | a checkpoint directory
+
+    def validate(self) -> None:
+        if not isinstance(self.every, int) or isinstance(self.every, bool) or self.every < 0:
+            raise ValueError(f"checkpoint.every must be an int >= 0, got {self.every!r}")
+        if not isinstance(self.keep, int) or isinstance(self.keep, bool) or self.keep < 1:
+            raise ValueError(f"checkpoint.keep must be an int >= 1, got {self.keep!r}")
+        if self.resume is not None and not isinstance(self.resume, str):
+            raise ValueError(f"checkpoint.resume must be null, 'auto' or a path, got {self.resume!r}")
 
 
 # --------------------------------------------------------------------------- nested state ↔ JSON + tensors

@@ -1,9 +1,13 @@
-"""Training configuration: nested dataclasses, one per concern, loaded from YAML plus dotted overrides.
+"""Training configuration: the sections composed, loaded from YAML plus dotted overrides.
 
     cfg = load_config("recipes/configs/clip_digits.yaml", ["train.max_steps=30", "output_dir=runs/x"])
 
-Override values are parsed as YAML scalars (`3e-4` → float, `true` → bool, `[a, b]` → list,
-`null` → None). An unknown key raises a ValueError naming it and the closest valid keys.
+Each section's dataclass lives beside the code it configures and validates itself (ModelConfig in
+builders.py, DataConfig in mmcl/data/config.py, LossConfig in mmcl/methods/base.py, MoCoConfig in
+mmcl/methods/moco.py, OptimConfig in optim.py, CheckpointConfig in checkpoint.py, EvalConfig in
+evaluation.py); TrainConfig, the loop's own knobs, is here. Override values are parsed as YAML
+scalars (`3e-4` → float, `true` → bool, `[a, b]` → list, `null` → None). An unknown key raises a
+ValueError naming it and the closest valid keys; a renamed key names its new place.
 """
 from __future__ import annotations
 
@@ -16,120 +20,113 @@ from pathlib import Path
 import yaml
 
 from mmcl.data.config import DataConfig
+from mmcl.methods import MODES, LossConfig, MoCoConfig, objective_class  # noqa: F401  (MODES re-exported)
+from mmcl.train.builders import ModelConfig
+from mmcl.train.checkpoint import CheckpointConfig
+from mmcl.data.augment import DEVICE_PRESETS as DEVICE_AUGMENT_PRESETS
+from mmcl.train.evaluation import EvalConfig
+from mmcl.train.gradcache import ACCUMULATE_MODES
+from mmcl.train.optim import OptimConfig
+from mmcl.train.trackers import TRACKERS
 
-MODES = ("clip", "simclr", "moco", "clip+simclr")
+MIXED_PRECISION = ("no", "fp16", "bf16")  # Accelerate's mixed_precision values
 
-
-@dataclass
-class ModelConfig:
-    """Which towers to build. A tower is a local dir / hub id / "timm:NAME" / "open_clip:NAME" /
-    "torchvision:NAME", or `*_config`: a dict of transformers config fields (with `model_type`) for
-    a randomly initialised tower. "pkg:PACKAGE/sub/dir" names a directory inside an installed package.
-    `pretrained`: a directory written by DualEncoder.save_pretrained (overrides the towers)."""
-
-    image_tower: str | None = None
-    image_tower_config: dict | None = None
-    text_tower: str | None = None
-    text_tower_config: dict | None = None
-    pretrained: str | None = None
-    tokenizer: str | None = None  # a tokenizer directory for a text tower built from a config
-    image_size: int | None = None  # override the image processor's size / mean / std
-    image_mean: list | None = None
-    image_std: list | None = None
-    projection_dim: int = 512
-    projection: str = "linear"  # "linear" | "mlp"
-    init_temperature: float = 0.07
-    lock_image: bool = False
-    lock_image_unlocked_layers: int = 0
-    lock_text: bool = False
-    lock_text_unlocked_layers: int = 0
-    gradient_checkpointing: bool = False
-    cache_text_features: bool = False  # LiT: memoise a fully locked text tower's features per caption
-    sync_bn: bool = False  # convert BatchNorm to SyncBatchNorm in multi-process runs
-    bn_splits: int = 1  # > 1: BatchNorm2d statistics per 1/bn_splits of the batch (one GPU acting as several)
+# Keys of earlier configs and where they live now.
+RENAMED = {
+    "loss.queue_size": "moco.queue_size",
+    "loss.momentum": "moco.key_momentum",
+    "loss.final_momentum": "moco.final_momentum",
+    "loss.shuffle_bn": "moco.shuffle_bn",
+    "model.image_size": "data.image_size",
+    "model.bn_splits": "model.batchnorm.splits",
+    "model.sync_bn": "model.batchnorm.sync",
+    "train.save_every": "checkpoint.every",
+    "train.keep_checkpoints": "checkpoint.keep",
+    "train.resume": "checkpoint.resume",
+    "train.grad_accum_steps": "train.accumulate (with train.accumulate_mode=plain)",
+    "train.device_augment": "data.augment_on_device",
+}
 
 
-@dataclass
-class LossConfig:
-    """Loss settings. CLIP learns its temperature (model.logit_scale); image-only losses use a fixed one."""
-
-    impl: str = "auto"  # "auto" | "naive" | "chunked" | "triton"
-    local_loss: bool = True  # multi-process: each rank scores its own rows against all gathered columns
-    temperature: float = 0.2  # simclr / moco
-    simclr_weight: float = 1.0  # clip+simclr: weight of the image-image term (SLIP uses 1.0)
-    simclr_temperature: float = 0.1  # clip+simclr: temperature of the image-image term
-    queue_size: int = 65536  # moco
-    momentum: float = 0.999  # moco key encoder EMA
-    final_momentum: float | None = None  # moco: cosine ramp of the momentum to this value
-    shuffle_bn: bool = True  # moco: shuffle the key batch across ranks (MoCo's shuffling BN)
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ValueError(msg)
 
 
-@dataclass
-class OptimConfig:
-    name: str = "adamw"  # "adamw" | "lars" | "sgd"
-    lr: float = 5e-4
-    weight_decay: float = 0.1  # never applied to norms, biases, the temperature (or 1-D params)
-    betas: tuple = (0.9, 0.98)
-    eps: float = 1e-6
-    momentum: float = 0.9  # lars / sgd
-    trust_coefficient: float = 0.001  # lars
-    schedule: str = "cosine"  # "cosine" | "constant"
-    warmup_steps: int = 0
-    min_lr_ratio: float = 0.0  # cosine floor, as a fraction of lr
-    max_grad_norm: float | None = 3.0  # None or 0: no clipping
+def _int_at_least(value, low: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
 
 
 @dataclass
 class TrainConfig:
+    """The `train:` section: the loop's own knobs."""
+
     batch_size: int = 64  # per process, per micro-batch
     max_steps: int = 1000  # optimizer steps
     max_minutes: float | None = None  # stop earlier once training has run this long (checkpoint + final eval)
-    accumulate: int = 1  # GradCache: k micro-batches form ONE contrastive batch of k*B
-    grad_accum_steps: int = 1  # plain accumulation: k separate losses, gradients summed
-    mixed_precision: str = "no"  # "no" | "fp16" | "bf16" (through Accelerate)
+    accumulate: int = 1  # k micro-batches per optimizer step
+    accumulate_mode: str = "cached"  # "cached": GradCache, k micro-batches are ONE contrastive batch of k*B;
+    #                                  "plain": k separate losses, gradients summed
+    mixed_precision: str = "no"  # one of MIXED_PRECISION (through Accelerate)
     compile: bool = False
     num_threads: int | None = None  # torch intra-op threads; None: torch's default (one per core)
-    save_every: int = 0  # steps; 0: only the final model
-    keep_checkpoints: int = 2
-    resume: str | None = None  # None | "auto" | a checkpoint directory
     skip_nonfinite: bool = False  # skip a step with a non-finite loss instead of stopping
     log_every: int = 10
     eval_every: int = 0  # steps; 0: evaluate only at the end
     progress: bool = True
     trackers: list = field(default_factory=lambda: ["tensorboard", "jsonl"])  # + "wandb" when installed
-    device_augment: str | None = None  # simclr/moco: "mocov2" | "simclr" | "moco_cifar" views made on the device
 
-
-@dataclass
-class EvalConfig:
-    enabled: bool = True
-    max_samples: int | None = None  # held-out samples used by evaluation
-    templates: str | list | None = "eval"  # "eval": mmcl.data's EVAL_TEMPLATES; a list; None: zeroshot default
-    class_names: list | None = None  # None: from the digits / the label column's ClassLabel names
-    knn_k: int = 20
-    knn_temperature: float = 0.1
-    knn_train_samples: int | None = 5000  # training images in the kNN memory bank; null: all of them
-    batch_size: int = 128
+    def validate(self) -> None:
+        for name in ("batch_size", "max_steps", "accumulate", "log_every"):
+            value = getattr(self, name)
+            _check(_int_at_least(value, 1), f"train.{name} must be an int >= 1, got {value!r}")
+        _check(_int_at_least(self.eval_every, 0), f"train.eval_every must be an int >= 0, got {self.eval_every!r}")
+        _check(self.accumulate_mode in ACCUMULATE_MODES,
+               f"train.accumulate_mode must be one of {', '.join(ACCUMULATE_MODES)}, got {self.accumulate_mode!r}")
+        mm = self.max_minutes
+        _check(mm is None or (isinstance(mm, (int, float)) and not isinstance(mm, bool) and mm > 0),
+               f"train.max_minutes must be null or a number > 0, got {mm!r}")
+        _check(self.num_threads is None or _int_at_least(self.num_threads, 1),
+               f"train.num_threads must be null or an int >= 1, got {self.num_threads!r}")
+        _check(self.mixed_precision in MIXED_PRECISION,
+               f"train.mixed_precision must be one of {', '.join(MIXED_PRECISION)}, got {self.mixed_precision!r}")
+        _check(isinstance(self.trackers, list), f"train.trackers must be a list, got {self.trackers!r}")
+        for tr in self.trackers:
+            _check(tr in TRACKERS, f"train.trackers: unknown tracker {tr!r} ({', '.join(TRACKERS)})")
 
 
 @dataclass
 class Config:
-    mode: str = "clip"
+    mode: str = "clip"  # a key of mmcl.methods.METHODS
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    moco: MoCoConfig = field(default_factory=MoCoConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     output_dir: str = "runs/mmcl"
     seed: int = 0
 
 
-# --------------------------------------------------------------------------- loading
+def validate(cfg: Config) -> None:
+    """Every section's own checks, the method's checks, then the rules that span sections."""
+    for section in (cfg.model, cfg.data, cfg.loss, cfg.moco, cfg.optim, cfg.train, cfg.checkpoint, cfg.eval):
+        section.validate()
+    objective_class(cfg).check_config(cfg)
+    splits = cfg.model.batchnorm.splits
+    _check(splits == 1 or cfg.train.batch_size % splits == 0,
+           f"train.batch_size ({cfg.train.batch_size}) must be divisible by model.batchnorm.splits ({splits})")
+    aod = cfg.data.augment_on_device
+    if aod is not None:
+        _check(aod in DEVICE_AUGMENT_PRESETS, f"data.augment_on_device must be one of "
+                                              f"{', '.join(DEVICE_AUGMENT_PRESETS)} or null, got {aod!r}")
+        _check(cfg.data.augment == "none", "data.augment_on_device augments on the device: set data.augment=none "
+                                           f"(got {cfg.data.augment!r})")
 
 
-def _hints(cls) -> dict:
-    return typing.get_type_hints(cls)
+# --------------------------------------------------------------------------- merging
 
 
 def _suggest(key: str, valid) -> str:
@@ -163,9 +160,11 @@ def _coerce(path: str, value, hint):
 def _merge(obj, updates: dict, prefix: str = "") -> None:
     if not isinstance(updates, dict):
         raise TypeError(f"config section {prefix.rstrip('.') or '<root>'} must be a mapping, got {updates!r}")
-    hints = _hints(type(obj))
+    hints = typing.get_type_hints(type(obj))
     for key, value in updates.items():
         path = prefix + str(key)
+        if path in RENAMED:
+            raise ValueError(f"config key {path!r} moved to {RENAMED[path]}")
         if key not in hints:
             raise ValueError(f"unknown config key {path!r}{_suggest(str(key), hints)}")
         current = getattr(obj, key)
@@ -175,7 +174,7 @@ def _merge(obj, updates: dict, prefix: str = "") -> None:
             setattr(obj, key, _coerce(path, value, hints[key]))
 
 
-def _set_dotted(raw: dict, dotted: str, value) -> None:
+def set_dotted(raw: dict, dotted: str, value) -> None:
     parts = dotted.split(".")
     node = raw
     for part in parts[:-1]:
@@ -199,8 +198,11 @@ def parse_overrides(overrides) -> dict:
             value = yaml.safe_load(text) if text.strip() else None
         except yaml.YAMLError as exc:
             raise ValueError(f"override {item!r}: the value is not valid YAML (quote it?): {exc}") from exc
-        _set_dotted(raw, key, value)
+        set_dotted(raw, key, value)
     return raw
+
+
+# --------------------------------------------------------------------------- loading
 
 
 def load_config(path=None, overrides=None) -> Config:
@@ -210,7 +212,7 @@ def load_config(path=None, overrides=None) -> Config:
         path: a YAML file whose top-level keys are Config fields (mode, model, data, ...), or None.
         overrides: a list of "a.b=c" strings, applied last.
     Raises:
-        ValueError: unknown key (naming it and close matches) or an invalid value.
+        ValueError: unknown or renamed key (naming close matches / the new key) or an invalid value.
         TypeError: a value of the wrong type.
     """
     cfg = Config()
@@ -238,67 +240,12 @@ def to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def _check(cond: bool, msg: str) -> None:
-    if not cond:
-        raise ValueError(msg)
-
-
-def validate(cfg: Config) -> None:
-    """Raise a ValueError naming the key when a value is impossible."""
-    from mmcl.data.config import validate_config
-
-    validate_config(cfg.data)
-    t, o, lo, m = cfg.train, cfg.optim, cfg.loss, cfg.model
-    _check(cfg.mode in MODES, f"mode must be one of {MODES}, got {cfg.mode!r}")
-    for name in ("batch_size", "max_steps", "accumulate", "grad_accum_steps", "log_every", "keep_checkpoints"):
-        value = getattr(t, name)
-        _check(isinstance(value, int) and value >= 1, f"train.{name} must be an int >= 1, got {value!r}")
-    _check(not (t.accumulate > 1 and t.grad_accum_steps > 1),
-           "train.accumulate (GradCache) and train.grad_accum_steps cannot both be > 1")
-    _check(t.max_minutes is None or (isinstance(t.max_minutes, (int, float)) and not isinstance(t.max_minutes, bool)
-                                     and t.max_minutes > 0),
-           f"train.max_minutes must be null or a number > 0, got {t.max_minutes!r}")
-    _check(t.num_threads is None or (isinstance(t.num_threads, int) and t.num_threads >= 1),
-           f"train.num_threads must be null or an int >= 1, got {t.num_threads!r}")
-    for name in ("save_every", "eval_every"):
-        value = getattr(t, name)
-        _check(isinstance(value, int) and value >= 0, f"train.{name} must be an int >= 0, got {value!r}")
-    _check(t.mixed_precision in ("no", "fp16", "bf16"),
-           f"train.mixed_precision must be 'no', 'fp16' or 'bf16', got {t.mixed_precision!r}")
-    _check(o.name in ("adamw", "lars", "sgd"), f"optim.name must be 'adamw', 'lars' or 'sgd', got {o.name!r}")
-    _check(o.schedule in ("cosine", "constant"), f"optim.schedule must be 'cosine' or 'constant', got {o.schedule!r}")
-    _check(o.lr > 0, f"optim.lr must be > 0, got {o.lr}")
-    _check(o.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {o.weight_decay}")
-    _check(o.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {o.warmup_steps}")
-    _check(0 <= o.min_lr_ratio <= 1, f"optim.min_lr_ratio must be in [0, 1], got {o.min_lr_ratio}")
-    _check(len(o.betas) == 2, f"optim.betas must hold two floats, got {o.betas!r}")
-    _check(o.max_grad_norm is None or o.max_grad_norm >= 0, f"optim.max_grad_norm must be >= 0 or null, got {o.max_grad_norm}")
-    _check(lo.temperature > 0 and lo.simclr_temperature > 0, "loss.temperature and loss.simclr_temperature must be > 0")
-    _check(lo.impl in ("auto", "naive", "chunked", "triton"), f"loss.impl must be auto|naive|chunked|triton, got {lo.impl!r}")
-    _check(isinstance(lo.queue_size, int) and lo.queue_size >= 1, f"loss.queue_size must be an int >= 1, got {lo.queue_size!r}")
-    _check(0 <= lo.momentum < 1, f"loss.momentum must be in [0, 1), got {lo.momentum}")
-    _check(lo.simclr_weight >= 0, f"loss.simclr_weight must be >= 0, got {lo.simclr_weight}")
-    _check(isinstance(m.bn_splits, int) and m.bn_splits >= 1, f"model.bn_splits must be an int >= 1, got {m.bn_splits!r}")
-    _check(m.bn_splits == 1 or t.batch_size % m.bn_splits == 0,
-           f"train.batch_size ({t.batch_size}) must be divisible by model.bn_splits ({m.bn_splits})")
-    kts = cfg.eval.knn_train_samples
-    _check(kts is None or (isinstance(kts, int) and kts >= 1), f"eval.knn_train_samples must be null or an int >= 1, got {kts!r}")
-    _check(m.projection in ("linear", "mlp"), f"model.projection must be 'linear' or 'mlp', got {m.projection!r}")
-    _check(isinstance(m.projection_dim, int) and m.projection_dim >= 1, f"model.projection_dim must be an int >= 1, got {m.projection_dim!r}")
-    has_image = m.pretrained or m.image_tower or m.image_tower_config
-    _check(bool(has_image), "model: set model.image_tower, model.image_tower_config or model.pretrained")
-    if cfg.mode in ("clip", "clip+simclr"):
-        has_text = m.pretrained or m.text_tower or m.text_tower_config
-        _check(bool(has_text), f"mode {cfg.mode!r} needs a text tower: set model.text_tower or model.text_tower_config")
-    _check(t.resume is None or isinstance(t.resume, str), f"train.resume must be null, 'auto' or a path, got {t.resume!r}")
-    _check(isinstance(t.trackers, list), f"train.trackers must be a list, got {t.trackers!r}")
-    if t.device_augment is not None:
-        from mmcl.data.augment import DEVICE_PRESETS as PRESETS
-
-        _check(t.device_augment in PRESETS, f"train.device_augment must be one of {', '.join(PRESETS)} or null, "
-                                            f"got {t.device_augment!r}")
-        _check(cfg.mode in ("simclr", "moco"), f"train.device_augment needs mode simclr or moco, got {cfg.mode!r}")
-        _check(cfg.data.augment == "none", "train.device_augment augments on the device: set data.augment=none "
-                                           f"(got {cfg.data.augment!r})")
-    for tr in t.trackers:
-        _check(tr in ("tensorboard", "jsonl", "wandb"), f"train.trackers: unknown tracker {tr!r} (tensorboard, jsonl, wandb)")
+def as_config(config) -> Config:
+    """A Config from a Config, a nested dict or a YAML path."""
+    if isinstance(config, Config):
+        return config
+    if isinstance(config, dict):
+        return from_dict(config)
+    if isinstance(config, (str, Path)):
+        return load_config(config)
+    raise TypeError(f"config must be an mmcl.train.Config, a dict or a YAML path, got {type(config).__name__}")

@@ -1,13 +1,57 @@
-"""Evaluation during and after training: zero-shot top-1 for image-text modes (image<->text
-recall@k when the held-out data has captions but no labels), kNN top-1 for image-only modes, on the held-out data of the data config (the digits' test split for the demo)."""
+"""The `eval:` config section and evaluation during and after training.
+
+The objective's eval_kind decides what is measured on the held-out data of the data config:
+"zeroshot" (image-text methods): zero-shot top-1 / top-5 with class names x prompt templates, or
+image<->text recall@k when the held-out data has captions but no labels; "knn" (image-only
+methods): kNN top-1 of held-out image embeddings against training image embeddings.
+"""
 from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
+from mmcl.data import EVAL_TEMPLATES, load_eval_dataset, load_source
+from mmcl.eval import embed_images, knn_accuracy
+from mmcl.eval.embed import iter_image_batches
+from mmcl.methods import objective_class
+from mmcl.retrieval import evaluate as retrieval_evaluate
+from mmcl.zeroshot import ZeroShotClassifier
+
 # Held-out and kNN memory-bank images are decoded and preprocessed once and kept as pixel tensors
-# (on the CPU) when they take at most this many bytes, so periodic evaluations only run the model:
-# CIFAR-10's 60,000 images at 32x32 take 737 MB and about 20 s of decoding per evaluation otherwise.
+# (on the CPU) when they take at most this many bytes, so periodic evaluations only run the model
+# (CIFAR-10's 60,000 images at 32x32 take 737 MB).
 PIXEL_CACHE_BYTES = 1 << 30
+
+
+@dataclass
+class EvalConfig:
+    """The `eval:` section."""
+
+    enabled: bool = True
+    max_samples: int | None = None  # held-out samples used by evaluation
+    # "eval": mmcl.data's EVAL_TEMPLATES for the digits (else zeroshot's default); a list; None: zeroshot default
+    templates: str | list | None = "eval"
+    class_names: list | None = None  # None: the label column's ClassLabel names
+    knn_k: int = 20
+    knn_temperature: float = 0.1
+    knn_train_samples: int | None = 5000  # training images in the kNN memory bank; null: all of them
+    batch_size: int = 128
+
+    def validate(self) -> None:
+        def positive_int(v) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+        for name in ("knn_k", "batch_size"):
+            if not positive_int(getattr(self, name)):
+                raise ValueError(f"eval.{name} must be an int >= 1, got {getattr(self, name)!r}")
+        for name in ("max_samples", "knn_train_samples"):
+            value = getattr(self, name)
+            if value is not None and not positive_int(value):
+                raise ValueError(f"eval.{name} must be null or an int >= 1, got {value!r}")
+        if not self.knn_temperature > 0:
+            raise ValueError(f"eval.knn_temperature must be > 0, got {self.knn_temperature}")
 
 
 def _subset(ds, n: int, seed: int):
@@ -19,14 +63,19 @@ def _subset(ds, n: int, seed: int):
 class Evaluator:
     """Loads the held-out data once; `__call__(model)` returns a dict of metrics (may be empty).
 
-    Image-text modes: zero-shot classification of the held-out images with class names × prompt
+    kind "zeroshot": zero-shot classification of the held-out images with class names × prompt
     templates (for the digits, mmcl.data.EVAL_TEMPLATES, none of which is used in training).
-    Image-only modes: kNN (k, temperature from the eval config) of held-out image embeddings
-    against training image embeddings (un-augmented), both from the current model.
+    kind "knn": kNN (k, temperature from the eval config) of held-out image embeddings against
+    training image embeddings (un-augmented), both from the current model.
+
+    Args:
+        cfg: the training Config.
+        kind: "zeroshot" | "knn"; None: the eval_kind of cfg's objective.
     """
 
-    def __init__(self, cfg, pixel_cache_bytes: int = PIXEL_CACHE_BYTES):
-        self.cfg, self.mode = cfg, cfg.mode
+    def __init__(self, cfg, kind: str | None = None, pixel_cache_bytes: int = PIXEL_CACHE_BYTES):
+        self.cfg = cfg
+        self.kind = kind if kind is not None else objective_class(cfg).eval_kind
         self._eval_ds = self._train_ds = None
         self._loaded = self._retrieval = False
         self.pixel_cache_bytes = pixel_cache_bytes  # for all cached splits together
@@ -37,8 +86,6 @@ class Evaluator:
         return col if ds is not None and col in ds.column_names else None
 
     def _load(self) -> None:
-        from mmcl.data import load_eval_dataset, load_source
-
         self._loaded = True
         data, ecfg = self.cfg.data, self.cfg.eval
         ds = load_eval_dataset(data, seed=self.cfg.seed)
@@ -46,25 +93,21 @@ class Evaluator:
             return
         if self._label_column(ds) is None:
             # Image-text data without labels (Flickr8k, COCO captions): image<->text retrieval.
-            if self.mode in ("clip", "clip+simclr") and data.caption_column in ds.column_names:
+            if self.kind == "zeroshot" and data.caption_column in ds.column_names:
                 self._retrieval = True
             else:
                 return
         if ecfg.max_samples is not None and ecfg.max_samples < len(ds):
             ds = _subset(ds, ecfg.max_samples, self.cfg.seed)
         self._eval_ds = ds
-        if self.mode in ("simclr", "moco"):
-            train = load_source(data.source, data.split, seed=self.cfg.seed)
+        if self.kind == "knn":
+            train = load_source(data.source, data.split, seed=self.cfg.seed, image_column=data.image_column)
             limit = min(len(train), self.cfg.eval.knn_train_samples or len(train))
             self._train_ds = _subset(train, limit, self.cfg.seed)
 
     def class_names(self, ds) -> list[str]:
         if self.cfg.eval.class_names:
             return list(self.cfg.eval.class_names)
-        if self.cfg.data.source == "digits" and (self.cfg.data.eval_source in (None, "digits")):
-            from mmcl.data import DIGIT_CLASS_NAMES
-
-            return list(DIGIT_CLASS_NAMES)
         feature = ds.features[self._label_column(ds)]
         names = getattr(feature, "names", None)
         if not names:
@@ -75,8 +118,6 @@ class Evaluator:
         t = self.cfg.eval.templates
         if t == "eval":
             if self.cfg.data.source == "digits":
-                from mmcl.data import EVAL_TEMPLATES
-
                 return list(EVAL_TEMPLATES)
             return None
         return t
@@ -94,15 +135,13 @@ class Evaluator:
         try:
             if self._retrieval:
                 return self._recall(model)
-            if self.mode in ("clip", "clip+simclr"):
+            if self.kind == "zeroshot":
                 return self._zero_shot(model)
             return self._knn(model)
         finally:
             model.train(was_training)
 
     def _zero_shot(self, model) -> dict:
-        from mmcl.zeroshot import ZeroShotClassifier
-
         ds = self._eval_ds
         clf = ZeroShotClassifier(model, self.class_names(ds), self.templates(),
                                  batch_size=self.cfg.eval.batch_size, progress=False)
@@ -110,16 +149,12 @@ class Evaluator:
         return {"zeroshot_top1": res["top1"], "zeroshot_top5": res["top5"]}
 
     def _recall(self, model) -> dict:
-        from mmcl.retrieval import evaluate
-
-        res = evaluate(model, self._eval_ds, image_column=self.cfg.data.image_column,
+        res = retrieval_evaluate(model, self._eval_ds, image_column=self.cfg.data.image_column,
                        caption_column=self.cfg.data.caption_column, batch_size=self.cfg.eval.batch_size,
                        progress=False)
         return {f"retrieval_{k}": v for k, v in res.items() if "R@" in k or k == "mean_recall"}
 
     def _knn(self, model) -> dict:
-        from mmcl.eval import embed_images, knn_accuracy
-
         train, test = self._train_ds, self._eval_ds
         col, bs = self.cfg.data.image_column, self.cfg.eval.batch_size
         train_label = self._label_column(train)
@@ -138,8 +173,6 @@ class Evaluator:
         what is left of `pixel_cache_bytes`; otherwise ds itself (decoded at every evaluation)."""
         if name in self._pixels:
             return self._pixels[name]
-        from mmcl.eval.embed import iter_image_batches
-
         height, width = getattr(model.processor, "image_size", (None, None))
         used = sum(p.numel() * p.element_size() for p in self._pixels.values())
         if not (height and width) or used + len(ds) * 3 * height * width * 4 > self.pixel_cache_bytes:
@@ -148,3 +181,17 @@ class Evaluator:
                                      batch_size=self.cfg.eval.batch_size, device="cpu")
         self._pixels[name] = torch.cat(list(batches))
         return self._pixels[name]
+
+
+def print_report(results: dict, final_dir: Path) -> None:
+    """Print the final metrics of `fit` and where the model went (main process)."""
+    if "zeroshot_top1" in results:
+        print(f"mmcl: zero-shot top-1 {results['zeroshot_top1']:.4f} (top-5 {results['zeroshot_top5']:.4f}) "
+              f"on held-out data after {results['step']} steps, {results['train_seconds']:.0f} s of training")
+    if "retrieval_mean_recall" in results:
+        recalls = ", ".join(f"{k.removeprefix('retrieval_')} {v:.3f}" for k, v in results.items()
+                            if k.startswith("retrieval_") and "R@" in k)
+        print(f"mmcl: retrieval on held-out data after {results['step']} steps: {recalls}")
+    if "knn_top1" in results:
+        print(f"mmcl: kNN top-1 {results['knn_top1']:.4f} on held-out data after {results['step']} steps")
+    print(f"mmcl: model saved to {final_dir} (load it with mmcl.DualEncoder.from_pretrained)")

@@ -23,6 +23,8 @@ import torch.distributed as dist
 
 from mmcl import distributed
 
+ACCUMULATE_MODES = ("cached", "plain")  # train.accumulate_mode: cached_step | plain_step
+
 
 def _rng_snapshot(device: torch.device):
     state = {"cpu": torch.get_rng_state()}
@@ -51,7 +53,7 @@ def plain_step(model, objective, batches: list[dict], backward, no_sync):
         with ctx:
             emb = objective.embed(model, batch)
             scale = emb.pop("scale", None)
-            kb = objective.keys(batch)
+            kb = objective.key_embeds(batch)
             loss, logs = objective.loss(emb, kb, scale)
             backward(loss / k)
         keys.append(kb)
@@ -79,7 +81,7 @@ def cached_step(model, scale_fn, objective, batches: list[dict], backward, no_sy
                 emb = objective.embed(model, batch)
                 emb.pop("scale", None)
                 cached.append(emb)
-                keys.append(objective.keys(batch))
+                keys.append(objective.key_embeds(batch))
             for b, saved in zip(model.buffers(), buffers):
                 b.copy_(saved)
         names = list(cached[0])

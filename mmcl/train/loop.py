@@ -3,68 +3,78 @@
 One call builds the model, data, optimizer and schedule from a Config, resumes from the newest
 complete checkpoint when asked, trains for `train.max_steps` optimizer steps (each one batch, or
 k micro-batches through GradCache / plain accumulation; `train.max_minutes` stops earlier, after a
-checkpoint that `train.resume=auto` continues from), logs through Accelerate's trackers,
+checkpoint that `checkpoint.resume=auto` continues from), logs through Accelerate's trackers,
 evaluates, checkpoints, and saves the final model with `save_pretrained` to `output_dir/final`.
+
+The loop reads as its steps: _setup → _resume → while (_next_batches → _train_step → _end_step)
+→ _finish. All state a step touches is in one `Run`.
 """
 from __future__ import annotations
 
 import math
 import os
 import time
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
+from accelerate import Accelerator
+from accelerate.utils import (
+    DistributedDataParallelKwargs, DistributedType, ProjectConfiguration, broadcast_object_list, set_seed,
+)
+from tqdm.auto import tqdm
 
+from mmcl import distributed
+from mmcl.data import BatchStream, DeviceAugment, build_dataset
+from mmcl.methods import Objective, build_objective
 from mmcl.train import checkpoint as ckpt
-from mmcl.train.config import Config, from_dict, load_config, to_dict
+from mmcl.train.builders import build_model
+from mmcl.train.config import Config, as_config
+from mmcl.train.evaluation import Evaluator, print_report
 from mmcl.train.gradcache import cached_step, plain_step
+from mmcl.train.optim import build_optimizer, build_scheduler
+from mmcl.train.saved import flat_dict
+from mmcl.train.trackers import build_trackers
 
 __all__ = ["fit"]
 
 
-def _as_config(config) -> Config:
-    if isinstance(config, Config):
-        return config
-    if isinstance(config, dict):
-        return from_dict(config)
-    if isinstance(config, (str, Path)):
-        return load_config(config)
-    raise TypeError(f"config must be an mmcl.train.Config, a dict or a YAML path, got {type(config).__name__}")
+@dataclass
+class Run:
+    """Everything one training run holds between steps."""
+
+    cfg: Config
+    accelerator: Accelerator
+    model: torch.nn.Module  # as prepared by Accelerate (DDP-wrapped with several processes)
+    unwrapped: torch.nn.Module
+    objective: Objective
+    stream: BatchStream
+    device_augment: DeviceAugment | None
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    evaluator: Evaluator
+    params: list
+    step: int = 0
+    skipped_images: int = 0
+    nonfinite_steps: int = 0
+    last_loss: float = float("nan")
+    started: float = 0.0
+    window_start: float = 0.0
+    window_samples: int = 0
+    stopped_early: bool = False
+    pbar: tqdm | None = None
+    metrics: dict = field(default_factory=dict)
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[prefix + k] = v if isinstance(v, (int, float, str, bool)) else str(v)
-    return out
+@dataclass
+class StepResult:
+    """One optimizer step: the loss averaged over ranks, and what the log needs."""
 
-
-def _to_device(batch: dict, device) -> dict:
-    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-
-
-def _make_accelerator(cfg: Config):
-    from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
-
-    from mmcl.train.trackers import build_trackers
-
-    out = Path(cfg.output_dir)
-    # `accelerate launch --multi_gpu` on a machine without GPUs starts the processes but Accelerate
-    # would then run each alone; with cpu=True they form one gloo group (multi-CPU training).
-    cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
-    return Accelerator(
-        cpu=cpu,
-        mixed_precision=cfg.train.mixed_precision,
-        log_with=build_trackers(cfg.train.trackers, str(out / "logs")) or None,
-        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
-        dynamo_backend="inductor" if cfg.train.compile else "no",
-        # Towers may hold parameters that a given loss never reaches (a pooler next to mean pooling).
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
-    )
+    loss: float
+    grad_norm: float | None
+    lr: float
+    logs: dict
+    samples: int  # on this rank, all micro-batches together
 
 
 def fit(config, *, on_batch=None, on_step_end=None) -> dict:
@@ -84,7 +94,7 @@ def fit(config, *, on_batch=None, on_step_end=None) -> dict:
     Raises:
         FloatingPointError: a non-finite loss, naming the step (unless train.skip_nonfinite).
     """
-    cfg = _as_config(config)
+    cfg = as_config(config)
     threads = torch.get_num_threads()
     if cfg.train.num_threads is not None:
         torch.set_num_threads(cfg.train.num_threads)
@@ -98,261 +108,286 @@ def fit(config, *, on_batch=None, on_step_end=None) -> dict:
 
 
 def _fit(cfg: Config, on_batch, on_step_end, closers: list) -> dict:
-    from accelerate.utils import set_seed
-    from tqdm.auto import tqdm
+    run = _setup(cfg, closers)
+    _resume(run)
+    run.accelerator.init_trackers("mmcl", config=flat_dict(cfg))
+    run.pbar = tqdm(total=cfg.train.max_steps, initial=run.step, desc=f"mmcl {run.objective.name}",
+                    disable=not (run.accelerator.is_local_main_process and cfg.train.progress), dynamic_ncols=True)
+    run.started = run.window_start = time.perf_counter()
+    run.model.train()
+    while run.step < cfg.train.max_steps:
+        batches = _next_batches(run, on_batch)
+        result = _train_step(run, batches)
+        if _end_step(run, result, on_step_end):
+            break
+    return _finish(run)
 
-    from mmcl.data import BatchStream, DeviceAugment, build_dataset
-    from mmcl.train.builders import build_model
-    from mmcl.train.evaluation import Evaluator
-    from mmcl.train.objectives import build_objective
-    from mmcl.train.optim import build_optimizer, build_scheduler
 
-    t, out = cfg.train, Path(cfg.output_dir)
+# --------------------------------------------------------------------------- setup and resume
+
+
+def _make_accelerator(cfg: Config) -> Accelerator:
+    out = Path(cfg.output_dir)
+    # `accelerate launch --multi_gpu` on a machine without GPUs starts the processes but Accelerate
+    # would then run each alone; with cpu=True they form one gloo group (multi-CPU training).
+    cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    accelerator = Accelerator(
+        cpu=cpu,
+        mixed_precision=cfg.train.mixed_precision,
+        log_with=build_trackers(cfg.train.trackers, str(out / "logs")) or None,
+        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
+        dynamo_backend="inductor" if cfg.train.compile else "no",
+        # Towers may hold parameters that a given loss never reaches (a pooler next to mean pooling).
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+    )
+    if getattr(accelerator.state, "deepspeed_plugin", None) is not None:
+        accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.train.batch_size
+    t = cfg.train
+    if t.accumulate > 1 and t.accumulate_mode == "cached" and accelerator.distributed_type in (
+            DistributedType.DEEPSPEED, DistributedType.FSDP):
+        raise ValueError(f"train.accumulate_mode=cached (GradCache) is not supported with "
+                         f"{accelerator.distributed_type.value}: its backward passes bypass the engine; "
+                         "use DDP (multi_gpu) or train.accumulate_mode=plain")
+    return accelerator
+
+
+def _loader_data_config(cfg: Config, processor):
+    """The data config for the loader: when the model's processor already has data.image_size
+    (a model built from towers), the loader uses the processor's own preprocessing."""
+    size = cfg.data.image_size
+    if size is not None and tuple(getattr(processor, "image_size", ())) == (size, size):
+        return replace(cfg.data, image_size=None)
+    return cfg.data
+
+
+def _setup(cfg: Config, closers: list) -> Run:
+    t = cfg.train
     accelerator = _make_accelerator(cfg)
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
-    main = accelerator.is_main_process
-
     set_seed(cfg.seed)  # same initial weights on every rank (DDP also broadcasts rank 0's)
-    if cfg.model.sync_bn and world > 1 and device.type != "cuda":
-        raise ValueError("model.sync_bn=true needs CUDA GPUs (torch's SyncBatchNorm is GPU-only); "
-                         "on CPU leave it off (MoCo's loss.shuffle_bn works everywhere)")
+    if cfg.model.batchnorm.sync and world > 1 and device.type != "cuda":
+        raise ValueError("model.batchnorm.sync=true needs CUDA GPUs (torch's SyncBatchNorm is GPU-only); "
+                         "on CPU leave it off (MoCo's moco.shuffle_bn works everywhere)")
     model = build_model(cfg)  # converts to SyncBatchNorm before MoCo copies the key encoder
-    objective = build_objective(cfg.mode, cfg.loss, model, t.max_steps)
-    dataset, collate_fn = build_dataset(cfg.data, model.processor, text=cfg.mode in ("clip", "clip+simclr"),
-                                        views=cfg.mode != "clip", seed=cfg.seed, device_views=bool(t.device_augment))
-    device_augment = DeviceAugment(t.device_augment, model.processor) if t.device_augment else None
+    objective = build_objective(cfg, model)
+    aod = cfg.data.augment_on_device
+    dataset, collate_fn = build_dataset(_loader_data_config(cfg, model.processor), model.processor,
+                                        text=objective.needs_text, views=objective.needs_views, seed=cfg.seed,
+                                        device_views=bool(aod))
+    device_augment = DeviceAugment(aod, model.processor) if aod else None
     stream = BatchStream(dataset, collate_fn, t.batch_size, num_workers=cfg.data.num_workers, rank=rank,
                          world_size=world, seed=cfg.seed)
     closers.append(stream.close)
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, t.max_steps)
-    if getattr(accelerator.state, "deepspeed_plugin", None) is not None:
-        accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = t.batch_size
-    if t.accumulate > 1 and accelerator.distributed_type.value in ("DEEPSPEED", "FSDP"):
-        raise ValueError(f"train.accumulate (GradCache) is not supported with {accelerator.distributed_type.value}: "
-                         "its backward passes bypass the engine; use DDP (multi_gpu) or train.grad_accum_steps")
     model, optimizer = accelerator.prepare(model, optimizer)
-    unwrapped = accelerator.unwrap_model(model)
-    if hasattr(objective, "to"):
-        objective.to(device)
-    extra = objective.modules()
-    params = [p for p in model.parameters() if p.requires_grad]
-
-    step = 0
-    resume_from = _resume_path(cfg)
-    if resume_from is not None:
-        state = ckpt.read_checkpoint(resume_from, unwrapped, extra)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if accelerator.scaler is not None and state.get("scaler"):
-            accelerator.scaler.load_state_dict(state["scaler"])
-        stream.load_state_dict(state["data"])
-        step = int(state["step"])
-        rng_name = f"rng_{rank}" if (resume_from / f"rng_{rank}.json").is_file() else None
-        set_seed(cfg.seed + 7919 * step + rank)  # world size changed: a fresh but reproducible stream
-        if rng_name:
-            ckpt.set_rng_state(ckpt.load_state(resume_from, rng_name))
-        if main:
-            print(f"mmcl: resumed from {resume_from} at step {step}")
-    else:
-        set_seed(cfg.seed, device_specific=True)  # different dropout / shuffle-BN draws per rank
-
-    accelerator.init_trackers("mmcl", config=_flat(to_dict(cfg)))
-    evaluator = Evaluator(cfg)
-    k = max(t.accumulate, t.grad_accum_steps)
-    no_sync = lambda: accelerator.no_sync(model)  # noqa: E731
-    scale_fn = (lambda: unwrapped.logit_scale()) if objective.learns_scale else None
-    metrics: dict = {}
-    skipped_images = nonfinite_steps = 0
-    last_loss = float("nan")
-    pbar = tqdm(total=t.max_steps, initial=step, disable=not (accelerator.is_local_main_process and t.progress),
-                desc=f"mmcl {cfg.mode}", dynamic_ncols=True)
-    started = window_start = time.perf_counter()
-    window_samples = 0
-    stopped_early = False
-    model.train()
-    while step < t.max_steps:
-        batches = []
-        for _ in range(k):
-            while True:  # a batch whose every image was unreadable is dropped (on all ranks at once)
-                batch = stream.next()
-                skipped_images += int(batch.get("num_skipped", 0))
-                if _min_over_ranks(accelerator, batch[objective.batch_keys[0]].shape[0]) > 0:
-                    break
-            if on_batch is not None:
-                batch = on_batch(step + 1, batch) or batch
-            batch = _to_device(batch, device)
-            batches.append(device_augment(batch) if device_augment is not None else batch)
-        if t.accumulate > 1:
-            loss, logs, keys = cached_step(model, scale_fn, objective, batches, accelerator.backward, no_sync, device)
-        else:
-            loss, logs, keys = plain_step(model, objective, batches, accelerator.backward, no_sync)
-        loss_value = float(accelerator.reduce(loss.detach().float().reshape(1), reduction="mean"))
-        grad_norm = None
-        finite = math.isfinite(loss_value)
-        if finite and cfg.optim.max_grad_norm:
-            grad_norm = float(accelerator.clip_grad_norm_(params, cfg.optim.max_grad_norm))
-            finite = math.isfinite(grad_norm) or t.mixed_precision == "fp16"  # fp16: the scaler skips
-        if not finite:
-            optimizer.zero_grad(set_to_none=True)
-            if not t.skip_nonfinite:
-                pbar.close()
-                accelerator.end_training()
-                raise FloatingPointError(
-                    f"non-finite loss ({loss_value}) or gradient norm ({grad_norm}) at step {step + 1}; "
-                    "lower optim.lr, check the data, or set train.skip_nonfinite=true to skip such steps")
-            nonfinite_steps += 1
-            if main:
-                print(f"mmcl: skipped step {step + 1}: non-finite loss ({loss_value}) or gradient norm ({grad_norm})")
-        else:
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            objective.after_step(unwrapped, keys, step)
-            last_loss = loss_value
-        lr_used = scheduler.get_last_lr()[0]
-        scheduler.step()
-        step += 1
-        window_samples += sum(b[objective.batch_keys[0]].shape[0] for b in batches) * world
-        pbar.update(1)
-        if step % t.log_every == 0 or step == t.max_steps:
-            now = time.perf_counter()
-            metrics = {"loss": loss_value, "lr": lr_used,
-                       "samples_per_s": window_samples / max(now - window_start, 1e-9),
-                       "epoch": stream.epoch, "skipped_images": _sum_over_ranks(accelerator, skipped_images),
-                       "nonfinite_steps": nonfinite_steps, **logs}
-            if grad_norm is not None:
-                metrics["grad_norm"] = grad_norm
-            accelerator.log(metrics, step=step)
-            pbar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{metrics['lr']:.2e}")
-            window_start, window_samples = now, 0
-        if t.eval_every and step % t.eval_every == 0 and step < t.max_steps:
-            _log_eval(accelerator, evaluator, unwrapped, step)
-        if t.save_every and step % t.save_every == 0:
-            _save(accelerator, cfg, step, unwrapped, extra, optimizer, scheduler, stream)
-        if on_step_end is not None:
-            on_step_end(step, {"loss": loss_value})
-        if step < t.max_steps and _out_of_time(accelerator, started, t.max_minutes):
-            stopped_early = True
-            if main:
-                print(f"mmcl: train.max_minutes={t.max_minutes} reached after {step} of {t.max_steps} steps; "
-                      "saving a checkpoint (train.resume=auto continues from it)")
-            if not (t.save_every and step % t.save_every == 0):  # not saved just above
-                _save(accelerator, cfg, step, unwrapped, extra, optimizer, scheduler, stream)
-            break
-    pbar.close()
-    stream.close()
-    train_seconds = time.perf_counter() - started
-
-    results = {"step": step, "loss": last_loss, "skipped_images": _sum_over_ranks(accelerator, skipped_images),
-               "nonfinite_steps": nonfinite_steps, "train_seconds": train_seconds, "stopped_early": stopped_early}
-    if world > 1:
-        results["ranks_agree"] = _ranks_agree(accelerator, unwrapped)
-    results.update(_log_eval(accelerator, evaluator, unwrapped, step))
-    final_dir = out / "final"
-    if main:
-        unwrapped.save_pretrained(str(final_dir))
-        _report(results, final_dir)
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
-    results["final_dir"] = str(final_dir)
-    return results
-
-
-def _out_of_time(accelerator, started: float, max_minutes) -> bool:
-    """Whether this run has trained for max_minutes; the main process's clock decides for all ranks."""
-    if max_minutes is None:
-        return False
-    over = time.perf_counter() - started >= 60 * max_minutes
-    if accelerator.num_processes == 1:
-        return over
-    import torch.distributed as dist
-
-    flag = torch.tensor([int(over)], device=accelerator.device)
-    dist.broadcast(flag, src=0)
-    return bool(flag.item())
-
-
-def _min_over_ranks(accelerator, count: int) -> int:
-    if accelerator.num_processes == 1:
-        return count
-    import torch.distributed as dist
-
-    t = torch.tensor([count], device=accelerator.device)
-    dist.all_reduce(t, op=dist.ReduceOp.MIN)
-    return int(t.item())
-
-
-def _sum_over_ranks(accelerator, count: int) -> int:
-    """Images skipped by all processes together (each reads its own shard)."""
-    if accelerator.num_processes == 1:
-        return count
-    return int(accelerator.reduce(torch.tensor([count], device=accelerator.device), reduction="sum").item())
+    objective.to(device)
+    return Run(cfg=cfg, accelerator=accelerator, model=model, unwrapped=accelerator.unwrap_model(model),
+               objective=objective, stream=stream, device_augment=device_augment, optimizer=optimizer,
+               scheduler=scheduler, evaluator=Evaluator(cfg, objective.eval_kind),
+               params=[p for p in model.parameters() if p.requires_grad])
 
 
 def _resume_path(cfg: Config):
-    r = cfg.train.resume
+    r = cfg.checkpoint.resume
     if r is None:
         return None
     if r == "auto":
         return ckpt.latest_checkpoint(cfg.output_dir)  # None: nothing to resume, start fresh
     path = Path(r)
     if not (path / "COMPLETE").is_file():
-        raise ValueError(f"train.resume={r!r} is not a complete checkpoint directory (use 'auto' or a step_* dir)")
+        raise ValueError(f"checkpoint.resume={r!r} is not a complete checkpoint directory (use 'auto' or a step_* dir)")
     return path
 
 
-def _log_eval(accelerator, evaluator, model, step: int) -> dict:
-    """Evaluate on the main process (the others wait), log, and return the metrics everywhere."""
-    from accelerate.utils import broadcast_object_list
+def _resume(run: Run) -> None:
+    """Load the checkpoint checkpoint.resume names (if any) into the run, and seed each rank."""
+    cfg, acc = run.cfg, run.accelerator
+    path = _resume_path(cfg)
+    if path is None:
+        set_seed(cfg.seed, device_specific=True)  # different dropout / shuffle-BN draws per rank
+        return
+    state = ckpt.read_checkpoint(path, run.unwrapped, run.objective.state_modules())
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.scheduler.load_state_dict(state["scheduler"])
+    if acc.scaler is not None and state.get("scaler"):
+        acc.scaler.load_state_dict(state["scaler"])
+    run.stream.load_state_dict(state["data"])
+    run.step = int(state["step"])
+    rank = acc.process_index
+    # Seed first: a rank without its own saved RNG state (the world size grew) still gets a
+    # fresh but reproducible stream; a saved state then replaces it.
+    set_seed(cfg.seed + 7919 * run.step + rank)
+    if (path / f"rng_{rank}.json").is_file():
+        ckpt.set_rng_state(ckpt.load_state(path, f"rng_{rank}"))
+    if acc.is_main_process:
+        print(f"mmcl: resumed from {path} at step {run.step}")
 
-    box = [evaluator(model) if accelerator.is_main_process else None]
-    if accelerator.num_processes > 1:
+
+def _save(run: Run) -> None:
+    """Write a checkpoint of the run: every rank its RNG state; the main process the rest, then renames."""
+    acc, out, step = run.accelerator, run.cfg.output_dir, run.step
+    if acc.is_main_process:
+        ckpt.begin_checkpoint(out, step)
+    acc.wait_for_everyone()
+    tmp = ckpt.temporary_dir(out, step)
+    ckpt.save_state(ckpt.rng_state(), tmp, f"rng_{acc.process_index}")
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        scaler = acc.scaler.state_dict() if acc.scaler is not None else None
+        state = {"step": step, "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
+                 "scaler": scaler, "data": run.stream.state_dict(), "world_size": acc.num_processes}
+        ckpt.finish_checkpoint(tmp, out, step, run.unwrapped, run.objective.state_modules(), state,
+                               run.cfg.checkpoint.keep)
+    acc.wait_for_everyone()
+
+
+# --------------------------------------------------------------------------- one step
+
+
+def _next_batches(run: Run, on_batch) -> list[dict]:
+    """The k micro-batches of the next optimizer step, on the device (and augmented there)."""
+    batches, device = [], run.accelerator.device
+    for _ in range(run.cfg.train.accumulate):
+        while True:  # a batch whose every image was unreadable is dropped (on all ranks at once)
+            batch = run.stream.next()
+            run.skipped_images += int(batch.get("num_skipped", 0))
+            if distributed.all_min(run.objective.batch_size(batch), device) > 0:
+                break
+        if on_batch is not None:
+            batch = on_batch(run.step + 1, batch) or batch
+        batch = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        batches.append(run.device_augment(batch) if run.device_augment is not None else batch)
+    return batches
+
+
+def _train_step(run: Run, batches: list[dict]) -> StepResult:
+    """Forward, backward, clip, optimizer step (or a skip of a non-finite one), schedule step."""
+    acc, t, objective = run.accelerator, run.cfg.train, run.objective
+    no_sync = lambda: acc.no_sync(run.model)  # noqa: E731
+    if t.accumulate > 1 and t.accumulate_mode == "cached":
+        scale_fn = (lambda: run.unwrapped.logit_scale()) if objective.learns_scale else None
+        loss, logs, keys = cached_step(run.model, scale_fn, objective, batches, acc.backward, no_sync, acc.device)
+    else:
+        loss, logs, keys = plain_step(run.model, objective, batches, acc.backward, no_sync)
+    loss_value = float(acc.reduce(loss.detach().float().reshape(1), reduction="mean"))
+    grad_norm = None
+    finite = math.isfinite(loss_value)
+    if finite and run.cfg.optim.max_grad_norm:
+        grad_norm = float(acc.clip_grad_norm_(run.params, run.cfg.optim.max_grad_norm))
+        finite = math.isfinite(grad_norm) or t.mixed_precision == "fp16"  # fp16: the scaler skips
+    if finite:
+        run.optimizer.step()
+        run.optimizer.zero_grad(set_to_none=True)
+        objective.after_step(run.unwrapped, keys, run.step)
+        run.last_loss = loss_value
+    else:
+        _skip_nonfinite(run, loss_value, grad_norm)
+    lr = run.scheduler.get_last_lr()[0]
+    run.scheduler.step()
+    run.step += 1
+    return StepResult(loss=loss_value, grad_norm=grad_norm, lr=lr, logs=logs,
+                      samples=sum(objective.batch_size(b) for b in batches))
+
+
+def _skip_nonfinite(run: Run, loss_value: float, grad_norm) -> None:
+    """Drop the step's gradients; raise unless train.skip_nonfinite."""
+    run.optimizer.zero_grad(set_to_none=True)
+    step = run.step + 1
+    if not run.cfg.train.skip_nonfinite:
+        run.pbar.close()
+        run.accelerator.end_training()
+        raise FloatingPointError(
+            f"non-finite loss ({loss_value}) or gradient norm ({grad_norm}) at step {step}; "
+            "lower optim.lr, check the data, or set train.skip_nonfinite=true to skip such steps")
+    run.nonfinite_steps += 1
+    if run.accelerator.is_main_process:
+        print(f"mmcl: skipped step {step}: non-finite loss ({loss_value}) or gradient norm ({grad_norm})")
+
+
+def _end_step(run: Run, result: StepResult, on_step_end) -> bool:
+    """Everything after an optimizer step: log, evaluate, checkpoint, callback, time limit.
+    Returns True when training stops before train.max_steps."""
+    cfg, t, step = run.cfg, run.cfg.train, run.step
+    run.window_samples += result.samples * run.accelerator.num_processes
+    run.pbar.update(1)
+    if step % t.log_every == 0 or step == t.max_steps:
+        _log(run, result)
+    if t.eval_every and step % t.eval_every == 0 and step < t.max_steps:
+        _log_eval(run)
+    saved = bool(cfg.checkpoint.every and step % cfg.checkpoint.every == 0)
+    if saved:
+        _save(run)
+    if on_step_end is not None:
+        on_step_end(step, {"loss": result.loss})
+    if step < t.max_steps and _out_of_time(run):
+        run.stopped_early = True
+        if run.accelerator.is_main_process:
+            print(f"mmcl: train.max_minutes={t.max_minutes} reached after {step} of {t.max_steps} steps; "
+                  "saving a checkpoint (checkpoint.resume=auto continues from it)")
+        if not saved:
+            _save(run)
+        return True
+    return False
+
+
+def _log(run: Run, result: StepResult) -> None:
+    now = time.perf_counter()
+    metrics = {"loss": result.loss, "lr": result.lr,
+               "samples_per_s": run.window_samples / max(now - run.window_start, 1e-9),
+               "epoch": run.stream.epoch,
+               "skipped_images": distributed.all_sum(run.skipped_images, run.accelerator.device),
+               "nonfinite_steps": run.nonfinite_steps, **result.logs}
+    if result.grad_norm is not None:
+        metrics["grad_norm"] = result.grad_norm
+    run.accelerator.log(metrics, step=run.step)
+    run.pbar.set_postfix(loss=f"{result.loss:.4f}", lr=f"{result.lr:.2e}")
+    run.window_start, run.window_samples, run.metrics = now, 0, metrics
+
+
+def _out_of_time(run: Run) -> bool:
+    """Whether this run has trained for train.max_minutes; the main process's clock decides for all ranks."""
+    max_minutes = run.cfg.train.max_minutes
+    if max_minutes is None:
+        return False
+    over = time.perf_counter() - run.started >= 60 * max_minutes
+    return distributed.broadcast_flag(over, run.accelerator.device)
+
+
+def _log_eval(run: Run) -> dict:
+    """Evaluate on the main process (the others wait), log, and return the metrics everywhere."""
+    acc = run.accelerator
+    box = [run.evaluator(run.unwrapped) if acc.is_main_process else None]
+    if acc.num_processes > 1:
         broadcast_object_list(box, from_process=0)
     result = box[0] or {}
     if result:
-        accelerator.log({f"eval/{k}": v for k, v in result.items()}, step=step)
+        acc.log({f"eval/{k}": v for k, v in result.items()}, step=run.step)
     return result
 
 
-def _save(accelerator, cfg, step, model, extra, optimizer, scheduler, stream) -> None:
-    """Every rank writes its RNG state; the main process writes the rest and renames."""
-    out = cfg.output_dir
-    if accelerator.is_main_process:
-        ckpt.begin_checkpoint(out, step)
-    accelerator.wait_for_everyone()
-    tmp = ckpt.temporary_dir(out, step)
-    ckpt.save_state(ckpt.rng_state(), tmp, f"rng_{accelerator.process_index}")
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        scaler = accelerator.scaler.state_dict() if accelerator.scaler is not None else None
-        state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                 "scaler": scaler, "data": stream.state_dict(), "world_size": accelerator.num_processes}
-        ckpt.finish_checkpoint(tmp, out, step, model, extra, state, cfg.train.keep_checkpoints)
-    accelerator.wait_for_everyone()
+# --------------------------------------------------------------------------- the end
 
 
-@torch.no_grad()
-def _ranks_agree(accelerator, model) -> bool:
-    """Every rank must end with the same weights (DDP / the manual all-reduce keep them in step):
-    compare a float64 checksum of all parameters across ranks; raise if they diverged."""
-    sums = torch.stack([sum(p.double().sum() for p in model.parameters()),
-                        sum(p.double().square().sum() for p in model.parameters())]).to(accelerator.device)
-    gathered = accelerator.gather(sums[None]).cpu()
-    if not bool((gathered == gathered[0]).all()):
-        raise RuntimeError(f"the {accelerator.num_processes} processes ended with different weights: {gathered.tolist()}")
-    if accelerator.is_main_process:
-        print(f"mmcl: weights identical on all {accelerator.num_processes} processes")
-    return True
-
-
-def _report(results: dict, final_dir: Path) -> None:
-    if "zeroshot_top1" in results:
-        print(f"mmcl: zero-shot top-1 {results['zeroshot_top1']:.4f} (top-5 {results['zeroshot_top5']:.4f}) "
-              f"on held-out data after {results['step']} steps, {results['train_seconds']:.0f} s of training")
-    if "retrieval_mean_recall" in results:
-        recalls = ", ".join(f"{k.removeprefix('retrieval_')} {v:.3f}" for k, v in results.items()
-                            if k.startswith("retrieval_") and "R@" in k)
-        print(f"mmcl: retrieval on held-out data after {results['step']} steps: {recalls}")
-    if "knn_top1" in results:
-        print(f"mmcl: kNN top-1 {results['knn_top1']:.4f} on held-out data after {results['step']} steps")
-    print(f"mmcl: model saved to {final_dir} (load it with mmcl.DualEncoder.from_pretrained)")
+def _finish(run: Run) -> dict:
+    """Final evaluation, the saved model and the report."""
+    acc = run.accelerator
+    run.pbar.close()
+    run.stream.close()
+    results = {"step": run.step, "loss": run.last_loss,
+               "skipped_images": distributed.all_sum(run.skipped_images, acc.device),
+               "nonfinite_steps": run.nonfinite_steps, "train_seconds": time.perf_counter() - run.started,
+               "stopped_early": run.stopped_early}
+    if acc.num_processes > 1:
+        results["ranks_agree"] = distributed.parameters_agree(run.unwrapped, acc.device)
+        if acc.is_main_process:
+            print(f"mmcl: weights identical on all {acc.num_processes} processes")
+    results.update(_log_eval(run))
+    final_dir = Path(run.cfg.output_dir) / "final"
+    if acc.is_main_process:
+        run.unwrapped.save_pretrained(str(final_dir))
+        print_report(results, final_dir)
+    acc.wait_for_everyone()
+    acc.end_training()
+    results["final_dir"] = str(final_dir)
+    return results

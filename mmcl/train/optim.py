@@ -6,12 +6,50 @@ exclude them). The rule "ndim < 2 or a name that says so" covers norms and biase
 """
 from __future__ import annotations
 
+import functools
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
+OPTIMIZERS = ("adamw", "lars", "sgd")
+SCHEDULES = ("cosine", "constant")
 _NO_DECAY_WORDS = ("bias", "norm", "logit_scale", "log_scale", "temperature", "position_embedding", "cls_token")
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ValueError(msg)
+
+
+@dataclass
+class OptimConfig:
+    """The `optim:` section: optimizer, learning-rate schedule and gradient clipping."""
+
+    name: str = "adamw"  # one of OPTIMIZERS
+    lr: float = 5e-4
+    weight_decay: float = 0.1  # never applied to norms, biases, the temperature (or 1-D params)
+    betas: tuple = (0.9, 0.98)
+    eps: float = 1e-6
+    momentum: float = 0.9  # lars / sgd
+    trust_coefficient: float = 0.001  # lars
+    schedule: str = "cosine"  # one of SCHEDULES
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0  # cosine floor, as a fraction of lr
+    max_grad_norm: float | None = 3.0  # None or 0: no clipping
+
+    def validate(self) -> None:
+        _check(self.name in OPTIMIZERS, f"optim.name must be one of {', '.join(OPTIMIZERS)}, got {self.name!r}")
+        _check(self.schedule in SCHEDULES,
+               f"optim.schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        _check(self.lr > 0, f"optim.lr must be > 0, got {self.lr}")
+        _check(self.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {self.weight_decay}")
+        _check(self.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
+        _check(0 <= self.min_lr_ratio <= 1, f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        _check(len(self.betas) == 2, f"optim.betas must hold two floats, got {self.betas!r}")
+        _check(self.max_grad_norm is None or self.max_grad_norm >= 0,
+               f"optim.max_grad_norm must be >= 0 or null, got {self.max_grad_norm}")
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -82,7 +120,7 @@ def build_optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:
         return LARS(groups, lr=cfg.lr, momentum=cfg.momentum, trust_coefficient=cfg.trust_coefficient)
     if cfg.name == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
-    raise ValueError(f"optim.name must be 'adamw', 'lars' or 'sgd', got {cfg.name!r}")
+    raise ValueError(f"optim.name must be one of {', '.join(OPTIMIZERS)}, got {cfg.name!r}")
 
 
 def lr_factor(step: int, *, total_steps: int, warmup_steps: int, schedule: str, min_ratio: float) -> float:
@@ -99,8 +137,6 @@ def lr_factor(step: int, *, total_steps: int, warmup_steps: int, schedule: str, 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg, total_steps: int):
     """LambdaLR stepping once per optimizer step (its state_dict is plain numbers: JSON-safe)."""
-    import functools
-
     fn = functools.partial(lr_factor, total_steps=total_steps, warmup_steps=cfg.warmup_steps,
                            schedule=cfg.schedule, min_ratio=cfg.min_lr_ratio)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, fn)

@@ -9,6 +9,8 @@ import time
 
 from accelerate.tracking import GeneralTracker
 
+TRACKERS = ("tensorboard", "jsonl", "wandb")
+
 
 class JsonlTracker(GeneralTracker):
     """Appends one JSON object per `log` call to `logging_dir/metrics.jsonl` (main process only).
@@ -71,5 +73,5 @@ def build_trackers(names, logging_dir: str, run_name: str = "mmcl") -> list:
         elif name == "tensorboard":
             out.append("tensorboard")
         else:
-            raise ValueError(f"train.trackers: unknown tracker {name!r}")
+            raise ValueError(f"train.trackers: unknown tracker {name!r} ({', '.join(TRACKERS)})")
     return out

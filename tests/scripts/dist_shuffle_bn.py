@@ -3,7 +3,7 @@
 MoCo's shuffling BN across ranks: every rank shuffles its key batch with mmcl.distributed's
 shuffle_batch (each rank seeds its own generator differently, so only rank 0's broadcast
 permutation can make them agree), runs a small BatchNorm key encoder in train mode on the
-shuffled rows and unshuffles. Also checks that model.sync_bn reaches MoCo's key encoder.
+shuffled rows and unshuffles. Also checks that model.batchnorm.sync reaches MoCo's key encoder.
 Each rank writes a JSON file argv[1].rank<r>.
 """
 import json
@@ -28,23 +28,46 @@ def key_encoder() -> torch.nn.Module:
 
 
 def sync_bn_conversion() -> dict:
-    """build_model with model.sync_bn=true: both the trained model and MoCo's key encoder hold SyncBatchNorm."""
+    """build_model with model.batchnorm.sync=true: both the trained model and MoCo's key encoder hold SyncBatchNorm."""
     from mmcl.train import load_config
     from mmcl.train.builders import build_model
-    from mmcl.train.objectives import build_objective
+    from mmcl.methods import build_objective
 
     cfg = load_config(None, [
         "mode=moco", "model.image_tower_config={model_type: resnet, num_channels: 3, embedding_size: 8, "
-        "hidden_sizes: [8, 16], depths: [1, 1], layer_type: basic}", "model.image_size=16",
-        "model.projection_dim=8", "model.sync_bn=true", "data.augment=mocov2", "loss.queue_size=16"])
+        "hidden_sizes: [8, 16], depths: [1, 1], layer_type: basic}", "data.image_size=16",
+        "model.projection_dim=8", "model.batchnorm.sync=true", "data.augment=mocov2", "moco.queue_size=16"])
     model = build_model(cfg)
-    objective = build_objective("moco", cfg.loss, model, 10)
+    objective = build_objective(cfg, model)
 
     def count(module, cls):
         return sum(type(m) is cls for m in module.modules())
 
     return {name: {"sync": count(m, torch.nn.SyncBatchNorm), "plain": count(m, torch.nn.BatchNorm2d)}
             for name, m in (("model", model), ("key_encoder", objective.key_encoder))}
+
+
+def moco_uneven_batches(rank: int) -> dict:
+    """MoCoObjective.key_embeds with shuffle_bn: equal batches are shuffled across ranks (keys differ
+    from the unshuffled encoder's), unequal ones (one rank dropped an image) skip the shuffle on
+    every rank (keys equal the unshuffled encoder's)."""
+    from mmcl.methods import build_objective
+    from mmcl.train import load_config
+    from mmcl.train.builders import build_model
+
+    cfg = load_config(None, [
+        "mode=moco", "model.image_tower_config={model_type: resnet, num_channels: 3, embedding_size: 8, "
+        "hidden_sizes: [8, 16], depths: [1, 1], layer_type: basic}", "data.image_size=16",
+        "model.projection_dim=8", "data.augment=mocov2", "moco.queue_size=16"])
+    torch.manual_seed(0)
+    objective = build_objective(cfg, build_model(cfg))
+    out = {}
+    for name, n in (("even", 6), ("uneven", 6 + rank)):
+        x = torch.randn(n, 3, 16, 16, generator=torch.Generator().manual_seed(10 * rank + n))
+        keys = objective.key_embeds({"view2": x})["k"]
+        plain = objective.key_encoder(pixel_values=x).image_embeds.float()
+        out[name] = bool(torch.allclose(keys, plain, rtol=1e-5, atol=1e-6))
+    return out
 
 
 def main(out_path: str) -> None:
@@ -65,6 +88,7 @@ def main(out_path: str) -> None:
         "restored": restored.tolist(), "keys": keys.detach().tolist(),
         "keys_without_shuffle": unshuffled_keys.detach().tolist(),
         "sync_bn": sync_bn_conversion(),
+        "moco_unshuffled": moco_uneven_batches(rank),
     }
     try:
         distributed.shuffle_batch(torch.zeros(B + rank, D, dtype=torch.float64))

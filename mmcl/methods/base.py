@@ -1,0 +1,109 @@
+"""The objective protocol: what a training method computes from a batch, and what it needs.
+
+The loop, the model builder, the data loader and the evaluator ask an objective (or its class)
+instead of comparing mode strings:
+
+    batch_keys           batch entries the method reads (the first one counts the samples)
+    learns_scale         the loss uses the model's learnable logit_scale (CLIP)
+    needs_text           the model needs a text tower and the batches captions
+    needs_views          the batches hold two augmented views (view1, view2)
+    eval_kind            "zeroshot" (image-text: zero-shot, or retrieval without labels) | "knn"
+
+    embed(model, batch)             -> dict of (B, P) tensors with gradient (+ "scale" for CLIP)
+    key_embeds(batch)               -> dict of (B, P) tensors without gradient (MoCo's keys), or {}
+    loss(emb, keys, scale)          -> (scalar loss, dict of floats to log)
+    after_step(model, keys, step)   after each optimizer step (MoCo: EMA update, enqueue)
+    state_modules()                 name -> module saved in checkpoints (MoCo: key encoder, queue)
+
+`embed` and `loss` are split for GradCache (mmcl.train.gradcache): the towers run per micro-batch,
+the loss once over all micro-batches' embeddings.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from mmcl import distributed
+from mmcl.losses import IMPLS
+
+EVAL_KINDS = ("zeroshot", "knn")
+
+
+def require(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ValueError(msg)
+
+
+@dataclass
+class LossConfig:
+    """Loss settings. CLIP learns its temperature (model.logit_scale); image-only losses use a fixed one."""
+
+    impl: str = "auto"  # one of mmcl.losses.IMPLS
+    local_loss: bool = True  # multi-process: each rank scores its own rows against all gathered columns
+    temperature: float = 0.2  # simclr / moco
+    simclr_weight: float = 1.0  # clip+simclr: weight of the image-image term (SLIP uses 1.0)
+    simclr_temperature: float = 0.1  # clip+simclr: temperature of the image-image term
+
+    def validate(self) -> None:
+        require(self.impl in IMPLS, f"loss.impl must be one of {', '.join(IMPLS)}, got {self.impl!r}")
+        require(self.temperature > 0, f"loss.temperature must be > 0, got {self.temperature}")
+        require(self.simclr_temperature > 0, f"loss.simclr_temperature must be > 0, got {self.simclr_temperature}")
+        require(self.simclr_weight >= 0, f"loss.simclr_weight must be >= 0, got {self.simclr_weight}")
+
+
+def gather(x: torch.Tensor) -> torch.Tensor:
+    """All ranks' rows with gradients (one process: x itself)."""
+    return distributed.gather_with_grad(x)[0]
+
+
+class Objective:
+    """Base of the training methods; the defaults are the no-ops of a method without extra state."""
+
+    name: ClassVar[str] = ""
+    batch_keys: ClassVar[tuple] = ()
+    learns_scale: ClassVar[bool] = False
+    needs_text: ClassVar[bool] = False
+    needs_views: ClassVar[bool] = False
+    eval_kind: ClassVar[str] = "knn"
+
+    def __init__(self, cfg, model=None):
+        """cfg: the whole mmcl.train.Config (loss section, method section, train.max_steps)."""
+        self.cfg = cfg
+        self.loss_cfg = cfg.loss
+
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        """Raise a ValueError naming the key when `cfg` does not suit this method."""
+        m = cfg.model
+        if cls.needs_text:
+            require(bool(m.pretrained or m.text_tower or m.text_tower_config),
+                   f"mode {cls.name!r} needs a text tower: set model.text_tower or model.text_tower_config")
+        if cfg.data.augment_on_device is not None:
+            require(cls.needs_views and not cls.needs_text,
+                   f"data.augment_on_device needs an image-only mode with two views (simclr, moco), got {cls.name!r}")
+
+    def embed(self, model, batch: dict) -> dict:
+        raise NotImplementedError
+
+    def key_embeds(self, batch: dict) -> dict:
+        return {}
+
+    def loss(self, emb: dict, keys: dict, scale):
+        raise NotImplementedError
+
+    def after_step(self, model, keys: dict, step: int) -> None:
+        pass
+
+    def state_modules(self) -> dict:
+        return {}
+
+    def to(self, device) -> "Objective":
+        for module in self.state_modules().values():
+            module.to(device)
+        return self
+
+    def batch_size(self, batch: dict) -> int:
+        """Samples in `batch` (the rows of its first batch key)."""
+        return int(batch[self.batch_keys[0]].shape[0])
