@@ -1,17 +1,27 @@
 """Run under `accelerate launch --multi_gpu --num_processes 2` (gloo on CPU).
 
-Each rank encodes half of a global batch with a DDP-wrapped encoder and computes clip_loss with
-gather=True; rank 0 compares the loss and the DDP-averaged parameter gradients with one process
-computing the same loss on the whole batch, and writes what it found to the JSON path in argv[1].
+Each rank encodes its shard of a global batch with a DDP-wrapped model and computes a loss with
+gather=True: clip_loss (local_loss True and False), nt_xent and supcon_loss (with and without
+labels), on even and uneven shards, for each impl and dtype named on the command line. Every
+case is compared with one float64 process computing the naive loss on the whole batch: the
+loss (the rank's value with local_loss=False, the mean over ranks with local_loss=True) and the
+DDP-averaged parameter gradients. The errors go to the JSON path in argv[1].
+
+    dist_losses.py OUT.json [--impls naive,chunked] [--dtypes float64,float32]
 """
+import argparse
 import copy
 import json
-import sys
 
 import torch
+import torch.nn.functional as F
 from accelerate import Accelerator
 
-from mmcl.losses import clip_loss
+from mmcl.losses import clip_loss, nt_xent, supcon_loss
+
+GLOBAL_BATCH = 14
+SHARDS = {"even": [0, 7, 14], "uneven": [0, 9, 14]}
+LABELS = torch.tensor([0, 1, 2, 0, 1, 1, 3, 0, 2, 2, 4, 1, 0, 3])  # repeats across the shard boundary
 
 
 class TwoTowers(torch.nn.Module):
@@ -22,50 +32,68 @@ class TwoTowers(torch.nn.Module):
         self.log_scale = torch.nn.Parameter(torch.tensor(2.0))
 
     def forward(self, x, t):
-        normalize = torch.nn.functional.normalize
-        return normalize(self.image(x), dim=-1), normalize(self.text(t), dim=-1), self.log_scale.exp()
+        return F.normalize(self.image(x), dim=-1), F.normalize(self.text(t), dim=-1), self.log_scale.exp()
 
 
-def main(out_path: str) -> None:
+def loss_of(name, model, x, t, labels, **kw):
+    """The loss `name` of the model's features of rows x, t (B, ...) and labels (B,)."""
+    a, b, scale = model(x, t)
+    if name.startswith("clip"):
+        return clip_loss(a, b, scale, local_loss=name == "clip_local", **kw)
+    if name.startswith("nt_xent"):
+        return nt_xent(a, b, 1.0 / scale, local_loss=name == "nt_xent_local", **kw)
+    return supcon_loss(torch.stack([a, b], 1), labels if name == "supcon" else None, 1.0 / scale, **kw)
+
+
+LOSSES = ("clip_local", "clip_global", "nt_xent_global", "nt_xent_local", "supcon", "supcon_no_labels")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("out")
+    parser.add_argument("--impls", default="naive,chunked")
+    parser.add_argument("--dtypes", default="float64,float32")
+    args = parser.parse_args()
     accelerator = Accelerator(cpu=True)
     rank, world = accelerator.process_index, accelerator.num_processes
     torch.manual_seed(0)
     reference = TwoTowers().double()
-    global_x, global_t = torch.randn(2 * 7, 12, dtype=torch.float64), torch.randn(2 * 7, 10, dtype=torch.float64)
-    results = {"world_size": world, "cases": []}
-    # Uneven shards (8 + 6 rows) exercise the padded gather. They only make sense for the whole-matrix
-    # loss: with local_loss each rank averages its own rows, so unequal shards weigh rows unequally.
-    for bounds, local_loss in (([0, 7, 14], False), ([0, 7, 14], True), ([0, 8, 14], False)):
-        local_x, local_t = global_x[bounds[rank] : bounds[rank + 1]], global_t[bounds[rank] : bounds[rank + 1]]
-        for impl in ("naive", "chunked"):
-            model = accelerator.prepare(copy.deepcopy(reference))
-            img, txt, scale = model(local_x, local_t)
-            loss = clip_loss(img, txt, scale, gather=True, local_loss=local_loss, impl=impl)
-            loss.backward()  # DDP averages parameter gradients over the ranks
-            mean_loss = accelerator.reduce(loss.detach(), reduction="mean")
-            grads = [p.grad for p in model.parameters()]
-
-            single = copy.deepcopy(reference)
-            ref_loss = clip_loss(*single(global_x, global_t), impl="naive")
-            ref_loss.backward()
-            grad_err = max((g - p.grad).abs().max().item() for g, p in zip(grads, single.parameters()))
-            results["cases"].append({
-                "local_loss": local_loss, "impl": impl, "rows": bounds[rank + 1] - bounds[rank],
-                "loss_err": abs(mean_loss.item() - ref_loss.item()),
-                "rank_loss_err": abs(loss.item() - ref_loss.item()),
-                "grad_err": grad_err,
-            })
+    global_x = torch.randn(GLOBAL_BATCH, 12, dtype=torch.float64)
+    global_t = torch.randn(GLOBAL_BATCH, 10, dtype=torch.float64)
+    cases = []
+    for name in LOSSES:
+        single = copy.deepcopy(reference)
+        ref_loss = loss_of(name, single, global_x, global_t, LABELS, impl="naive")
+        ref_loss.backward()
+        ref_grads = [p.grad for p in single.parameters()]
+        for shards, bounds in SHARDS.items():
+            rows = slice(bounds[rank], bounds[rank + 1])
+            for impl in args.impls.split(","):
+                for dtype_name in args.dtypes.split(","):
+                    dtype = getattr(torch, dtype_name)
+                    model = accelerator.prepare(copy.deepcopy(reference).to(dtype))
+                    loss = loss_of(name, model, global_x[rows].to(dtype), global_t[rows].to(dtype), LABELS[rows],
+                                   gather=True, impl=impl)
+                    loss.backward()  # DDP averages the parameter gradients over the ranks
+                    mean_loss = accelerator.reduce(loss.detach(), reduction="mean")
+                    shown = mean_loss if name.endswith("_local") else loss
+                    cases.append({
+                        "loss": name, "shards": shards, "impl": impl, "dtype": dtype_name,
+                        "rows": bounds[rank + 1] - bounds[rank],
+                        "loss_err": abs(shown.item() - ref_loss.item()),
+                        "grad_err": max((p.grad.double() - g).abs().max().item()
+                                        for p, g in zip(model.parameters(), ref_grads)),
+                    })
     print("cases done", rank, flush=True)
     all_results = [None] * world
-    torch.distributed.all_gather_object(all_results, results)
+    torch.distributed.all_gather_object(all_results, {"rank": rank, "world_size": world, "cases": cases})
     if accelerator.is_main_process:
-        with open(out_path, "w") as f:
+        with open(args.out, "w") as f:
             json.dump(all_results, f)
     # Leaving with the process group alive lets gloo's threads abort the interpreter at exit.
     accelerator.wait_for_everyone()
     torch.distributed.destroy_process_group()
-    print("end", rank, flush=True)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main()
