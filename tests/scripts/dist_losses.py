@@ -5,9 +5,10 @@ gather=True: clip_loss (local_loss True and False), nt_xent and supcon_loss (wit
 labels), on even and uneven shards, for each impl and dtype named on the command line. Every
 case is compared with one float64 process computing the naive loss on the whole batch: the
 loss (the rank's value with local_loss=False, the mean over ranks with local_loss=True) and the
-DDP-averaged parameter gradients. The errors go to the JSON path in argv[1].
+DDP-averaged parameter gradients, as errors relative to the reference's magnitude (the loss's,
+each parameter's largest gradient entry). They go to the JSON path in argv[1].
 
-    dist_losses.py OUT.json [--impls naive,chunked] [--dtypes float64,float32]
+    dist_losses.py OUT.json [--impls naive,chunked] [--dtypes float64,float32] [--batch 14] [--dim 8]
 """
 import argparse
 import copy
@@ -19,25 +20,23 @@ from accelerate import Accelerator
 
 from mmcl.losses import clip_loss, nt_xent, supcon_loss
 
-GLOBAL_BATCH = 14
-SHARDS = {"even": [0, 7, 14], "uneven": [0, 9, 14]}
-LABELS = torch.tensor([0, 1, 2, 0, 1, 1, 3, 0, 2, 2, 4, 1, 0, 3])  # repeats across the shard boundary
 
 
 class TwoTowers(torch.nn.Module):
-    def __init__(self):
+    def __init__(self, dim):
         super().__init__()
-        self.image = torch.nn.Linear(12, 8)
-        self.text = torch.nn.Linear(10, 8)
+        self.image = torch.nn.Linear(12, dim)
+        self.text = torch.nn.Linear(10, dim)
         self.log_scale = torch.nn.Parameter(torch.tensor(2.0))
 
     def forward(self, x, t):
         return F.normalize(self.image(x), dim=-1), F.normalize(self.text(t), dim=-1), self.log_scale.exp()
 
 
-def loss_of(name, model, x, t, labels, **kw):
-    """The loss `name` of the model's features of rows x, t (B, ...) and labels (B,)."""
-    a, b, scale = model(x, t)
+def loss_of(name, model, x, t, labels, dtype=torch.float64, **kw):
+    """The loss `name` of the model's features of rows x, t (B, ...) and labels (B,), computed in
+    `dtype` (the float64 model's features and scale cast to it, so only the loss rounds)."""
+    a, b, scale = (y.to(dtype) for y in model(x, t))
     if name.startswith("clip"):
         return clip_loss(a, b, scale, local_loss=name == "clip_local", **kw)
     if name.startswith("nt_xent"):
@@ -53,35 +52,39 @@ def main() -> None:
     parser.add_argument("out")
     parser.add_argument("--impls", default="naive,chunked")
     parser.add_argument("--dtypes", default="float64,float32")
+    parser.add_argument("--batch", type=int, default=14, help="global batch (uneven shards: 64%% + 36%%)")
+    parser.add_argument("--dim", type=int, default=8)
     args = parser.parse_args()
     accelerator = Accelerator(cpu=True)
     rank, world = accelerator.process_index, accelerator.num_processes
     torch.manual_seed(0)
-    reference = TwoTowers().double()
-    global_x = torch.randn(GLOBAL_BATCH, 12, dtype=torch.float64)
-    global_t = torch.randn(GLOBAL_BATCH, 10, dtype=torch.float64)
+    reference = TwoTowers(args.dim).double()
+    n = args.batch
+    global_x, global_t = torch.randn(n, 12, dtype=torch.float64), torch.randn(n, 10, dtype=torch.float64)
+    labels = torch.randint(0, 5, (n,))  # classes repeat across the shard boundary
+    shard_bounds = {"even": [0, n // 2, n], "uneven": [0, (16 * n + 24) // 25, n]}
     cases = []
     for name in LOSSES:
         single = copy.deepcopy(reference)
-        ref_loss = loss_of(name, single, global_x, global_t, LABELS, impl="naive")
+        ref_loss = loss_of(name, single, global_x, global_t, labels, impl="naive")
         ref_loss.backward()
         ref_grads = [p.grad for p in single.parameters()]
-        for shards, bounds in SHARDS.items():
+        for shards, bounds in shard_bounds.items():
             rows = slice(bounds[rank], bounds[rank + 1])
             for impl in args.impls.split(","):
                 for dtype_name in args.dtypes.split(","):
                     dtype = getattr(torch, dtype_name)
-                    model = accelerator.prepare(copy.deepcopy(reference).to(dtype))
-                    loss = loss_of(name, model, global_x[rows].to(dtype), global_t[rows].to(dtype), LABELS[rows],
+                    model = accelerator.prepare(copy.deepcopy(reference))
+                    loss = loss_of(name, model, global_x[rows], global_t[rows], labels[rows], dtype,
                                    gather=True, impl=impl)
                     loss.backward()  # DDP averages the parameter gradients over the ranks
-                    mean_loss = accelerator.reduce(loss.detach(), reduction="mean")
+                    mean_loss = accelerator.reduce(loss.detach().double(), reduction="mean")
                     shown = mean_loss if name.endswith("_local") else loss
                     cases.append({
                         "loss": name, "shards": shards, "impl": impl, "dtype": dtype_name,
                         "rows": bounds[rank + 1] - bounds[rank],
-                        "loss_err": abs(shown.item() - ref_loss.item()),
-                        "grad_err": max((p.grad.double() - g).abs().max().item()
+                        "loss_err": abs(shown.item() - ref_loss.item()) / abs(ref_loss.item()),
+                        "grad_err": max((p.grad - g).abs().max().item() / g.abs().max().item()
                                         for p, g in zip(model.parameters(), ref_grads)),
                     })
     print("cases done", rank, flush=True)
