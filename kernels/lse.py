@@ -209,7 +209,12 @@ def default_block_sizes(dim: int, dtype: torch.dtype, interpreted: bool) -> dict
         # fp32 tiles take twice the bytes and, without TF32, the dot runs on FMAs.
         return dict(BLOCK_M=128, BLOCK_N=64, BLOCK_D=32, BWD_BLOCK_M=128, BWD_BLOCK_N=64, FLATTEN=True,
                     num_warps=8, num_stages=2, bwd_num_warps=8, bwd_num_stages=2, **common)
-    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_D=64, BWD_BLOCK_M=128, BWD_BLOCK_N=128, FLATTEN=True,
+    # 16-bit, sm_90: the forward's 128x128 tile (two m64n128k16 warpgroups, 64 FLOP per byte of
+    # L2 traffic) takes ~195 registers, one CTA per SM; its flattened loop overlaps the next
+    # tile's loads with the softmax. The S→G kernel owns one tile and ends in a store: 128x64
+    # (m64n64k16) at <= 128 registers runs two CTAs per SM, so one's epilogue hides under the
+    # other's dots (at 128x128 it needs 247 registers, one CTA).
+    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_D=64, BWD_BLOCK_M=128, BWD_BLOCK_N=64, FLATTEN=True,
                 num_warps=8, num_stages=3, bwd_num_warps=8, bwd_num_stages=3, **common)
 
 

@@ -117,7 +117,8 @@ def test_bench_script_smoke_mode(tmp_path):
                 for provider in providers]
     assert got == sorted(expected), proc.stdout
     assert all(float(r[8]) > 0 for r in rows), proc.stdout  # full fwd+bwd ms
-    assert all(r[11].strip() == ("1+2" if r[0].strip() == "queue" and r[5].strip().startswith("triton") else
-                                 r[11].strip()) for r in rows)
+    for r in rows:  # the kernels' matmul passes: no dK for the detached queue
+        if r[5].strip().startswith("triton"):
+            assert r[11].strip() == ("1+2" if r[0].strip() == "queue" else "1+3"), r
     after = open(results).read() if os.path.exists(results) else None
     assert after == before, "the smoke run changed bench/RESULTS.md"
