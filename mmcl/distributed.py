@@ -1,8 +1,10 @@
 """Small helpers for torch.distributed runs (as Accelerate starts them).
 
 Contrastive losses need every rank's features as negatives. `gather_with_grad` concatenates
-the features of all ranks and lets gradients flow back to the rank that owns each row, so a
-loss computed on the gathered features trains every rank's encoder.
+the features of all ranks and reduce-scatters their gradients back to the rank that owns each
+row, so a loss computed on the gathered features trains every rank's encoder. The gathered
+losses (mmcl.losses, gather=True) merge per-rank column logsumexps with `all_reduce_logsumexp`
+and sum per-rank loss shares with `all_reduce_sum_with_grad`, both differentiable.
 """
 from __future__ import annotations
 
@@ -84,45 +86,6 @@ def gather_no_grad(x: torch.Tensor) -> torch.Tensor:
     return _GatherWithGrad.apply(x, sizes)
 
 
-@torch.no_grad()
-def shuffle_batch(x: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """MoCo's batch shuffle across ranks (its guard against BatchNorm leaking the positive key).
-
-    All ranks' (B, ...) batches are gathered into (W*B, ...); one random permutation `perm` of
-    W*B rows is drawn on rank 0 and broadcast; rank r keeps rows perm[r*B:(r+1)*B]. Every rank
-    must hold the same B. Outside a distributed run it shuffles the local batch (W = 1), which
-    matters with split BatchNorm (mmcl.models.cifar_resnet.SplitBatchNorm2d).
-
-    Returns:
-        (shuffled (B, ...), unshuffle index (W*B,) long: argsort(perm), for `unshuffle_batch`).
-    """
-    n = x.shape[0]
-    all_x = gather_no_grad(x)
-    if all_x.shape[0] != n * world_size():
-        raise ValueError(f"shuffle_batch needs the same batch size on every rank; this rank has {n}, "
-                         f"all ranks together {all_x.shape[0]}")
-    device = generator.device if generator is not None else x.device
-    perm = torch.randperm(all_x.shape[0], generator=generator, device=device).to(x.device)
-    if is_distributed():
-        dist.broadcast(perm, src=0)  # one permutation for all ranks: each row lands on exactly one rank
-    r = rank()
-    return all_x[perm[r * n:(r + 1) * n]], torch.argsort(perm)
-
-
-@torch.no_grad()
-def unshuffle_batch(y: torch.Tensor, unshuffle_index: torch.Tensor) -> torch.Tensor:
-    """Undo `shuffle_batch`: gather every rank's (B, ...) outputs of the shuffled rows, put them
-    back in the original order with `unshuffle_index` (W*B,), return this rank's (B, ...) rows,
-    i.e. the outputs of this rank's own original rows."""
-    n = y.shape[0]
-    all_y = gather_no_grad(y)
-    if all_y.shape[0] != unshuffle_index.shape[0]:
-        raise ValueError(f"unshuffle_batch: got {all_y.shape[0]} rows from all ranks, but the index "
-                         f"from shuffle_batch covers {unshuffle_index.shape[0]}")
-    r = rank()
-    return all_y[unshuffle_index[r * n:(r + 1) * n]]
-
-
 # --------------------------------------------------------------------------- reductions with gradients
 
 
@@ -178,3 +141,43 @@ def all_reduce_sum_with_grad(x: torch.Tensor) -> torch.Tensor:
     if not is_distributed():
         return x
     return _AllReduceSum.apply(x)
+
+
+@torch.no_grad()
+def shuffle_batch(x: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """MoCo's batch shuffle across ranks (its guard against BatchNorm leaking the positive key).
+
+    All ranks' (B, ...) batches are gathered into (W*B, ...); one random permutation `perm` of
+    W*B rows is drawn on rank 0 and broadcast; rank r keeps rows perm[r*B:(r+1)*B]. Every rank
+    must hold the same B. Outside a distributed run it shuffles the local batch (W = 1), which
+    matters with split BatchNorm (mmcl.models.cifar_resnet.SplitBatchNorm2d).
+
+    Returns:
+        (shuffled (B, ...), unshuffle index (W*B,) long: argsort(perm), for `unshuffle_batch`).
+    """
+    n = x.shape[0]
+    all_x = gather_no_grad(x)
+    if all_x.shape[0] != n * world_size():
+        raise ValueError(f"shuffle_batch needs the same batch size on every rank; this rank has {n}, "
+                         f"all ranks together {all_x.shape[0]}")
+    device = generator.device if generator is not None else x.device
+    perm = torch.randperm(all_x.shape[0], generator=generator, device=device).to(x.device)
+    if is_distributed():
+        dist.broadcast(perm, src=0)  # one permutation for all ranks: each row lands on exactly one rank
+    r = rank()
+    return all_x[perm[r * n:(r + 1) * n]], torch.argsort(perm)
+
+
+@torch.no_grad()
+def unshuffle_batch(y: torch.Tensor, unshuffle_index: torch.Tensor) -> torch.Tensor:
+    """Undo `shuffle_batch`: gather every rank's (B, ...) outputs of the shuffled rows, put them
+    back in the original order with `unshuffle_index` (W*B,), return this rank's (B, ...) rows,
+    i.e. the outputs of this rank's own original rows."""
+    n = y.shape[0]
+    all_y = gather_no_grad(y)
+    if all_y.shape[0] != unshuffle_index.shape[0]:
+        raise ValueError(f"unshuffle_batch: got {all_y.shape[0]} rows from all ranks, but the index "
+                         f"from shuffle_batch covers {unshuffle_index.shape[0]}")
+    r = rank()
+    return all_y[unshuffle_index[r * n:(r + 1) * n]]
+
