@@ -91,7 +91,8 @@ def resolve_impl(impl: str, device: torch.device, num_logits: int, dtype: torch.
     """The implementation a loss will use for `num_logits` = B·N logits on `device`.
 
     "auto" on CUDA: "naive" while the fp32 logits fit the budget (B·N·4 bytes ≤
-    AUTO_NAIVE_MAX_LOGIT_BYTES = 1 GiB, e.g. B = N = 16,384): cuBLAS plus torch's softmax is
+    AUTO_NAIVE_MAX_LOGIT_BYTES = 1 GiB, e.g. B = N = 16,384, or the MoCo queue shape 256 × 65,536):
+    one cuBLAS product (in the inputs' dtype for 16-bit inputs) plus torch's fp32 softmax is
     fastest there and the memory is affordable. Above it, "triton" (memory O((B + N)·D)).
     Float64 stays on the torch paths (the kernels compute in fp32). On CPU, and on CUDA when
     `mmcl.kernels.is_available` says no (with a warning above the budget): "chunked" from
@@ -119,8 +120,7 @@ def resolve_impl(impl: str, device: torch.device, num_logits: int, dtype: torch.
 
 def _similarity_lse_naive(query, key, scale, *, exclude=None, mask_diagonal=False, columns=False):
     """similarity_lse's contract from materialised (B, N) logits (the reference)."""
-    dtype = torch.promote_types(query.dtype, torch.float32)
-    logits = scale * (query.to(dtype) @ key.to(dtype).T)
+    logits = _logits(query, key, scale)
     if mask_diagonal:
         exclude = torch.arange(query.shape[0], device=query.device)
     if exclude is not None:
@@ -156,6 +156,15 @@ def _row_dot(a: torch.Tensor, b: torch.Tensor, impl: str = "naive") -> torch.Ten
         return kernels.row_dot(a, b)
     dtype = torch.promote_types(a.dtype, torch.float32)
     return (a.to(dtype) * b.to(dtype)).sum(-1)
+
+
+def _logits(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Materialised `scale * a @ b.T`, fp32 or wider. 16-bit inputs multiply in their own dtype
+    (tensor cores, as under torch autocast) and only the products are widened for the softmax."""
+    if a.dtype == b.dtype and a.dtype in (torch.float16, torch.bfloat16):
+        return (a @ b.T).float() * scale
+    dtype = torch.promote_types(a.dtype, torch.float32)
+    return scale * a.to(dtype) @ b.to(dtype).T
 
 
 def _mean_over_ranks(rank_sum: torch.Tensor, count: int, gathered: bool, local_loss: bool) -> torch.Tensor:
@@ -231,8 +240,7 @@ def clip_loss(
 
 
 def _clip_loss_reference(images, texts, scale, logit_bias):
-    dtype = torch.promote_types(images.dtype, torch.float32)
-    logits_per_image = scale * images.to(dtype) @ texts.to(dtype).T
+    logits_per_image = _logits(images, texts, scale)
     if logit_bias is not None:
         logits_per_image = logits_per_image + logit_bias
     labels = torch.arange(images.shape[0], device=images.device)
@@ -275,13 +283,12 @@ def info_nce(query: torch.Tensor, key: torch.Tensor, temperature, *, queue=None,
     positives = scale * _row_dot(query, key, impl)
 
     if impl == "naive":
-        dtype = positives.dtype
         if queue is None:
-            logits = scale * query.to(dtype) @ key.to(dtype).T
+            logits = _logits(query, key, scale)
             labels = torch.arange(query.shape[0], device=query.device)
         else:
-            negatives = scale * query.to(dtype) @ queue.to(dtype).T
-            logits = torch.cat([positives[:, None], negatives], dim=1)
+            negatives = _logits(query, queue, scale)
+            logits = torch.cat([positives[:, None].to(negatives.dtype), negatives], dim=1)
             labels = torch.zeros(query.shape[0], dtype=torch.long, device=query.device)
         return F.cross_entropy(logits, labels)
 
@@ -329,8 +336,7 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature, *, gather: bool = F
 
 def _nt_xent_reference(z, scale):
     n2 = z.shape[0]
-    dtype = torch.promote_types(z.dtype, torch.float32)
-    logits = scale * z.to(dtype) @ z.to(dtype).T
+    logits = _logits(z, z, scale)
     logits = logits.masked_fill(torch.eye(n2, dtype=torch.bool, device=z.device), float("-inf"))
     labels = torch.cat([torch.arange(n2 // 2, n2), torch.arange(0, n2 // 2)]).to(z.device)
     return F.cross_entropy(logits, labels)
@@ -408,8 +414,7 @@ def supcon_loss(features: torch.Tensor, labels=None, temperature=0.1, *, gather:
 
 
 def _supcon_reference(z, anchor_labels, scale, n_pos, has_pos):
-    dtype = torch.promote_types(z.dtype, torch.float32)
-    logits = scale * z.to(dtype) @ z.to(dtype).T
+    logits = _logits(z, z, scale)
     self_mask = torch.eye(z.shape[0], dtype=torch.bool, device=z.device)
     log_prob = logits - torch.logsumexp(logits.masked_fill(self_mask, float("-inf")), 1, keepdim=True)
     pos_mask = (anchor_labels[:, None] == anchor_labels[None, :]) & ~self_mask

@@ -314,6 +314,21 @@ def test_fp32_queue_reaches_the_kernel_in_the_queries_dtype(monkeypatch):
     _assert_close(loss, ref, "loss with the queue rounded to bf16", atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_naive_16_bit_inputs_multiply_in_their_dtype_and_softmax_in_fp32(dtype):
+    """The naive path (what "auto" runs on CUDA below the logits budget) keeps 16-bit products,
+    as autocast does, then widens: the loss is the cross-entropy of fp32(a @ b.T) * scale."""
+    img, txt = _leaf(23, 32).detach().to(dtype), _leaf(23, 32).detach().to(dtype)
+    loss = clip_loss(img, txt, 14.3, impl="naive")
+    assert loss.dtype == torch.float32
+    logits = 14.3 * (img @ txt.T).double()  # the 16-bit products, widened exactly
+    labels = torch.arange(23)
+    ref = 0.5 * (torch.nn.functional.cross_entropy(logits, labels) + torch.nn.functional.cross_entropy(logits.T, labels))
+    _assert_close(loss, ref, "loss from 16-bit products", atol=1e-5, rtol=1e-5)
+    exact = clip_loss(img.double(), txt.double(), 14.3, impl="naive")
+    _assert_close(loss, exact, "loss against exact products", atol=0.05, rtol=0.02)
+
+
 def test_gather_outside_a_distributed_run_is_the_plain_loss():
     img, txt = _leaf(9, 16), _leaf(9, 16)
     for impl in ("naive", "chunked"):
