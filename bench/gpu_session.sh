@@ -97,7 +97,7 @@ if [[ "$PART" == all || "$PART" == kernels ]]; then
     step bench_kernels 270 python3 bench/bench_kernels.py --repeats 3 --max-seconds 8
     # The launch settings a measurement should decide: forward tile, S→G tile, G chunk rows, column splits.
     step bench_variants 90 python3 bench/bench_kernels.py --cases clip queue --sizes 65536 --dtypes bfloat16 \
-        --providers triton --variants fwd-128x64 grad-128x128 chunk-4096 no-split --repeats 3
+        --providers triton --variants fwd-128x64 grad-128x128 chunk-4096 no-split bd32-s4 --repeats 3
 fi
 if [[ "$PART" == all || "$PART" == moco ]]; then
     if [[ -f .device_data/cifar10/train.parquet ]]; then

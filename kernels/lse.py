@@ -298,14 +298,23 @@ def _forward(query, key, scale32, exclude, columns, cfg):
     return row_lse, col_lse
 
 
+_CUBLAS_OUT_DTYPE = [True]  # False once this torch refuses mm/addmm(..., out_dtype=float32)
+
+
 def _mm_fp32(a, b, acc=None):
     """a @ b (plus acc, in place) with fp32 accumulation and fp32 output. On CUDA, 16-bit
     operands go to cuBLAS with out_dtype=float32, so neither the split-K partials over N nor the
-    result are rounded to 16 bits; elsewhere (the interpreter's CPU tensors) they are upcast."""
-    if a.dtype != torch.float32 and a.is_cuda:
-        if acc is None:
-            return torch.mm(a, b, out_dtype=torch.float32)
-        return torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+    result are rounded to 16 bits. Elsewhere (the interpreter's CPU tensors, or a torch without
+    that overload) the operands are upcast: the same products and fp32 sums, one fp32 copy."""
+    if a.dtype != torch.float32 and a.is_cuda and _CUBLAS_OUT_DTYPE[0]:
+        try:
+            if acc is None:
+                return torch.mm(a, b, out_dtype=torch.float32)
+            return torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+        except (TypeError, RuntimeError) as exc:
+            if isinstance(exc, torch.OutOfMemoryError):
+                raise
+            _CUBLAS_OUT_DTYPE[0] = False
     a, b = a.float(), b.float()
     return torch.mm(a, b) if acc is None else acc.addmm_(a, b)
 
