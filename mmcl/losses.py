@@ -31,7 +31,7 @@ AUTO_CHUNKED_MIN_LOGITS = 4096 * 4096
 # On CUDA "auto" materialises fp32 logits up to this size (16,384 x 16,384), Triton above it.
 AUTO_NAIVE_MAX_LOGIT_BYTES = 1 << 30
 
-__all__ = ["clip_loss", "info_nce", "nt_xent", "supcon_loss", "LogitScale", "similarity_lse", "IMPLS"]
+__all__ = ["clip_loss", "info_nce", "nt_xent", "supcon_loss", "LogitScale", "resolve_impl", "IMPLS"]
 
 
 # --------------------------------------------------------------------------- validation
@@ -119,7 +119,7 @@ def resolve_impl(impl: str, device: torch.device, num_logits: int, dtype: torch.
 
 
 def _similarity_lse_naive(query, key, scale, *, exclude=None, mask_diagonal=False, columns=False):
-    """similarity_lse's contract from materialised (B, N) logits (the reference)."""
+    """The contract of `mmcl.kernels.similarity_lse` from materialised (B, N) logits."""
     logits = _logits(query, key, scale)
     if mask_diagonal:
         exclude = torch.arange(query.shape[0], device=query.device)
@@ -130,7 +130,9 @@ def _similarity_lse_naive(query, key, scale, *, exclude=None, mask_diagonal=Fals
 
 
 def _lse_function(impl: str):
-    """The per-device similarity_lse of `impl`; all share the contract of `similarity_lse`."""
+    """The per-device row/column logsumexp of `impl`, all with the contract of
+    `mmcl.kernels.similarity_lse`: (query (B, D), key (N, D), scale, *, exclude=None,
+    mask_diagonal=False, columns=False) -> (row_lse (B,), col_lse (N,) | None)."""
     if impl == "triton":
         return kernels.similarity_lse
     if impl == "chunked":
@@ -138,17 +140,6 @@ def _lse_function(impl: str):
     if impl == "naive":
         return _similarity_lse_naive
     raise ValueError(f'impl must be "naive", "chunked" or "triton" here, got {impl!r}')
-
-
-def similarity_lse(query, key, scale, *, exclude=None, mask_diagonal=False, columns=False, impl="chunked"):
-    """Row (and, with `columns`, column) logsumexp of `scale * query @ key.T`.
-
-    query (B, D), key (N, D), scale a 0-dim tensor; `exclude` None or an integer (B,) tensor:
-    row i leaves out column exclude[i] (-1: none); `mask_diagonal` excludes column i from row i.
-    Returns (row_lse (B,), col_lse (N,) if `columns` else None), fp32 or wider. `impl` is
-    "naive", "chunked" or "triton"; all are differentiable in the three inputs.
-    """
-    return _lse_function(impl)(query, key, scale, exclude=exclude, mask_diagonal=mask_diagonal, columns=columns)
 
 
 def _row_dot(a: torch.Tensor, b: torch.Tensor, impl: str = "naive") -> torch.Tensor:
