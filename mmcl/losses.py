@@ -143,7 +143,7 @@ def _lse_function(impl: str):
 
 
 def _row_dot(a: torch.Tensor, b: torch.Tensor, impl: str = "naive") -> torch.Tensor:
-    if impl == "triton":  # fp32 accumulation without fp32 copies of the features (kernels/row_dot.py)
+    if impl == "triton":  # fp32 accumulation without fp32 copies of the features
         return kernels.row_dot(a, b)
     dtype = torch.promote_types(a.dtype, torch.float32)
     return (a.to(dtype) * b.to(dtype)).sum(-1)

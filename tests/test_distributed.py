@@ -39,6 +39,9 @@ def check_gathered_losses(out: Path, impls: list[str], dtypes: list[str], tolera
             tol = tolerances[case["dtype"]]
             assert case["loss_err"] < tol, f"{label}: loss differs by {case['loss_err']:.3e}"
             assert case["grad_err"] < tol, f"{label}: DDP-averaged gradients differ by {case['grad_err']:.3e}"
+        red = result["reductions"]  # all_reduce_logsumexp, gather_with_grad, all_reduce_sum_with_grad
+        assert red["lse_inf_agrees"] and red["lse_grad_finite"], red
+        assert max(red["lse_err"], red["lse_grad_err"], red["gather_err"], red["gather_grad_err"]) < 1e-12, red
 
 
 def test_gathered_losses_equal_one_process_on_the_whole_batch(tmp_path):

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 
+from mmcl import distributed
 from mmcl.losses import clip_loss, nt_xent, supcon_loss
 
 
@@ -42,6 +43,38 @@ def loss_of(name, model, x, t, labels, dtype=torch.float64, **kw):
     if name.startswith("nt_xent"):
         return nt_xent(a, b, 1.0 / scale, local_loss=name == "nt_xent_local", **kw)
     return supcon_loss(torch.stack([a, b], 1), labels if name == "supcon" else None, 1.0 / scale, **kw)
+
+
+def reduction_errors(rank: int) -> dict:
+    """The differentiable collectives against their one-process definitions, on uneven rows and
+    with -inf entries (a column that none of a rank's rows sees, one that no rank sees)."""
+    torch.manual_seed(1)
+    parts = torch.randn(2, 5, dtype=torch.float64)
+    parts[0, 1] = parts[1, 1] = parts[1, 3] = float("-inf")
+    weights = torch.randn(2, 5, dtype=torch.float64)  # rank r's loss: weights[r] · lse
+    mine = parts[rank].clone().requires_grad_()
+    lse = distributed.all_reduce_logsumexp(mine)
+    (grad,) = torch.autograd.grad((lse.masked_fill(torch.isinf(lse), 0.0) * weights[rank]).sum(), mine)
+    ref_parts = parts.clone().requires_grad_()
+    ref = ref_parts.logsumexp(0)
+    (ref_grad,) = torch.autograd.grad(sum((ref.masked_fill(torch.isinf(ref), 0.0) * w).sum() for w in weights), ref_parts)
+    finite = torch.isfinite(ref)
+    rows = torch.randn(7, 3, dtype=torch.float64)  # gather 4 + 3 rows, then sum the ranks' totals
+    bounds = [0, 4, 7]
+    local = rows[bounds[rank]:bounds[rank + 1]].clone().requires_grad_()
+    gathered, offset = distributed.gather_with_grad(local)
+    total = distributed.all_reduce_sum_with_grad((gathered * weights[rank, :3]).sum() * (rank + 1))
+    (g_local,) = torch.autograd.grad(total * (rank + 2), local)
+    # d/d rows of Σ_r (r + 2) · Σ_r' (r' + 1) · rows · w_r' = 5 · Σ_r' (r' + 1) w_r'
+    expected = 5 * (weights[0, :3] + 2 * weights[1, :3]).expand(7, 3)[bounds[rank]:bounds[rank + 1]]
+    return {
+        "lse_err": (lse[finite] - ref[finite]).abs().max().item(),
+        "lse_inf_agrees": bool(torch.equal(torch.isinf(lse), ~finite)),
+        "lse_grad_err": (grad - ref_grad[rank]).abs().max().item(),
+        "lse_grad_finite": bool(torch.isfinite(grad).all()),
+        "gather_err": (gathered - rows).abs().max().item() + abs(offset - bounds[rank]),
+        "gather_grad_err": (g_local - expected).abs().max().item(),
+    }
 
 
 LOSSES = ("clip_local", "clip_global", "nt_xent_global", "nt_xent_local", "supcon", "supcon_no_labels")
@@ -89,7 +122,8 @@ def main() -> None:
                     })
     print("cases done", rank, flush=True)
     all_results = [None] * world
-    torch.distributed.all_gather_object(all_results, {"rank": rank, "world_size": world, "cases": cases})
+    summary = {"rank": rank, "world_size": world, "cases": cases, "reductions": reduction_errors(rank)}
+    torch.distributed.all_gather_object(all_results, summary)
     if accelerator.is_main_process:
         with open(args.out, "w") as f:
             json.dump(all_results, f)
