@@ -39,7 +39,7 @@ def _backward_lse(lse: torch.Tensor) -> torch.Tensor:
     return lse.masked_fill(lse == float("-inf"), float("inf"))
 
 
-def check_exclude(exclude, rows: int, cols: int, device: torch.device) -> torch.Tensor | None:
+def _check_exclude(exclude, rows: int, cols: int, device: torch.device) -> torch.Tensor | None:
     """Validate an `exclude` argument: None or an integer (rows,) tensor with values in [-1, cols)."""
     if exclude is None:
         return None
@@ -184,7 +184,7 @@ def similarity_lse_chunked(
     """
     if block_rows < 1 or block_cols < 1:
         raise ValueError(f"block sizes must be positive, got {block_rows} x {block_cols}")
-    exclude = check_exclude(exclude, query.shape[0], key.shape[0], query.device)
+    exclude = _check_exclude(exclude, query.shape[0], key.shape[0], query.device)
     if mask_diagonal:
         if exclude is not None:
             raise ValueError("pass either exclude or mask_diagonal=True, not both")
