@@ -264,7 +264,8 @@ def run(args) -> list[str]:
         if (D, dtype) not in rates:
             n = 256 if args.smoke else 16384
             rates[D, dtype] = matmul_rate(D, dtype, device, clock, n=n)
-            row = f"| matmul | {n} | {n} | {D} | {str(dtype)[6:]} | torch | | | | | | 1 | {rates[D, dtype]:.1f} | | 100 |"
+            row = (f"| matmul | {n} | {n} | {D} | {str(dtype)[6:]} | torch | | | | | | 1 | "
+                   f"{rates[D, dtype]:.1f} | | 100 |")
             print(row, flush=True)
             lines.append(row)
         io_bytes = (2 * B * D + (2 if kind != "queue" else 1) * N * D) * torch.finfo(dtype).bits // 8

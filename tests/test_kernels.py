@@ -167,6 +167,20 @@ def test_split_and_chunk_rules_for_an_h200(monkeypatch):
     assert lse_module._grad_chunk_rows(200, 768, cfg) == 256  # never more than B, in whole tiles
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_launch_configuration(dtype):
+    """The tiles and loop flattening a GPU launch uses (128-row tiles, 64 or 128 columns), here
+    through the interpreter: masking of partial tiles at those sizes, a forced column split and
+    two backward chunks. (The interpreter runs a flattened loop as the plain nest.)"""
+    cfg = lse_module.default_block_sizes(96, dtype, interpreted=False)
+    overrides = {k: cfg[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_D", "BWD_BLOCK_M", "BWD_BLOCK_N", "FLATTEN")}
+    overrides.update(FWD_SPLITS=2, BWD_CHUNK_ROWS=128)
+    if dtype == torch.float32:
+        _compare_fp32(200, 300, 96, exclude="random", columns=True, block_sizes=overrides)
+    else:
+        _low_precision_check(200, 300, 96, dtype, "random", True, atol=1e-3, block_sizes=overrides)
+
+
 def test_kernel_with_ragged_d_tiles():
     # D=48 over D chunks of 16 and 16-row tiles.
     _compare_fp32(45, 70, 48, exclude="diagonal", columns=True,

@@ -108,7 +108,8 @@ def test_bench_script_smoke_mode(tmp_path):
         for provider in ("triton", "triton:no-split"):
             for dtype in ("torch.bfloat16", "torch.float32"):
                 assert f"correctness of {provider} ({kind}, D=32, {dtype}): max relative error" in proc.stdout
-    rows = [line.split("|")[1:-1] for line in proc.stdout.splitlines() if line.startswith(("| clip", "| queue", "| local"))]
+    table = [line for line in proc.stdout.splitlines() if line.startswith(("| clip", "| queue", "| local"))]
+    rows = [line.split("|")[1:-1] for line in table]
     got = sorted((r[0].strip(), r[4].strip(), r[5].strip()) for r in rows)
     expected = [(kind, dtype, provider) for dtype in ("bfloat16", "float32")
                 for kind, providers in (("clip", ("triton", "naive", "open_clip", "triton:no-split")),
