@@ -43,10 +43,11 @@ def _check_exclude(exclude, rows: int, cols: int, device: torch.device) -> torch
     """Validate an `exclude` argument: None or an integer (rows,) tensor with values in [-1, cols)."""
     if exclude is None:
         return None
-    if not isinstance(exclude, torch.Tensor) or exclude.is_floating_point() or exclude.is_complex() \
-            or exclude.dtype == torch.bool:
-        raise TypeError(f"exclude must be None or an integer torch.Tensor of shape ({rows},), got "
-                        f"{type(exclude).__name__}{'' if not isinstance(exclude, torch.Tensor) else ' ' + str(exclude.dtype)}")
+    integer = isinstance(exclude, torch.Tensor) and not (exclude.is_floating_point() or exclude.is_complex()
+                                                         or exclude.dtype == torch.bool)
+    if not integer:
+        got = exclude.dtype if isinstance(exclude, torch.Tensor) else type(exclude).__name__
+        raise TypeError(f"exclude must be None or an integer torch.Tensor of shape ({rows},), got {got}")
     if exclude.shape != (rows,):
         raise ValueError(f"exclude must have shape ({rows},) (one column per query row), got {tuple(exclude.shape)}")
     if exclude.device != device:
