@@ -8,8 +8,8 @@ materialises the logits (`impl="naive"`); the large-negative paths (`"chunked"` 
 logits, so nothing of size B×N is stored. `impl="auto"` follows `resolve_impl`.
 
 With `gather=True` every loss is the loss of the global batch, but each rank computes only its
-own rows against all ranks' columns: the per-rank work is B_local × B_global whatever the world
-size, and only O(B_global) column statistics and the gathered features' gradients (reduce-
+own rows against all ranks' columns: the per-rank work is B_local × B_global (4 passes over it,
+with or without local_loss), and only O(B_global) column statistics and the gathered features' gradients (reduce-
 scattered to their owners) cross ranks besides the gathered features themselves.
 """
 from __future__ import annotations
