@@ -7,10 +7,11 @@ materialises the logits (`impl="naive"`); the large-negative paths (`"chunked"` 
 `"triton"` on GPUs) compute only row/column logsumexps of `scale * Q @ K.T` and the positive
 logits, so nothing of size B×N is stored. `impl="auto"` follows `resolve_impl`.
 
-With `gather=True` every loss is the loss of the global batch, but each rank computes only its
-own rows against all ranks' columns: the per-rank work is B_local × B_global (4 passes over it,
-with or without local_loss), and only O(B_global) column statistics and the gathered features' gradients (reduce-
-scattered to their owners) cross ranks besides the gathered features themselves.
+With `gather=True` (clip_loss, nt_xent, supcon_loss) a loss is that of the global batch, but each
+rank computes only its own rows against all ranks' columns: B_local × B_global logits per rank
+(4 passes over them, with or without local_loss). Besides the gathered column features, only
+O(B_global) column statistics and those features' gradients (reduce-scattered to their owners)
+cross ranks.
 """
 from __future__ import annotations
 
