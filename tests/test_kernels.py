@@ -184,7 +184,8 @@ def test_gpu_launch_configuration(dtype):
 def test_kernel_with_ragged_d_tiles():
     # D=48 over D chunks of 16 and 16-row tiles.
     _compare_fp32(45, 70, 48, exclude="diagonal", columns=True,
-                  block_sizes=dict(BLOCK_M=16, BLOCK_N=32, BLOCK_D=16, BWD_BLOCK_M=16, BWD_BLOCK_N=16))
+                  block_sizes=dict(BLOCK_M=16, BLOCK_N=32, BLOCK_D=16, BWD_BLOCK_M=16, BWD_BLOCK_N=16,
+                                   num_warps=4, bwd_num_warps=4))
 
 
 @pytest.mark.parametrize("B,N,exclude", [(131, 131, "diagonal"), (37, 131, "random"), (100, 20, None)])
