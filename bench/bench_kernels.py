@@ -36,6 +36,7 @@ RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 # Alternative launch settings (block_sizes overrides) the first GPU runs should compare.
 VARIANTS = {
     "fwd-128x64": dict(BLOCK_N=64),          # 2 CTAs/SM in the forward instead of the 128x128 tile
+    "fwd-64x128-w4": dict(BLOCK_M=64, num_warps=4),  # 2 CTAs/SM of one warpgroup each (m64n128)
     "grad-128x128": dict(BWD_BLOCK_N=128),   # the larger S→G tile at 1 CTA/SM
     "chunk-4096": dict(BWD_CHUNK_ROWS=4096),  # fewer fp32 dK accumulator passes, a bigger G buffer
     "no-split": dict(FWD_SPLITS=1),          # the forward without column splits
