@@ -97,7 +97,8 @@ if [[ "$PART" == all || "$PART" == kernels ]]; then
     step bench_kernels 270 python3 bench/bench_kernels.py --repeats 3 --max-seconds 8
     # The launch settings a measurement should decide: forward tile, S→G tile, G chunk rows, column splits.
     step bench_variants 110 python3 bench/bench_kernels.py --cases clip queue --sizes 65536 --dtypes bfloat16 \
-        --providers triton --variants fwd-128x64 fwd-64x128-w4 grad-128x128 chunk-4096 no-split bd32-s4 --repeats 3 --max-seconds 3
+        --providers triton --variants fwd-128x64 fwd-64x128-w4 grad-128x128 chunk-4096 no-split rows-1cta \
+        --repeats 3 --max-seconds 3
 fi
 if [[ "$PART" == all || "$PART" == moco ]]; then
     if [[ -f .device_data/cifar10/train.parquet ]]; then

@@ -73,7 +73,7 @@ def _pipelining(ttgir: str) -> tuple[bool, bool]:
     return loads, across
 
 
-def _compile(kernel, dtype, constexprs, num_warps, num_stages, arch):
+def _compile(kernel, dtype, constexprs, num_warps, num_stages, arch, maxnreg=None):
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -94,7 +94,8 @@ def _compile(kernel, dtype, constexprs, num_warps, num_stages, arch):
     # specialises on that divisibility; without it loads cannot become cp.async copies.
     attrs = {(i,): [["tt.divisibility", 16]] for i, p in enumerate(kernel.params) if signature[p.name] != "constexpr"}
     compiled = triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=GPUTarget("cuda", arch, 32),
-                              options=dict(num_warps=num_warps, num_stages=num_stages))
+                              options=dict(num_warps=num_warps, num_stages=num_stages,
+                                           **({"maxnreg": maxnreg} if maxnreg else {})))
     ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
     gpu_name = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
     ptx_text = compiled.asm["ptx"]
@@ -112,7 +113,8 @@ def _compile(kernel, dtype, constexprs, num_warps, num_stages, arch):
     wgmma = sorted(set(re.findall(r"wgmma\.mma_async\.sync\.aligned\.(m\d+n\d+k\d+)", ptx_text)))
     return {"registers": registers, "spill_bytes": int(spills[-1]) if spills else 0, "shared_bytes": shared,
             "wgmma": wgmma, "ctas_per_sm": _ctas_per_sm(registers or 0, shared, num_warps),
-            "num_warps": num_warps, "num_stages": num_stages, "pipelined": loads, "pipelined_across_tiles": across}
+            "num_warps": num_warps, "num_stages": num_stages, "maxnreg": maxnreg, "pipelined": loads,
+            "pipelined_across_tiles": across}
 
 
 # (variant name, kernel-specific constexprs): CLIP (row + fused column lse), the row-only losses
@@ -125,17 +127,18 @@ _GRAD_VARIANTS = (("clip", dict(HAS_EXCLUDE=False, ROW_TERM=True, COL_TERM=True,
 
 
 def _lse_variants(lse, dtype, dim):
-    """(kernel name, variant, kernel, constexprs, num_warps, num_stages) the launchers use at `dim`."""
+    """(kernel name, variant, kernel, constexprs, num_warps, num_stages, maxnreg) the launchers
+    use at `dim`."""
     cfg = lse.default_block_sizes(dim, dtype, interpreted=False)
     common = dict(PRECISION=lse._precision(dtype), DOT_FP32=False, BLOCK_D=cfg["BLOCK_D"])
     for name, flags in _FORWARD_VARIANTS:
         yield ("forward", name, lse._lse_fwd_kernel, dict(flags, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
                                                            FLATTEN=cfg["FLATTEN"], **common),
-               cfg["num_warps"], cfg["num_stages"])
+               cfg["num_warps"], cfg["num_stages"], None if flags["COLUMNS"] else cfg["fwd_rows_maxnreg"])
     for name, flags in _GRAD_VARIANTS:
         yield ("softmax_grad", name, lse._softmax_grad_kernel,
                dict(flags, BLOCK_M=cfg["BWD_BLOCK_M"], BLOCK_N=cfg["BWD_BLOCK_N"], **common),
-               cfg["bwd_num_warps"], cfg["bwd_num_stages"])
+               cfg["bwd_num_warps"], cfg["bwd_num_stages"], None)
 
 
 def compile_for_target(arch: int = 90, dtypes=(torch.bfloat16, torch.float16, torch.float32), dims=DIMS,
@@ -144,7 +147,7 @@ def compile_for_target(arch: int = 90, dtypes=(torch.bfloat16, torch.float16, to
 
     Returns a list of dicts: kernel, variant, dtype, dim (None for the D-independent row-dot
     kernels), registers, spill_bytes, shared_bytes, wgmma (shapes such as "m64n128k16"),
-    ctas_per_sm, num_warps, num_stages, pipelined and pipelined_across_tiles (see `_pipelining`;
+    ctas_per_sm, num_warps, num_stages, maxnreg (the register cap passed to ptxas, if any), pipelined and pipelined_across_tiles (see `_pipelining`;
     the second only for the forward: the S→G kernel owns one tile and has a D loop only).
     """
     import importlib
@@ -158,10 +161,10 @@ def compile_for_target(arch: int = 90, dtypes=(torch.bfloat16, torch.float16, to
     results, cache = [], {}
     for dtype in dtypes:
         for dim in dims:
-            for kname, variant, kernel, flags, warps, stages in _lse_variants(lse, dtype, dim):
-                key = (kname, dtype, tuple(sorted(flags.items())), warps, stages)
+            for kname, variant, kernel, flags, warps, stages, maxnreg in _lse_variants(lse, dtype, dim):
+                key = (kname, dtype, tuple(sorted(flags.items())), warps, stages, maxnreg)
                 if key not in cache:
-                    cache[key] = _compile(kernel, dtype, flags, warps, stages, arch)
+                    cache[key] = _compile(kernel, dtype, flags, warps, stages, arch, maxnreg)
                 results.append({"kernel": kname, "variant": variant, "dtype": str(dtype), "dim": dim, **cache[key]})
         if row_dot:  # the positive logits' kernels stream rows (no dot to pipeline), launched with defaults
             blocks = dict(BLOCK_M=dot.BLOCK_ROWS, BLOCK_D=dot.BLOCK_D)

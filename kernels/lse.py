@@ -202,20 +202,24 @@ def default_block_sizes(dim: int, dtype: torch.dtype, interpreted: bool) -> dict
     """
     common = dict(FWD_SPLITS=None, FWD_COL_BLOCKS=None, BWD_CHUNK_ROWS=None)
     if interpreted:
+        common["fwd_rows_maxnreg"] = None
         # The interpreter's cost is per operation, not per element: fewer, larger D chunks.
         return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_D=64, BWD_BLOCK_M=32, BWD_BLOCK_N=32, FLATTEN=False,
                     num_warps=4, num_stages=1, bwd_num_warps=4, bwd_num_stages=1, **common)
     if dtype == torch.float32:
         # fp32 tiles take twice the bytes and, without TF32, the dot runs on FMAs.
         return dict(BLOCK_M=128, BLOCK_N=64, BLOCK_D=32, BWD_BLOCK_M=128, BWD_BLOCK_N=64, FLATTEN=True,
-                    num_warps=8, num_stages=2, bwd_num_warps=8, bwd_num_stages=2, **common)
+                    num_warps=8, num_stages=2, bwd_num_warps=8, bwd_num_stages=2, fwd_rows_maxnreg=None,
+                    **common)
     # 16-bit, sm_90: the forward's 128x128 tile (two m64n128k16 warpgroups, 64 FLOP per byte of
     # L2 traffic) takes ~195 registers, one CTA per SM; its flattened loop overlaps the next
     # tile's loads with the softmax. The S→G kernel owns one tile and ends in a store: 128x64
     # (m64n64k16) at <= 128 registers runs two CTAs per SM, so one's epilogue hides under the
     # other's dots (at 128x128 it needs 247 registers, one CTA).
+    # The row-only forward (no column partials) fits 128 registers without spills when ptxas is
+    # told so (fwd_rows_maxnreg): two CTAs per SM at the same 128x128 tile.
     return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_D=64, BWD_BLOCK_M=128, BWD_BLOCK_N=64, FLATTEN=True,
-                num_warps=8, num_stages=3, bwd_num_warps=8, bwd_num_stages=3, **common)
+                num_warps=8, num_stages=3, bwd_num_warps=8, bwd_num_stages=3, fwd_rows_maxnreg=128, **common)
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -272,6 +276,8 @@ def _forward(query, key, scale32, exclude, columns, cfg):
     row_lse = torch.empty(B, dtype=torch.float32, device=query.device)
     col_lse = None
     chunk = _column_chunk_rows(D, key.element_size(), cfg) if columns else B
+    maxnreg = None if columns else cfg["fwd_rows_maxnreg"]
+    launch = {"maxnreg": maxnreg} if maxnreg else {}
     with on_device(query):
         for r0 in range(0, B, chunk):
             a = query[r0:r0 + chunk]
@@ -288,7 +294,7 @@ def _forward(query, key, scale32, exclude, columns, cfg):
                 HAS_EXCLUDE=exclude is not None, COLUMNS=columns, PRECISION=_precision(a.dtype),
                 DOT_FP32=_dot_fp32(a.dtype), BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
                 BLOCK_D=cfg["BLOCK_D"], FLATTEN=cfg["FLATTEN"], num_warps=cfg["num_warps"],
-                num_stages=cfg["num_stages"],
+                num_stages=cfg["num_stages"], **launch,
             )
             if splits > 1:  # torch's logsumexp keeps an all -inf row at -inf
                 torch.logsumexp(row_part, dim=0, out=row_lse[r0:r0 + rows])

@@ -73,7 +73,11 @@ def test_kernels_compile_for_sm90_without_spills():
         if row["dtype"] != "torch.float32":  # fp32 without TF32 runs on FMAs
             widths = [int(shape.split("n")[1].split("k")[0]) for shape in row["wgmma"]]
             assert widths and min(widths) >= 64, row
-    assert all(row["ctas_per_sm"] >= 2 for row in rows if row["kernel"] == "softmax_grad"), rows
+    # Two CTAs per SM where the registers allow it: the S→G kernel, and in 16 bits the row-only
+    # forward (capped at 128 registers without spilling).
+    two = [row for row in rows if row["kernel"] == "softmax_grad"
+           or (row["kernel"] == "forward" and row["variant"] != "clip" and row["dtype"] != "torch.float32")]
+    assert len(two) == 3 * 2 * 2 + 2 * 2 and all(row["ctas_per_sm"] >= 2 for row in two), two
 
 
 # --------------------------------------------------------------------------- distributed
