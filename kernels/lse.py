@@ -25,8 +25,8 @@ Backward: with the upstream gradients g_row (B,) and g_col (N,),
 For a chunk of rows at a time one kernel recomputes S with exactly the forward's dot (same
 orientation, same order over D, so both sides see the logits the logsumexps came from), writes
 G once in the inputs' dtype and reduces d s from the same tile; cuBLAS then forms
-dQ_chunk = G K and dK += G^T Q_chunk with fp32 accumulation and fp32 output, scaled by s in fp32. Matmul
-passes: CLIP 4 (forward, S→G, dQ, dK), row-only losses 4, a detached queue 3 (no dK).
+dQ_chunk = G K and dK += G^T Q_chunk with fp32 accumulation and fp32 output, scaled by s in
+fp32. Matmul passes: CLIP 4 (forward, S→G, dQ, dK), row-only losses 4, a detached queue 3.
 
 Memory: inputs and gradients O((B + N) D), the logsumexps O(B + N), the G chunk
 (rows, N) in the inputs' dtype with rows = `_grad_chunk_rows` (2·D rows within [1024, 4096],
