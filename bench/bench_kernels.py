@@ -1,22 +1,31 @@
-"""Benchmark CLIP's symmetric loss: mmcl's Triton kernels vs naive torch vs open_clip's ClipLoss.
+"""Benchmark mmcl's Triton similarity-softmax kernels against naive torch and open_clip's ClipLoss.
 
-For B = N in --sizes and D in --dims (bf16 features, requires_grad), it measures the forward,
-backward and full (forward + backward) time, the peak GPU memory above the inputs, and the
-achieved TFLOP/s, counting 2·B·N·D per matmul pass each implementation does, against the
-rate of a plain bf16 matmul measured in the same run. Out-of-memory is reported as "OOM".
-The table is printed and appended to bench/RESULTS.md with the date and the device.
+Cases (forward + backward of a loss over the features, requires_grad):
 
-    python bench/bench_kernels.py                      # needs a CUDA GPU
-    python bench/bench_kernels.py --sizes 4096 16384   # a subset
-    python bench/bench_kernels.py --smoke              # tiny sizes on CPU through TRITON_INTERPRET=1;
-                                                       # proves the script runs, writes nothing
+- clip B=N in --sizes at --dim (default 16,384, 65,536, 262,144 at D=768): CLIP's symmetric loss.
+- queue: MoCo, 256 queries against a detached 65,536-key queue at D=128 (row lse only).
+- local: a rank's 4,096 local rows against 65,536 gathered columns at D=768, row and column
+  lse, gradients for both (the block each rank computes under gather).
+
+Each in bf16 and fp32 (--dtypes). Per row: forward, backward and full time (medians), peak
+memory above the inputs, the matmul passes of 2·B·N·D the implementation performs and its
+TFLOP/s on those, and the floor-normalised TFLOP/s: the floor's FLOPs over the time, with a
+floor of 4 passes (8·B·N·D) for clip and local (forward, recomputation, dQ, dK) and 3 passes
+(6·B·N·D) for the queue (no dK). Both are compared with a plain matmul measured in the same run.
+Out-of-memory is reported as "OOM". The table is printed and appended to bench/RESULTS.md with
+the date and the device.
+
+    python bench/bench_kernels.py                          # needs a CUDA GPU (exit 2 without)
+    python bench/bench_kernels.py --cases clip --sizes 16384
+    python bench/bench_kernels.py --variants fwd-128x64    # also time alternative launch settings
+    python bench/bench_kernels.py --smoke                  # tiny sizes on CPU through TRITON_INTERPRET=1;
+                                                           # proves the script runs, writes nothing
 """
 from __future__ import annotations
 
 import argparse
 import datetime
 import gc
-import math
 import os
 import statistics
 import sys
@@ -24,20 +33,30 @@ import time
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
-PROVIDERS = ("triton", "triton-gemm", "naive", "open_clip", "chunked")
+# Alternative launch settings (block_sizes overrides) the first GPU runs should compare.
+VARIANTS = {
+    "fwd-128x64": dict(BLOCK_N=64),          # 2 CTAs/SM in the forward instead of the 128x128 tile
+    "fwd-64x128-w4": dict(BLOCK_M=64, num_warps=4),  # 2 CTAs/SM of one warpgroup each (m64n128)
+    "grad-128x128": dict(BWD_BLOCK_N=128),   # the larger S→G tile at 1 CTA/SM
+    "chunk-4096": dict(BWD_CHUNK_ROWS=4096),  # fewer fp32 dK accumulator passes, a bigger G buffer
+    "no-split": dict(FWD_SPLITS=1),          # the forward without column splits
+    "rows-1cta": dict(fwd_rows_maxnreg=None),  # the row-only forward without its 128-register cap
+}
+FLOOR_PASSES = {"clip": 4, "local": 4, "queue": 3}
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sizes", type=int, nargs="+", default=[4096, 16384, 65536, 262144], help="B = N values")
-    p.add_argument("--dims", type=int, nargs="+", default=[512, 768], help="feature dims D")
-    p.add_argument("--providers", nargs="+", default=["triton", "triton-gemm", "naive", "open_clip"],
-                   choices=PROVIDERS, help="triton: clip_loss(impl='triton') with the default backward "
-                   "($MMCL_TRITON_BWD or fused); triton-gemm: the same with BWD_MODE=gemm; "
-                   "also: chunked (mmcl's tiled torch path)")
-    p.add_argument("--gemm-rows", type=int, nargs="*", default=[],
-                   help="also time the gemm backward with these BWD_GEMM_ROWS (rows of G per launch), "
-                        "as providers triton-gemm-r<rows>")
+    p.add_argument("--cases", nargs="+", default=["clip", "queue", "local"], choices=sorted(FLOOR_PASSES))
+    p.add_argument("--sizes", type=int, nargs="+", default=[16384, 65536, 262144], help="B = N of the clip case")
+    p.add_argument("--dim", type=int, default=768, help="D of the clip and local cases")
+    p.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"], choices=["bfloat16", "float32"])
+    p.add_argument("--fp32-max-size", type=int, default=65536,
+                   help="largest clip B=N timed in fp32 (IEEE fp32 dots run on FMAs: slow)")
+    p.add_argument("--providers", nargs="+", default=["triton", "naive", "open_clip"],
+                   choices=["triton", "naive", "open_clip"], help="open_clip: its ClipLoss, clip case only")
+    p.add_argument("--variants", nargs="*", default=[], choices=sorted(VARIANTS),
+                   help="also time the kernels with these launch settings, as providers triton:<variant>")
     p.add_argument("--repeats", type=int, default=5, help="timed repeats per measurement (median reported)")
     p.add_argument("--max-seconds", type=float, default=20.0,
                    help="fewer repeats (at least 1) when one iteration would exceed this budget")
@@ -54,56 +73,52 @@ if ARGS.smoke:
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from mmcl.kernels.row_dot import row_dot_triton  # noqa: E402
-from mmcl.kernels.similarity_lse import (  # noqa: E402
-    backward_mode, default_block_sizes, similarity_lse_triton)
+from mmcl.kernels import row_dot, similarity_lse  # noqa: E402
 from mmcl.losses import clip_loss  # noqa: E402
 
 
 # --------------------------------------------------------------------------- the contenders
 
 
-def naive_clip_loss(img, txt, scale):
-    """Straightforward torch: materialised bf16 logits, fp32 cross-entropy both ways."""
-    logits = scale * img @ txt.T
-    labels = torch.arange(img.shape[0], device=img.device)
-    return 0.5 * (F.cross_entropy(logits.float(), labels) + F.cross_entropy(logits.T.float(), labels))
+def naive_loss(kind, q, k, scale):
+    """Straightforward torch: materialised logits in the inputs' dtype, fp32 softmax."""
+    logits = (scale * q @ k.T).float()
+    if kind == "clip":
+        labels = torch.arange(q.shape[0], device=q.device)
+        return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
+    rows = torch.logsumexp(logits, dim=1).mean()
+    return rows if kind == "queue" else rows + torch.logsumexp(logits, dim=0).mean()
 
 
-def composed_clip_loss(img, txt, scale, **block_sizes):
-    """clip_loss(impl="triton")'s computation from the kernels, with explicit block sizes."""
-    rows, cols = similarity_lse_triton(img, txt, scale, columns=True, block_sizes=block_sizes)
-    positives = scale * row_dot_triton(img, txt)
-    return 0.5 * ((rows - positives).mean() + (cols - positives).mean())
+def kernel_loss(kind, q, k, scale, block_sizes=None):
+    """The same losses from the kernels; clip without block_sizes is clip_loss(impl="triton")."""
+    if kind == "clip" and not block_sizes:
+        return clip_loss(q, k, scale, impl="triton")
+    rows, cols = similarity_lse(q, k, scale, columns=kind != "queue", block_sizes=block_sizes)
+    if kind == "clip":
+        positives = scale * row_dot(q, k)
+        return 0.5 * ((rows - positives).mean() + (cols - positives).mean())
+    return rows.mean() if kind == "queue" else rows.mean() + cols.mean()
 
 
-def make_loss(provider):
-    if provider.startswith("triton-gemm"):  # triton-gemm, or triton-gemm-r<rows>
-        rows = int(provider.removeprefix("triton-gemm-r")) if provider.startswith("triton-gemm-r") else None
-        return lambda img, txt, scale: composed_clip_loss(img, txt, scale, BWD_MODE="gemm", BWD_GEMM_ROWS=rows)
-    if provider == "triton":
-        return lambda img, txt, scale: clip_loss(img, txt, scale, impl="triton")
+def make_loss(provider, kind):
     if provider == "naive":
-        return naive_clip_loss
-    if provider == "chunked":  # mmcl's tiled torch path (fp32 tiles of the logits, cuBLAS matmuls)
-        return lambda img, txt, scale: clip_loss(img, txt, scale, impl="chunked")
+        return lambda q, k, s: naive_loss(kind, q, k, s)
+    if provider.startswith("triton"):
+        overrides = VARIANTS[provider.split(":", 1)[1]] if ":" in provider else None
+        return lambda q, k, s: kernel_loss(kind, q, k, s, overrides)
     from open_clip.loss import ClipLoss
 
     open_clip_loss = ClipLoss()
-    return lambda img, txt, scale: open_clip_loss(img, txt, scale)
+    return lambda q, k, s: open_clip_loss(q, k, s)
 
 
-def matmul_passes(provider, dim, dtype, interpreted):
-    """(forward, backward) matmul passes of size 2·B·N·D each implementation performs."""
-    if provider.startswith("triton-gemm") or (provider == "triton" and backward_mode() == "gemm"):
-        return 1, 4  # backward per side: S once (Triton, writes G), G·K or Gᵀ·Q (cuBLAS)
-    if provider == "triton":
-        # forward: one pass (column lse's fused in). backward: per side (dQ, dK) one
-        # recomputation of S per D slice plus the G·K (or Gᵀ·Q) product.
-        slices = math.ceil(dim / default_block_sizes(dim, dtype, interpreted)["BLOCK_DOUT"])
-        return 1, 2 * (slices + 1)
-    if provider in ("naive", "chunked"):
-        return 1, 3 if provider == "chunked" else 2  # chunked recomputes each logit tile in backward
+def matmul_passes(provider, kind):
+    """(forward, backward) matmul passes of 2·B·N·D each implementation performs."""
+    if provider.startswith("triton"):  # forward (column lse fused); S→G, dQ and dK unless detached
+        return 1, 2 if kind == "queue" else 3
+    if provider == "naive":  # logits; dQ (and dK) from the stored logits' gradient
+        return 1, 1 if kind == "queue" else 2
     return 2, 4  # open_clip computes image@text.T and text@image.T separately
 
 
@@ -133,22 +148,30 @@ class Clock:
         return time.perf_counter() - t0
 
 
-def measure(provider, B, D, dtype, device, clock, args):
+def make_inputs(kind, B, N, D, dtype, device, seed=0):
+    gen = torch.Generator(device=device).manual_seed(seed)
+    q = F.normalize(torch.randn(B, D, device=device, generator=gen), dim=-1).to(dtype).requires_grad_()
+    k = F.normalize(torch.randn(N, D, device=device, generator=gen), dim=-1).to(dtype)
+    return q, k.requires_grad_(kind != "queue")
+
+
+def measure(provider, kind, B, N, D, dtype, device, clock, args):
     """{'fwd', 'bwd', 'full' (seconds), 'peak' (bytes above inputs)} or raises OOM."""
-    loss_fn = make_loss(provider)
-    gen = torch.Generator(device=device).manual_seed(0)
-    img = F.normalize(torch.randn(B, D, device=device, generator=gen), dim=-1).to(dtype).requires_grad_()
-    txt = F.normalize(torch.randn(B, D, device=device, generator=gen), dim=-1).to(dtype).requires_grad_()
+    loss_fn = make_loss(provider, kind)
+    q, k = make_inputs(kind, B, N, D, dtype, device)
     scale = torch.tensor(1 / 0.07, device=device, requires_grad=True)
     try:
+        def clear():
+            q.grad = k.grad = scale.grad = None
+
         def full():
-            img.grad = txt.grad = scale.grad = None
-            loss_fn(img, txt, scale).backward()
+            clear()
+            loss_fn(q, k, scale).backward()
 
         first = clock.time(full)  # warm-up: compilation, allocator
         repeats = max(1, min(args.repeats, int(args.max_seconds / max(first, 1e-9))))
         if clock.cuda:
-            img.grad = txt.grad = scale.grad = None
+            clear()
             torch.cuda.empty_cache()
             clock.sync()
             base = torch.cuda.memory_allocated()
@@ -157,25 +180,24 @@ def measure(provider, B, D, dtype, device, clock, args):
         peak = torch.cuda.max_memory_allocated() - base if clock.cuda else None
         fwds, bwds = [], []
         for _ in range(repeats):
-            img.grad = txt.grad = scale.grad = None
+            clear()
             holder = {}
 
             def forward():
-                holder["loss"] = loss_fn(img, txt, scale)
+                holder["loss"] = loss_fn(q, k, scale)
 
             fwds.append(clock.time(forward))
             bwds.append(clock.time(lambda: holder["loss"].backward()))
         return {"fwd": statistics.median(fwds), "bwd": statistics.median(bwds),
                 "full": statistics.median(fulls), "peak": peak}
     finally:
-        del img, txt, scale
+        del q, k, scale
         if clock.cuda:
             torch.cuda.empty_cache()
 
 
-def matmul_rate(B, D, dtype, device, clock) -> float:
-    """TFLOP/s of a plain (B, D) @ (D, B) matmul at this dtype, B capped at 16384 for memory."""
-    n = min(B, 16384)
+def matmul_rate(D, dtype, device, clock, n=16384) -> float:
+    """TFLOP/s of a plain (n, D) @ (D, n) matmul at this dtype (torch's fp32 precision setting)."""
     a = torch.randn(n, D, device=device).to(dtype)
     b = torch.randn(D, n, device=device).to(dtype)
     clock.time(lambda: a @ b)
@@ -190,73 +212,89 @@ def is_oom(exc: BaseException) -> bool:
     return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
 
 
-def check_correctness(D, dtype, device, provider="triton", n=None) -> float:
-    """Largest relative error of a Triton provider's loss and gradients against float64, at a
-    small size: timings of a wrong kernel are worth nothing, so the run stops when it is off."""
-    n = n or (97 if device.type == "cpu" else 1031)
-    gen = torch.Generator(device=device).manual_seed(1)
-    feats = [F.normalize(torch.randn(n, D, device=device, generator=gen), dim=-1).to(dtype) for _ in range(2)]
-    errors = []
+def check_correctness(provider, kind, D, dtype, device) -> float:
+    """Largest relative error of a kernel provider's loss and gradients against float64 naive
+    torch, at a small size: timings of a wrong kernel are worth nothing, so the run stops."""
+    B, N = (97, 131) if device.type == "cpu" else (1031, 2053)
+    N = B if kind == "clip" else N
     results = []
-    kernel_loss = make_loss(provider)
-    for impl, cast in (("triton", lambda t: t), ("naive", lambda t: t.double())):
-        img, txt = (cast(f).detach().requires_grad_() for f in feats)
-        scale = torch.tensor(1 / 0.07, device=device, dtype=img.dtype if impl == "naive" else torch.float32,
+    for name, cast in ((provider, lambda t: t), ("naive", lambda t: t.double())):
+        q, k = (cast(t).detach().requires_grad_(t.requires_grad) for t in make_inputs(kind, B, N, D, dtype, device, 1))
+        scale = torch.tensor(1 / 0.07, device=device, dtype=torch.float32 if name != "naive" else torch.float64,
                              requires_grad=True)
-        loss = kernel_loss(img, txt, scale) if impl == "triton" else clip_loss(img, txt, scale, impl="naive")
-        results.append([loss, *torch.autograd.grad(loss, (img, txt, scale))])
-    for got, ref in zip(*results):
-        errors.append(((got.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-12)).item())
-    return max(errors)
+        loss = make_loss(name, kind)(q, k, scale)
+        wrt = [t for t in (q, k, scale) if t.requires_grad]
+        results.append([loss, *torch.autograd.grad(loss, wrt)])
+    return max(((got.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-12)).item()
+               for got, ref in zip(*results))
+
+
+def cases(args):
+    """(kind, B, N, D, dtype) of every measurement."""
+    out = []
+    for name in args.dtypes:
+        dtype = getattr(torch, name)
+        if args.smoke:
+            sizes = {"clip": [(97, 97, 32)], "queue": [(16, 131, 32)], "local": [(40, 97, 32)]}
+        else:
+            clip_sizes = [b for b in args.sizes if dtype != torch.float32 or b <= args.fp32_max_size]
+            sizes = {"clip": [(b, b, args.dim) for b in clip_sizes], "queue": [(256, 65536, 128)],
+                     "local": [(4096, 65536, args.dim)]}
+        out += [(kind, B, N, D, dtype) for kind in args.cases for B, N, D in sizes[kind]]
+    return out
 
 
 def run(args) -> list[str]:
-    providers = list(args.providers) + [f"triton-gemm-r{rows}" for rows in args.gemm_rows]
-    if args.smoke:
-        device, dtype = torch.device("cpu"), torch.bfloat16
-        sizes, dims = [64, 97], [32]
-    else:
-        device, dtype = torch.device("cuda"), torch.bfloat16
-        sizes, dims = args.sizes, args.dims
-    for D in dims:
+    device = torch.device("cpu" if args.smoke else "cuda")
+    providers = list(args.providers) + [f"triton:{v}" for v in args.variants]
+    todo = cases(args)
+    for kind, dim, dtype in sorted({(c[0], c[3], c[4]) for c in todo}, key=str):
         for provider in [p for p in providers if p.startswith("triton")]:
-            err = check_correctness(D, dtype, device, provider)
-            print(f"correctness of {provider} at D={D}: max relative error of loss and gradients vs float64 "
-                  f"= {err:.2e}", flush=True)
+            err = check_correctness(provider, kind, dim, dtype, device)
+            print(f"correctness of {provider} ({kind}, D={dim}, {dtype}): max relative error of loss and "
+                  f"gradients vs float64 = {err:.2e}", flush=True)
             if not err < 2e-2:  # bf16 gradients carry ~4e-3 relative rounding
-                raise SystemExit(f"{provider} is off by {err:.2e} at D={D}: not benchmarking a wrong kernel")
+                raise SystemExit(f"{provider} is off by {err:.2e}: not benchmarking a wrong kernel")
     clock = Clock(device)
-    header = ("| B=N | D | impl | fwd ms | bwd ms | full ms | extra MiB | extra / (in+grad) | passes | "
-              "TFLOP/s | % of matmul |")
+    header = ("| case | B | N | D | dtype | impl | fwd ms | bwd ms | full ms | extra MiB | extra / (in+grad) | "
+              "passes | TFLOP/s | floor TFLOP/s | floor % of matmul |")
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
-    print(lines[0], flush=True)
-    for D in dims:
-        rate = matmul_rate(max(sizes), D, dtype, device, clock)
-        print(f"(bf16 matmul, 16384 x {D} x 16384: {rate:.1f} TFLOP/s)", flush=True)
-        lines.append(f"| matmul | {D} | torch bf16 16384x{D}x16384 | | | | | | 1 | {rate:.1f} | 100 |")
-        for B in sizes:
-            io_bytes = 2 * 2 * B * D * torch.finfo(dtype).bits // 8  # two inputs and their gradients
-            for provider in providers:
-                try:
-                    r = measure(provider, B, D, dtype, device, clock, args)
-                except Exception as exc:  # noqa: BLE001 - OOM is a result, anything else is a bug
-                    if not is_oom(exc):
-                        raise
-                    r = None
-                if r is None:  # outside the except block, so the traceback no longer pins tensors
-                    gc.collect()
-                    torch.cuda.empty_cache()
-                    row = f"| {B} | {D} | {provider} | OOM | OOM | OOM | OOM | | | | |"
-                else:
-                    fwd_p, bwd_p = matmul_passes(provider, D, dtype, args.smoke)
-                    tflops = (fwd_p + bwd_p) * 2 * B * B * D / r["full"] / 1e12
-                    peak = "-" if r["peak"] is None else f"{r['peak'] / 2**20:.0f}"
-                    ratio = "-" if r["peak"] is None else f"{r['peak'] / io_bytes:.2f}"
-                    row = (f"| {B} | {D} | {provider} | {r['fwd'] * 1e3:.2f} | {r['bwd'] * 1e3:.2f} | "
-                           f"{r['full'] * 1e3:.2f} | {peak} | {ratio} | {fwd_p}+{bwd_p} | {tflops:.1f} | "
-                           f"{100 * tflops / rate:.0f} |")
-                print(row, flush=True)
-                lines.append(row)
+    print(header, flush=True)
+    rates = {}
+    for kind, B, N, D, dtype in todo:
+        if (D, dtype) not in rates:
+            n = 256 if args.smoke else 16384
+            rates[D, dtype] = matmul_rate(D, dtype, device, clock, n=n)
+            row = (f"| matmul | {n} | {n} | {D} | {str(dtype)[6:]} | torch | | | | | | 1 | "
+                   f"{rates[D, dtype]:.1f} | | 100 |")
+            print(row, flush=True)
+            lines.append(row)
+        io_bytes = (2 * B * D + (2 if kind != "queue" else 1) * N * D) * torch.finfo(dtype).bits // 8
+        for provider in providers:
+            if provider == "open_clip" and kind != "clip":
+                continue
+            try:
+                r = measure(provider, kind, B, N, D, dtype, device, clock, args)
+            except Exception as exc:  # noqa: BLE001 - OOM is a result, anything else is a bug
+                if not is_oom(exc):
+                    raise
+                r = None
+            prefix = f"| {kind} | {B} | {N} | {D} | {str(dtype)[6:]} | {provider} |"
+            if r is None:  # outside the except block, so the traceback no longer pins tensors
+                gc.collect()
+                torch.cuda.empty_cache()
+                row = prefix + " OOM | OOM | OOM | OOM | | | | | |"
+            else:
+                fwd_p, bwd_p = matmul_passes(provider, kind)
+                flop = 2 * B * N * D
+                own = (fwd_p + bwd_p) * flop / r["full"] / 1e12
+                floor = FLOOR_PASSES[kind] * flop / r["full"] / 1e12
+                peak = "-" if r["peak"] is None else f"{r['peak'] / 2**20:.0f}"
+                ratio = "-" if r["peak"] is None else f"{r['peak'] / io_bytes:.2f}"
+                row = (prefix + f" {r['fwd'] * 1e3:.2f} | {r['bwd'] * 1e3:.2f} | {r['full'] * 1e3:.2f} | {peak} | "
+                       f"{ratio} | {fwd_p}+{bwd_p} | {own:.1f} | {floor:.1f} | {100 * floor / rates[D, dtype]:.0f} |")
+            print(row, flush=True)
+            lines.append(row)
     return lines
 
 
@@ -276,10 +314,12 @@ def main(argv=None) -> int:
 
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     title = (f"\n## {stamp} — {torch.cuda.get_device_name()}, torch {torch.__version__}, "
-             f"triton {triton.__version__}, bf16, CLIP symmetric loss (fwd+bwd)\n\n")
+             f"triton {triton.__version__}, similarity-softmax losses (fwd+bwd)\n\n")
     note = ("\npasses: matmul passes of 2·B·N·D done (forward+backward); TFLOP/s counts those passes. "
-            "extra: peak memory allocated during fwd+bwd above the inputs (gradients included); "
-            "in+grad: bytes of the two inputs and their gradients. Times are medians.\n")
+            "floor TFLOP/s: 4 passes (clip, local) or 3 (queue) over the time, whatever the implementation "
+            "does; its % is of the plain matmul in the same dtype measured in this run. extra: peak memory "
+            "allocated during fwd+bwd above the inputs (gradients included); in+grad: bytes of the inputs "
+            "and their gradients. Times are medians.\n")
     with RESULTS.open("a") as f:
         if RESULTS.stat().st_size == 0:
             f.write("# Kernel benchmarks (written by bench/bench_kernels.py)\n")

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The GPU checks of mmcl in one call on a lent GPU machine (H100/H200 with its own torch and
 # triton, no network): the CUDA tests of the kernels and of the device augmentation, the kernel
-# benchmark (both backward modes against naive torch and open_clip), then a time-boxed MoCo v2
-# run on CIFAR-10. Logs, bench/RESULTS.md and bench/moco_cifar10.png are copied to $OUT.
+# benchmark (against naive torch and open_clip, then alternative launch settings), then a
+# time-boxed MoCo v2 run on CIFAR-10. Logs, bench/RESULTS.md and bench/moco_cifar10.png are copied to $OUT.
 #
 # Prepare on the CPU machine, from the repository root (the folders are git-ignored):
 #
@@ -11,8 +11,11 @@
 # then run it there with `.whl` and `.device_data` carried. One command may run 10 minutes, so
 # the two parts go in two calls, the second while the machine is still warm:
 #
-#   bash bench/gpu_session.sh kernels                  # CUDA tests + bench_kernels, <= 9 min (expect ~6)
+#   bash bench/gpu_session.sh kernels                  # CUDA tests + bench_kernels, <= 9 min (expect ~5)
 #   MOCO_MINUTES=3 bash bench/gpu_session.sh moco      # MoCo v2, 3 min of training + kNN/probe, <= 6 min
+#
+# and before lending a GPU, on the CPU machine: `bash bench/gpu_session.sh dry` (the same setup;
+# the tests collect, bench_kernels runs tiny through the interpreter and exits 2 without CUDA).
 #
 # With 15 minutes of GPU time in all (a machine's start included), MOCO_MINUTES=3 fits after the
 # kernel part; with the kernels already measured, one `moco` call can take MOCO_MINUTES=7.
@@ -72,12 +75,30 @@ python3 -c "import mmcl.kernels, mmcl.losses" || exit 1
     date -u +"%Y-%m-%d %H:%M UTC"
 } 2>&1 | tee "$OUT/device.txt"
 
+if [[ "$PART" == dry ]]; then
+    # The CPU dry run: the same setup, then what can run without a GPU. The tests must collect,
+    # the benchmark runs tiny through the interpreter and, without --smoke, exits 2 (no CUDA).
+    step dry_collect 120 python3 -m pytest -q -p no:cacheprovider --collect-only tests/test_kernels.py \
+        tests/test_gpu_augment.py
+    step dry_bench_smoke 240 python3 bench/bench_kernels.py --smoke --repeats 1 --cases clip queue \
+        --dtypes bfloat16 --variants no-split
+    echo "=== dry_bench_no_cuda: expecting exit 2"
+    CUDA_VISIBLE_DEVICES="" python3 bench/bench_kernels.py --repeats 3 --max-seconds 8 >/dev/null 2>&1
+    rc=$?
+    echo "=== dry_bench_no_cuda: exit $rc"
+    [[ $rc == 2 ]] || status=1
+    step dry_moco_help 60 python3 bench/moco_cifar10.py --help
+    echo "=== dry run: exit $status"
+    exit $status
+fi
 if [[ "$PART" == all || "$PART" == kernels ]]; then
-    step tests 200 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_gpu_augment.py
+    step tests 170 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_gpu_augment.py
+    # CLIP at B=N 16k/64k/262k (fp32 up to 64k), the MoCo queue and a rank's local block, bf16 and fp32.
     step bench_kernels 270 python3 bench/bench_kernels.py --repeats 3 --max-seconds 8
-    # Rows of G per launch of the gemm backward (default max(512, D)) at one size.
-    step bench_gemm_rows 60 python3 bench/bench_kernels.py --sizes 65536 --dims 768 --providers triton-gemm \
-        --gemm-rows 1536 3072 --repeats 3
+    # The launch settings a measurement should decide: forward tile, S→G tile, G chunk rows, column splits.
+    step bench_variants 110 python3 bench/bench_kernels.py --cases clip queue --sizes 65536 --dtypes bfloat16 \
+        --providers triton --variants fwd-128x64 fwd-64x128-w4 grad-128x128 chunk-4096 no-split rows-1cta \
+        --repeats 3 --max-seconds 3
 fi
 if [[ "$PART" == all || "$PART" == moco ]]; then
     if [[ -f .device_data/cifar10/train.parquet ]]; then

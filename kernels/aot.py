@@ -1,11 +1,17 @@
 """Compile the similarity-logsumexp kernels for a GPU architecture without a GPU.
 
 Triton's interpreter (how CI runs the kernels on CPU) never lowers them to PTX, so it cannot see
-errors that only compilation finds (e.g. a non-constexpr global read inside a kernel) nor
-register spills. `compile_for_target` runs Triton's real compiler for, say, sm_90 (H100/H200)
-with the launch configuration the launchers would use, then the bundled `ptxas -v`, and reports
-registers and spill bytes per kernel variant. It needs triton with its NVIDIA backend, no driver;
-run it in a process where TRITON_INTERPRET is unset.
+errors that only compilation finds (e.g. a non-constexpr global read inside a kernel), register
+spills, or the tensor-core shapes the dots became. `compile_for_target` runs Triton's real
+compiler for, say, sm_90 (H100/H200) with the launch configuration the launchers use, then the
+bundled `ptxas -v`, and reports per kernel variant: registers, spill bytes, shared memory, the
+wgmma shapes of the dots (from the PTX), CTAs per SM, and whether the main loop is pipelined.
+It needs triton with its NVIDIA backend, no driver; run it where TRITON_INTERPRET is unset:
+
+    python -m mmcl.kernels.aot [arch]        # one JSON line per (dtype, D, kernel variant)
+
+D is a runtime argument: every D with the same launch configuration runs the same binary, so
+each distinct configuration is compiled once and reported for every D that uses it.
 """
 from __future__ import annotations
 
@@ -17,13 +23,57 @@ import tempfile
 import torch
 
 _PTR_TYPES = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32"}
-# Pointer arguments that carry the features (their dtype); every other pointer is fp32.
+# Pointer arguments that carry the features (their dtype); excl_ptr holds int64 columns.
 _FEATURE_PTRS = {"a_ptr", "b_ptr", "da_ptr", "db_ptr", "g_out_ptr"}
 # Feature-dim strides of contiguous inputs: Triton specialises an int argument equal to 1.
-_UNIT_STRIDES = {"stride_ad", "stride_bd", "stride_dd"}
+_UNIT_STRIDES = {"stride_ad", "stride_bd"}
+DIMS = (128, 512, 768, 1024)
+# sm_90: 64K 32-bit registers, 228 KB shared memory (1 KB of it reserved per CTA), 2048 threads.
+_SM90 = dict(registers=65536, shared=233472, reserved=1024, threads=2048, ctas=32)
 
 
-def _compile(kernel, dtype, constexprs, num_warps, num_stages, arch):
+def _ctas_per_sm(registers: int, shared: int, num_warps: int) -> int:
+    """Resident CTAs per SM from registers (allocated per warp in units of 256), shared memory
+    and threads, the occupancy calculator's rule for sm_90."""
+    per_warp = -(-registers * 32 // 256) * 256
+    by_regs = _SM90["registers"] // (per_warp * num_warps) if registers else _SM90["ctas"]
+    by_smem = _SM90["shared"] // (shared + _SM90["reserved"])
+    return min(by_regs, by_smem, _SM90["threads"] // (32 * num_warps), _SM90["ctas"])
+
+
+def _innermost_loops(ttgir: str) -> list[str]:
+    """The bodies of the scf.for loops of a TTGIR module that contain no further loop."""
+    loops, stack = [], []  # stack: [first line, depth at entry, has a nested loop]
+    depth = 0
+    lines = ttgir.splitlines()
+    for i, line in enumerate(lines):
+        if "scf.for " in line and line.rstrip().endswith("{"):
+            if stack:
+                stack[-1][2] = True
+            stack.append([i, depth, False])
+        depth += line.count("{") - line.count("}")
+        while stack and depth <= stack[-1][1]:
+            start, _, nested = stack.pop()
+            if not nested:
+                loops.append("\n".join(lines[start:i + 1]))
+    return loops
+
+
+def _pipelining(ttgir: str) -> tuple[bool, bool]:
+    """(loads pipelined, pipelined across column tiles). The first: some innermost loop issues
+    async copies and waits on them inside the loop (prefetched a stage ahead). The second: that
+    loop also holds the softmax (exp2) and its running max, i.e. the column-tile loop and the D
+    loop were flattened into one pipelined loop, so the next column tile's loads are in flight
+    during this tile's softmax epilogue instead of the pipeline draining at every tile."""
+    loads = across = False
+    for body in _innermost_loops(ttgir):
+        if "async_copy_global_to_local" in body and "async_wait" in body:
+            loads = True
+            across = across or ("math.exp2" in body and "arith.maxnumf" in body)
+    return loads, across
+
+
+def _compile(kernel, dtype, constexprs, num_warps, num_stages, arch, maxnreg=None):
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -34,6 +84,8 @@ def _compile(kernel, dtype, constexprs, num_warps, num_stages, arch):
             signature[p.name] = "constexpr"
             if not p.is_constexpr:
                 constexprs[p.name] = 1
+        elif p.name == "excl_ptr":
+            signature[p.name] = "*i64"
         elif p.name.endswith("_ptr"):
             signature[p.name] = _PTR_TYPES[dtype] if p.name in _FEATURE_PTRS else "*fp32"
         else:
@@ -42,66 +94,85 @@ def _compile(kernel, dtype, constexprs, num_warps, num_stages, arch):
     # specialises on that divisibility; without it loads cannot become cp.async copies.
     attrs = {(i,): [["tt.divisibility", 16]] for i, p in enumerate(kernel.params) if signature[p.name] != "constexpr"}
     compiled = triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=GPUTarget("cuda", arch, 32),
-                              options=dict(num_warps=num_warps, num_stages=num_stages))
+                              options=dict(num_warps=num_warps, num_stages=num_stages,
+                                           **({"maxnreg": maxnreg} if maxnreg else {})))
     ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
     gpu_name = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
+    ptx_text = compiled.asm["ptx"]
     with tempfile.TemporaryDirectory() as tmp:
         ptx = os.path.join(tmp, "kernel.ptx")
         with open(ptx, "w") as f:
-            f.write(compiled.asm["ptx"])
+            f.write(ptx_text)
         out = subprocess.run([ptxas, "-v", "--gpu-name", gpu_name, ptx, "-o", os.path.join(tmp, "kernel.cubin")],
                              capture_output=True, text=True, check=True)
     regs = re.findall(r"Used (\d+) registers", out.stderr)
     spills = re.findall(r"(\d+) bytes spill stores", out.stderr)
-    return {"registers": int(regs[-1]) if regs else None, "spill_bytes": int(spills[-1]) if spills else 0,
-            "shared_bytes": compiled.metadata.shared, "pipelined": "async_copy" in compiled.asm["ttgir"]}
+    registers = int(regs[-1]) if regs else None
+    shared = compiled.metadata.shared
+    loads, across = _pipelining(compiled.asm["ttgir"])
+    wgmma = sorted(set(re.findall(r"wgmma\.mma_async\.sync\.aligned\.(m\d+n\d+k\d+)", ptx_text)))
+    return {"registers": registers, "spill_bytes": int(spills[-1]) if spills else 0, "shared_bytes": shared,
+            "wgmma": wgmma, "ctas_per_sm": _ctas_per_sm(registers or 0, shared, num_warps),
+            "num_warps": num_warps, "num_stages": num_stages, "maxnreg": maxnreg, "pipelined": loads,
+            "pipelined_across_tiles": across}
 
 
-def compile_for_target(arch: int = 90, dtypes=(torch.bfloat16, torch.float16, torch.float32), dim: int = 768):
-    """Compile every kernel variant the launchers use for features of `dim`, for sm_`arch`.
+# (variant name, kernel-specific constexprs): CLIP (row + fused column lse), the row-only losses
+# with an excluded column (SimCLR, SupCon; InfoNCE and MoCo are the same code without it).
+_FORWARD_VARIANTS = (("clip", dict(HAS_EXCLUDE=False, COLUMNS=True)),
+                     ("rows_exclude", dict(HAS_EXCLUDE=True, COLUMNS=False)))
+_GRAD_VARIANTS = (("clip", dict(HAS_EXCLUDE=False, ROW_TERM=True, COL_TERM=True, WRITE_G=True, WRITE_DSCALE=True)),
+                  ("rows_exclude", dict(HAS_EXCLUDE=True, ROW_TERM=True, COL_TERM=False, WRITE_G=True,
+                                        WRITE_DSCALE=True)))
 
-    Returns a list of dicts: kernel, dtype, variant flags, registers, spill_bytes, shared_bytes,
-    pipelined (whether the loads in the D loop became asynchronous copies; the similarity
-    kernels' only, the row-dot kernels have no dot to overlap them with).
+
+def _lse_variants(lse, dtype, dim):
+    """(kernel name, variant, kernel, constexprs, num_warps, num_stages, maxnreg) the launchers
+    use at `dim`."""
+    cfg = lse.default_block_sizes(dim, dtype, interpreted=False)
+    common = dict(PRECISION=lse._precision(dtype), DOT_FP32=False, BLOCK_D=cfg["BLOCK_D"])
+    for name, flags in _FORWARD_VARIANTS:
+        yield ("forward", name, lse._lse_fwd_kernel, dict(flags, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+                                                           FLATTEN=cfg["FLATTEN"], **common),
+               cfg["num_warps"], cfg["num_stages"], None if flags["COLUMNS"] else cfg["fwd_rows_maxnreg"])
+    for name, flags in _GRAD_VARIANTS:
+        yield ("softmax_grad", name, lse._softmax_grad_kernel,
+               dict(flags, BLOCK_M=cfg["BWD_BLOCK_M"], BLOCK_N=cfg["BWD_BLOCK_N"], **common),
+               cfg["bwd_num_warps"], cfg["bwd_num_stages"], None)
+
+
+def compile_for_target(arch: int = 90, dtypes=(torch.bfloat16, torch.float16, torch.float32), dims=DIMS,
+                       row_dot: bool = True):
+    """Compile every kernel variant the launchers use for each dtype and feature dim, for sm_`arch`.
+
+    Returns a list of dicts: kernel, variant, dtype, dim (None for the D-independent row-dot
+    kernels), registers, spill_bytes, shared_bytes, wgmma (shapes such as "m64n128k16"),
+    ctas_per_sm, num_warps, num_stages, maxnreg (the register cap passed to ptxas, if any), pipelined and pipelined_across_tiles (see `_pipelining`;
+    the second only for the forward: the S→G kernel owns one tile and has a D loop only).
     """
     import importlib
 
-    sl = importlib.import_module("mmcl.kernels.similarity_lse")
-    rd = importlib.import_module("mmcl.kernels.row_dot")
-    if sl._interpreted():
+    from mmcl.kernels._common import interpreted
+
+    lse = importlib.import_module("mmcl.kernels.lse")
+    dot = importlib.import_module("mmcl.kernels.dot")
+    if interpreted():
         raise RuntimeError("compile_for_target needs TRITON_INTERPRET unset when triton is first imported")
-    results = []
+    results, cache = [], {}
     for dtype in dtypes:
-        cfg = sl.default_block_sizes(dim, dtype, interpreted=False)
-        common = dict(PRECISION=sl._precision(dtype), DOT_FP32=False, BLOCK_D=cfg["BLOCK_D"])
-        # CLIP (row + fused column lse), SimCLR (diagonal masked), InfoNCE / MoCo queue (rows only).
-        for mask, columns in ((False, True), (True, False), (False, False)):
-            flags = dict(MASK_DIAGONAL=mask, COLUMNS=columns, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], **common)
-            info = _compile(sl._lse_fwd_kernel, dtype, flags, cfg["num_warps"], cfg["num_stages"], arch)
-            results.append({"kernel": "forward", "dtype": str(dtype), "mask_diagonal": mask, "columns": columns,
-                            **info})
-        # (HAS_A_TERM, HAS_B_TERM, WRITE_DA, WRITE_DSCALE): dQ side of CLIP, dQ side of the
-        # row-only losses (InfoNCE, MoCo, SimCLR), their dK side, the scale-only launch.
-        for terms in ((True, True, True, True), (True, False, True, True), (False, True, True, False),
-                      (True, False, False, True)):
-            flags = dict(MASK_DIAGONAL=True, HAS_A_TERM=terms[0], HAS_B_TERM=terms[1], WRITE_DA=terms[2],
-                         WRITE_DSCALE=terms[3], BLOCK_M=cfg["BWD_BLOCK_M"], BLOCK_N=cfg["BWD_BLOCK_N"],
-                         BLOCK_DOUT=cfg["BLOCK_DOUT"], FLATTEN=cfg["BWD_FLATTEN"], **common)
-            info = _compile(sl._lse_bwd_kernel, dtype, flags, cfg["num_warps"], cfg["num_stages"], arch)
-            results.append({"kernel": "backward", "dtype": str(dtype), "terms": terms, **info})
-        # BWD_MODE="gemm": (HAS_A_TERM, HAS_B_TERM, WRITE_G, WRITE_DSCALE) in the same four roles.
-        for terms in ((True, True, True, True), (True, False, True, True), (False, True, True, False),
-                      (True, False, False, True)):
-            flags = dict(MASK_DIAGONAL=True, HAS_A_TERM=terms[0], HAS_B_TERM=terms[1], WRITE_G=terms[2],
-                         WRITE_DSCALE=terms[3], BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], **common)
-            info = _compile(sl._grad_tile_kernel, dtype, flags, cfg["num_warps"], cfg["num_stages"], arch)
-            results.append({"kernel": "grad_tile", "dtype": str(dtype), "terms": terms, **info})
-        # The positive logits' kernels stream rows (no dot to pipeline), launched with defaults.
-        blocks = dict(BLOCK_M=rd.BLOCK_ROWS, BLOCK_D=rd.BLOCK_D)
-        info = _compile(rd._row_dot_fwd_kernel, dtype, blocks, 4, 3, arch)
-        results.append({"kernel": "row_dot_forward", "dtype": str(dtype), **info})
-        info = _compile(rd._row_dot_bwd_kernel, dtype, dict(WRITE_DA=True, WRITE_DB=True, **blocks), 4, 3, arch)
-        results.append({"kernel": "row_dot_backward", "dtype": str(dtype), **info})
+        for dim in dims:
+            for kname, variant, kernel, flags, warps, stages, maxnreg in _lse_variants(lse, dtype, dim):
+                key = (kname, dtype, tuple(sorted(flags.items())), warps, stages, maxnreg)
+                if key not in cache:
+                    cache[key] = _compile(kernel, dtype, flags, warps, stages, arch, maxnreg)
+                results.append({"kernel": kname, "variant": variant, "dtype": str(dtype), "dim": dim, **cache[key]})
+        if row_dot:  # the positive logits' kernels stream rows (no dot to pipeline), launched with defaults
+            blocks = dict(BLOCK_M=dot.BLOCK_ROWS, BLOCK_D=dot.BLOCK_D)
+            for kname, kernel, flags in (("row_dot_forward", dot._row_dot_fwd_kernel, blocks),
+                                         ("row_dot_backward", dot._row_dot_bwd_kernel,
+                                          dict(WRITE_DA=True, WRITE_DB=True, **blocks))):
+                info = _compile(kernel, dtype, flags, 4, 3, arch)
+                results.append({"kernel": kname, "variant": "", "dtype": str(dtype), "dim": None, **info})
     return results
 
 
@@ -109,6 +180,5 @@ if __name__ == "__main__":
     import json
     import sys
 
-    arch = int(sys.argv[1]) if len(sys.argv) > 1 else 90
-    for row in compile_for_target(arch):
+    for row in compile_for_target(int(sys.argv[1]) if len(sys.argv) > 1 else 90):
         print(json.dumps(row))

@@ -23,13 +23,39 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.promote_types(x.dtype, torch.float32)
 
 
-def _mask_diagonal(tile: torch.Tensor, r0: int, c0: int) -> None:
-    """Set logits where global row == global column to -inf, in place."""
+def _mask_excluded(tile: torch.Tensor, exclude: torch.Tensor | None, r0: int, c0: int) -> None:
+    """Set the logits of (row i, column exclude[i]) that fall in this tile to -inf, in place."""
+    if exclude is None:
+        return
     rows, cols = tile.shape
-    lo, hi = max(r0, c0), min(r0 + rows, c0 + cols)
-    if lo < hi:
-        idx = torch.arange(lo, hi, device=tile.device)
-        tile[idx - r0, idx - c0] = float("-inf")
+    ex = exclude[r0 : r0 + rows]
+    hit = ((ex >= c0) & (ex < c0 + cols)).nonzero().squeeze(1)
+    if hit.numel():
+        tile[hit, ex[hit] - c0] = float("-inf")
+
+
+def _backward_lse(lse: torch.Tensor) -> torch.Tensor:
+    # A row (column) with every logit masked has lse = -inf: +inf makes exp(-inf - lse) = 0, not NaN.
+    return lse.masked_fill(lse == float("-inf"), float("inf"))
+
+
+def _check_exclude(exclude, rows: int, cols: int, device: torch.device) -> torch.Tensor | None:
+    """Validate an `exclude` argument: None or an integer (rows,) tensor with values in [-1, cols)."""
+    if exclude is None:
+        return None
+    integer = isinstance(exclude, torch.Tensor) and not (exclude.is_floating_point() or exclude.is_complex()
+                                                         or exclude.dtype == torch.bool)
+    if not integer:
+        got = exclude.dtype if isinstance(exclude, torch.Tensor) else type(exclude).__name__
+        raise TypeError(f"exclude must be None or an integer torch.Tensor of shape ({rows},), got {got}")
+    if exclude.shape != (rows,):
+        raise ValueError(f"exclude must have shape ({rows},) (one column per query row), got {tuple(exclude.shape)}")
+    if exclude.device != device:
+        raise ValueError(f"exclude is on {exclude.device} but query is on {device}")
+    if rows and (int(exclude.min()) < -1 or int(exclude.max()) >= cols):
+        raise ValueError(f"exclude values must lie in [-1, {cols}) (-1: exclude nothing), got "
+                         f"[{int(exclude.min())}, {int(exclude.max())}]")
+    return exclude.long()
 
 
 def _tile_logsumexps(logits: torch.Tensor, columns: bool):
@@ -60,7 +86,7 @@ def _tile_logsumexps(logits: torch.Tensor, columns: bool):
 
 class _SimilarityLSE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, query, key, scale, mask_diagonal, columns, block_rows, block_cols):
+    def forward(ctx, query, key, scale, exclude, columns, block_rows, block_cols):
         dtype = _compute_dtype(query)
         B, N = query.shape[0], key.shape[0]
         s = scale.to(dtype)
@@ -70,22 +96,24 @@ class _SimilarityLSE(torch.autograd.Function):
             q = query[r0 : r0 + block_rows].to(dtype)
             for c0 in range(0, N, block_cols):
                 logits = (q @ key[c0 : c0 + block_cols].to(dtype).T) * s
-                if mask_diagonal:
-                    _mask_diagonal(logits, r0, c0)
+                _mask_excluded(logits, exclude, r0, c0)
                 tile_rows, tile_cols = _tile_logsumexps(logits, columns)
                 rows = row_lse[r0 : r0 + q.shape[0]]
                 torch.logaddexp(rows, tile_rows, out=rows)
                 if columns:
                     cols = col_lse[c0 : c0 + logits.shape[1]]
                     torch.logaddexp(cols, tile_cols, out=cols)
-        ctx.save_for_backward(query, key, scale, row_lse, col_lse if columns else row_lse)
-        ctx.config = (mask_diagonal, columns, block_rows, block_cols)
-        return (row_lse, col_lse) if columns else row_lse
+        ctx.save_for_backward(query, key, scale, row_lse, col_lse if columns else row_lse, exclude)
+        ctx.config = (columns, block_rows, block_cols)
+        if columns:
+            return row_lse, col_lse
+        return row_lse
 
     @staticmethod
     def backward(ctx, grad_row, grad_col=None):
-        query, key, scale, row_lse, col_lse = ctx.saved_tensors
-        mask_diagonal, columns, block_rows, block_cols = ctx.config
+        query, key, scale, row_lse, col_lse, exclude = ctx.saved_tensors
+        columns, block_rows, block_cols = ctx.config
+        row_lse, col_lse = _backward_lse(row_lse), _backward_lse(col_lse)
         dtype = row_lse.dtype
         s = scale.to(dtype)
         need_q, need_k, need_s = ctx.needs_input_grad[:3]
@@ -105,8 +133,7 @@ class _SimilarityLSE(torch.autograd.Function):
                 c1 = c0 + k.shape[0]
                 dots = q @ k.T
                 logits = dots * s
-                if mask_diagonal:
-                    _mask_diagonal(logits, r0, c0)
+                _mask_excluded(logits, exclude, r0, c0)
                 # d lse_i / d logit_ij is the softmax of row i (and of column j for col_lse):
                 # g = grad_row_i * P_row + grad_col_j * P_col, built in place to keep few tiles alive.
                 g = torch.sub(logits, row_lse[r0:r1, None]).exp_().mul_(grad_row[r0:r1, None].to(dtype))
@@ -133,6 +160,7 @@ def similarity_lse_chunked(
     key: torch.Tensor,
     scale: torch.Tensor,
     *,
+    exclude: torch.Tensor | None = None,
     mask_diagonal: bool = False,
     columns: bool = False,
     block_rows: int = BLOCK_ROWS,
@@ -144,14 +172,23 @@ def similarity_lse_chunked(
         query: (B, D) floating tensor.
         key: (N, D) floating tensor; detach it (e.g. a MoCo queue) and it gets no gradient.
         scale: 0-dim tensor, the logit multiplier (1 / temperature); may require grad.
-        mask_diagonal: leave out the logits where row index == column index (SimCLR's self
-            similarities); needs B == N semantics only where the diagonal exists.
+        exclude: optional integer (B,) tensor: row i leaves out the logit of column exclude[i]
+            (-1: none). A rank's rows against all ranks' columns exclude their own global index.
+        mask_diagonal: shorthand for exclude = arange(B): leave out row index == column index
+            (SimCLR's self similarities). Cannot be combined with `exclude`.
         columns: also return the column logsumexps (the text→image half of CLIP's loss).
 
     Returns:
-        row_lse (B,) in fp32 (float64 for float64 inputs), and col_lse (N,) if `columns`.
-        Differentiable in `query`, `key` and `scale`.
+        (row_lse (B,), col_lse (N,) if `columns` else None), fp32 (float64 for float64 inputs).
+        Differentiable in `query`, `key` and `scale`. A row or column whose logits are all
+        excluded has lse -inf and gets zero gradient.
     """
     if block_rows < 1 or block_cols < 1:
         raise ValueError(f"block sizes must be positive, got {block_rows} x {block_cols}")
-    return _SimilarityLSE.apply(query, key, scale, mask_diagonal, columns, block_rows, block_cols)
+    exclude = _check_exclude(exclude, query.shape[0], key.shape[0], query.device)
+    if mask_diagonal:
+        if exclude is not None:
+            raise ValueError("pass either exclude or mask_diagonal=True, not both")
+        exclude = torch.arange(query.shape[0], device=query.device)
+    out = _SimilarityLSE.apply(query, key, scale, exclude, bool(columns), block_rows, block_cols)
+    return out if columns else (out, None)

@@ -1,8 +1,10 @@
 """Small helpers for torch.distributed runs (as Accelerate starts them).
 
 Contrastive losses need every rank's features as negatives. `gather_with_grad` concatenates
-the features of all ranks and lets gradients flow back to the rank that owns each row, so a
-loss computed on the gathered features trains every rank's encoder.
+the features of all ranks and reduce-scatters their gradients back to the rank that owns each
+row, so a loss computed on the gathered features trains every rank's encoder. The gathered
+losses (mmcl.losses, gather=True) merge per-rank column logsumexps with `all_reduce_logsumexp`
+and sum per-rank loss shares with `all_reduce_sum_with_grad`, both differentiable.
 """
 from __future__ import annotations
 
@@ -33,7 +35,8 @@ class _GatherWithGrad(torch.autograd.Function):
     """Concatenate rows from all ranks; backward returns each rank the gradient of its rows.
 
     The loss on every rank depends on every rank's rows, so the gradient of a rank's rows is
-    the sum over ranks of the gradients computed there: an all-reduce, then our own slice.
+    the sum over ranks of the gradients computed there: a reduce-scatter, each rank receiving
+    only the sum for its own rows (half the traffic of all-reducing the whole gradient).
     """
 
     @staticmethod
@@ -50,10 +53,16 @@ class _GatherWithGrad(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
-        start = sum(ctx.sizes[: ctx.rank])
-        return grad[start : start + ctx.sizes[ctx.rank]], None
+        sizes, biggest = ctx.sizes, max(ctx.sizes)
+        # Lay the gradient out as equal (biggest, ...) slots, one per rank, the padding zero.
+        slots = grad.new_zeros(len(sizes) * biggest, *grad.shape[1:])
+        start = 0
+        for r, n in enumerate(sizes):
+            slots[r * biggest : r * biggest + n] = grad[start : start + n]
+            start += n
+        mine = grad.new_empty(biggest, *grad.shape[1:])
+        dist.reduce_scatter_tensor(mine, slots, op=dist.ReduceOp.SUM)
+        return mine[: sizes[ctx.rank]], None
 
 
 def gather_with_grad(x: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -75,6 +84,63 @@ def gather_no_grad(x: torch.Tensor) -> torch.Tensor:
         return x
     sizes = _all_sizes(x.shape[0], x.device)
     return _GatherWithGrad.apply(x, sizes)
+
+
+# --------------------------------------------------------------------------- reductions with gradients
+
+
+class _AllReduceLogSumExp(torch.autograd.Function):
+    """log Σ_ranks exp(x_r), elementwise; backward: the summed gradient times each rank's share."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor):
+        top = x.detach().clone()
+        dist.all_reduce(top, op=dist.ReduceOp.MAX)
+        top = top.masked_fill(torch.isinf(top), 0.0)  # all -inf (nothing to sum) or +inf: no shift
+        sums = torch.exp(x.detach() - top)
+        dist.all_reduce(sums, op=dist.ReduceOp.SUM)
+        total = sums.log_().add_(top)
+        ctx.save_for_backward(x, total)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, total = ctx.saved_tensors
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)  # every rank's loss may use every element
+        share = torch.exp(x - total).nan_to_num_(0.0)  # -inf - -inf: an element no rank saw
+        return grad * share
+
+
+def all_reduce_logsumexp(x: torch.Tensor) -> torch.Tensor:
+    """Elementwise log Σ_r exp(x_r) over the ranks' tensors x_r (same shape on every rank),
+    differentiable: merges per-rank partial logsumexps, e.g. (N,) column statistics computed
+    over each rank's rows. Every rank gets the whole result. Outside a distributed run: `x`."""
+    if not is_distributed():
+        return x
+    return _AllReduceLogSumExp.apply(x)
+
+
+class _AllReduceSum(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor):
+        total = x.detach().clone()
+        dist.all_reduce(total, op=dist.ReduceOp.SUM)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)  # each rank's sum depends on every rank's x
+        return grad
+
+
+def all_reduce_sum_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """Σ_r x_r over the ranks (same shape everywhere), differentiable: the gradient of rank r's
+    x is the sum of every rank's gradient of the total. Outside a distributed run: `x`."""
+    if not is_distributed():
+        return x
+    return _AllReduceSum.apply(x)
 
 
 @torch.no_grad()

@@ -5,26 +5,34 @@ Every loss takes features as given (normalise them first for cosine similarities
 `encode_*` do by default) and returns a scalar tensor. Each has one plain-torch reference that
 materialises the logits (`impl="naive"`); the large-negative paths (`"chunked"` in torch,
 `"triton"` on GPUs) compute only row/column logsumexps of `scale * Q @ K.T` and the positive
-logits, so nothing of size B×N is stored. `impl="auto"` picks Triton for CUDA tensors, the
-chunked path when B·N is large, and the naive path otherwise.
+logits, so nothing of size B×N is stored. `impl="auto"` follows `resolve_impl`.
+
+With `gather=True` (clip_loss, nt_xent, supcon_loss) a loss is that of the global batch, but each
+rank computes only its own rows against all ranks' columns: B_local × B_global logits per rank
+(4 passes over them, with or without local_loss). Besides the gathered column features, only
+O(B_global) column statistics and those features' gradients (reduce-scattered to their owners)
+cross ranks.
 """
 from __future__ import annotations
 
 import math
 import numbers
+import warnings
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mmcl import distributed
+from mmcl import distributed, kernels
 from mmcl.chunked import similarity_lse_chunked
 
 IMPLS = ("auto", "naive", "chunked", "triton")
 # Above this many logits "auto" stops materialising them on CPU (4096 x 4096 fp32 = 64 MiB).
 AUTO_CHUNKED_MIN_LOGITS = 4096 * 4096
+# On CUDA "auto" materialises fp32 logits up to this size (16,384 x 16,384), Triton above it.
+AUTO_NAIVE_MAX_LOGIT_BYTES = 1 << 30
 
-__all__ = ["clip_loss", "info_nce", "nt_xent", "supcon_loss", "LogitScale", "similarity_lse", "IMPLS"]
+__all__ = ["clip_loss", "info_nce", "nt_xent", "supcon_loss", "LogitScale", "resolve_impl", "IMPLS"]
 
 
 # --------------------------------------------------------------------------- validation
@@ -80,55 +88,90 @@ def _positive_scalar(name: str, value, like: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------- dispatch
 
 
-def _triton_usable(device: torch.device) -> tuple[bool, str]:
-    try:
-        from mmcl import kernels
-    except Exception as exc:  # triton missing or broken
-        return False, f"mmcl.kernels could not be imported ({exc})"
-    return kernels.is_available(device)
-
-
 def resolve_impl(impl: str, device: torch.device, num_logits: int, dtype: torch.dtype | None = None) -> str:
-    """The implementation a loss will use. Forcing an unusable one raises; "auto" falls back.
+    """The implementation a loss will use for `num_logits` = B·N logits on `device`.
 
-    The kernels compute in fp32 at most, so "auto" keeps float64 inputs on the torch paths.
+    "auto" on CUDA: "naive" while the fp32 logits fit the budget (B·N·4 bytes ≤
+    AUTO_NAIVE_MAX_LOGIT_BYTES = 1 GiB, e.g. B = N = 16,384, or the MoCo queue shape 256 × 65,536):
+    one cuBLAS product (in the inputs' dtype for 16-bit inputs) plus torch's fp32 softmax is
+    fastest there and the memory is affordable. Above it, "triton" (memory O((B + N)·D)).
+    Float64 stays on the torch paths (the kernels compute in fp32). On CPU, and on CUDA when
+    `mmcl.kernels.is_available` says no (with a warning above the budget): "chunked" from
+    AUTO_CHUNKED_MIN_LOGITS = 4096² logits on, "naive" below. Forcing an implementation that
+    cannot run raises ValueError; nothing else falls back.
     """
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     if impl == "triton":
-        ok, why = _triton_usable(device)
+        ok, why = kernels.is_available(device)
         if not ok:
             raise ValueError(f'impl="triton" cannot run on {device} tensors: {why}')
         return impl
     if impl != "auto":
         return impl
-    if device.type == "cuda" and dtype != torch.float64 and _triton_usable(device)[0]:
-        return "triton"
+    if device.type == "cuda" and dtype != torch.float64:
+        if num_logits * 4 <= AUTO_NAIVE_MAX_LOGIT_BYTES:
+            return "naive"
+        ok, why = kernels.is_available(device)
+        if ok:
+            return "triton"
+        warnings.warn(f'impl="auto": the Triton kernels cannot run ({why}); using "chunked"', stacklevel=3)
     return "chunked" if num_logits >= AUTO_CHUNKED_MIN_LOGITS else "naive"
 
 
-def similarity_lse(query, key, scale, *, mask_diagonal=False, columns=False, impl="chunked"):
-    """Row (and, with `columns`, column) logsumexp of `scale * query @ key.T`.
+def _similarity_lse_naive(query, key, scale, *, exclude=None, mask_diagonal=False, columns=False):
+    """The contract of `mmcl.kernels.similarity_lse` from materialised (B, N) logits."""
+    logits = _logits(query, key, scale)
+    if mask_diagonal:
+        exclude = torch.arange(query.shape[0], device=query.device)
+    if exclude is not None:
+        columns_idx = torch.arange(key.shape[0], device=query.device)
+        logits = logits.masked_fill(exclude[:, None] == columns_idx[None, :], float("-inf"))
+    return logits.logsumexp(1), (logits.logsumexp(0) if columns else None)
 
-    query (B, D), key (N, D), scale a 0-dim tensor → (B,) [and (N,)], fp32 or wider.
-    `impl` is "chunked" or "triton"; both are differentiable in all three inputs.
-    """
+
+def _lse_function(impl: str):
+    """The per-device row/column logsumexp of `impl`, all with the contract of
+    `mmcl.kernels.similarity_lse`: (query (B, D), key (N, D), scale, *, exclude=None,
+    mask_diagonal=False, columns=False) -> (row_lse (B,), col_lse (N,) | None)."""
     if impl == "triton":
-        from mmcl import kernels
-
-        return kernels.similarity_lse(query, key, scale, mask_diagonal=mask_diagonal, columns=columns)
+        return kernels.similarity_lse
     if impl == "chunked":
-        return similarity_lse_chunked(query, key, scale, mask_diagonal=mask_diagonal, columns=columns)
-    raise ValueError(f'similarity_lse takes impl="chunked" or "triton", got {impl!r}')
+        return similarity_lse_chunked
+    if impl == "naive":
+        return _similarity_lse_naive
+    raise ValueError(f'impl must be "naive", "chunked" or "triton" here, got {impl!r}')
 
 
 def _row_dot(a: torch.Tensor, b: torch.Tensor, impl: str = "naive") -> torch.Tensor:
-    if impl == "triton":  # fp32 accumulation without fp32 copies of the features (kernels/row_dot.py)
-        from mmcl import kernels
-
+    if impl == "triton":  # fp32 accumulation without fp32 copies of the features
         return kernels.row_dot(a, b)
     dtype = torch.promote_types(a.dtype, torch.float32)
     return (a.to(dtype) * b.to(dtype)).sum(-1)
+
+
+def _logits(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Materialised `scale * a @ b.T`, fp32 or wider. 16-bit inputs multiply in their own dtype
+    (tensor cores, as under torch autocast) and only the products are widened for the softmax."""
+    if a.dtype == b.dtype and a.dtype in (torch.float16, torch.bfloat16):
+        return (a @ b.T).float() * scale
+    dtype = torch.promote_types(a.dtype, torch.float32)
+    return scale * a.to(dtype) @ b.to(dtype).T
+
+
+def _mean_over_ranks(rank_sum: torch.Tensor, count: int, gathered: bool, local_loss: bool) -> torch.Tensor:
+    """A loss from this rank's share `rank_sum` of a sum over `count` terms of all ranks.
+
+    Either way backward seeds rank_sum with world_size / count, so the DDP-averaged gradients
+    are those of the global mean. `local_loss` only changes the value returned: this rank's
+    share scaled to a mean (world_size · rank_sum / count; the ranks' values average to the
+    global mean) instead of the global mean itself (one all-reduce of a scalar).
+    """
+    if not gathered:
+        return rank_sum / count
+    if local_loss:
+        return rank_sum * (distributed.world_size() / count)
+    return distributed.all_reduce_sum_with_grad(rank_sum) / count
 
 
 # --------------------------------------------------------------------------- CLIP
@@ -155,11 +198,16 @@ def clip_loss(
         logit_scale: float or 0-dim tensor > 0 (may require grad).
         logit_bias: optional scalar added to every logit. Softmax ignores a constant shift, so it
             changes neither the loss nor any gradient; accepted for SigLIP-style models.
-        gather: in a torch.distributed run, gather the features of all ranks with gradients so
-            every rank's rows are negatives for all; labels are offset by rank.
-        local_loss: with `gather`, each rank computes only its own rows against all columns (in
-            both directions) instead of the whole matrix; same gradients, less compute.
-        impl: "auto" | "naive" | "chunked" | "triton".
+        gather: in a torch.distributed run, every rank's pairs are negatives for all (the loss
+            of the global batch, ranks may hold different B). Each rank computes only its B
+            image rows against all ranks' texts (only the text features are gathered); the
+            text→image logsumexps are merged across ranks from per-rank partials (O(B_global)
+            floats), and the texts' gradients are reduce-scattered to their owners.
+        local_loss: with `gather`, return this rank's share of the loss (world_size / B_global
+            times the sum over its pairs; with equal shards the mean over its pairs) instead of
+            the global loss. The work and the DDP-averaged gradients are the same either way:
+            those of the global loss.
+        impl: "auto" | "naive" | "chunked" | "triton" (see `resolve_impl`).
 
     Returns:
         Scalar loss (fp32, or float64 for float64 inputs).
@@ -169,38 +217,26 @@ def clip_loss(
     if logit_bias is not None and not isinstance(logit_bias, (numbers.Real, torch.Tensor)):
         raise TypeError(f"logit_bias must be a float or a 0-dim tensor, got {type(logit_bias).__name__}")
     images, texts = image_features, text_features
-    offset = 0
-    if gather and distributed.is_distributed():
-        all_images, offset = distributed.gather_with_grad(images)
-        all_texts, _ = distributed.gather_with_grad(texts)
-        if not local_loss:
-            images, texts, offset = all_images, all_texts, 0
-    else:
-        all_images, all_texts = images, texts
+    gathered = gather and distributed.is_distributed()
+    all_texts, offset = distributed.gather_with_grad(texts) if gathered else (texts, 0)
     B, N = images.shape[0], all_texts.shape[0]
     impl = resolve_impl(impl, images.device, B * N, images.dtype)
-    labels = torch.arange(offset, offset + B, device=images.device)
-
-    if impl == "naive":
-        return _clip_loss_reference(images, texts, all_images, all_texts, scale, logit_bias, labels)
+    if impl == "naive" and not gathered:
+        return _clip_loss_reference(images, texts, scale, logit_bias)
 
     positives = scale * _row_dot(images, texts, impl)
-    if all_texts is texts:  # whole matrix: one pass gives both row and column logsumexps
-        row_lse, col_lse = similarity_lse(images, texts, scale, columns=True, impl=impl)
-        return 0.5 * ((row_lse - positives).mean() + (col_lse - positives).mean())
-    row_lse = similarity_lse(images, all_texts, scale, impl=impl)
-    col_lse = similarity_lse(texts, all_images, scale, impl=impl)
-    return 0.5 * ((row_lse - positives).mean() + (col_lse - positives).mean())
+    row_lse, col_lse = _lse_function(impl)(images, all_texts, scale, columns=True)
+    if gathered:  # this rank's column partials (over its rows) → every image's, then our texts'
+        col_lse = distributed.all_reduce_logsumexp(col_lse)[offset : offset + B]
+    return _mean_over_ranks(0.5 * ((row_lse - positives).sum() + (col_lse - positives).sum()), N, gathered, local_loss)
 
 
-def _clip_loss_reference(images, texts, all_images, all_texts, scale, logit_bias, labels):
-    dtype = torch.promote_types(images.dtype, torch.float32)
-    logits_per_image = scale * images.to(dtype) @ all_texts.to(dtype).T
-    logits_per_text = scale * texts.to(dtype) @ all_images.to(dtype).T
+def _clip_loss_reference(images, texts, scale, logit_bias):
+    logits_per_image = _logits(images, texts, scale)
     if logit_bias is not None:
         logits_per_image = logits_per_image + logit_bias
-        logits_per_text = logits_per_text + logit_bias
-    return 0.5 * (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels))
+    labels = torch.arange(images.shape[0], device=images.device)
+    return 0.5 * (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_image.T, labels))
 
 
 # --------------------------------------------------------------------------- InfoNCE / MoCo
@@ -211,12 +247,13 @@ def info_nce(query: torch.Tensor, key: torch.Tensor, temperature, *, queue=None,
 
     Without `queue`: logits `query @ key.T / temperature`, the positive of row i is key i.
     With `queue` (K, D) (MoCo v2): the positive logit of row i is `query_i · key_i / T`, the
-    negatives are `query @ queue.T / T`, the label is 0. The queue gets no gradient.
+    negatives are `query @ queue.T / T`, the label is 0. The queue gets no gradient and is used
+    in the queries' dtype (a 16-bit query casts an fp32 queue, so the kernels run on tensor cores).
 
     Args:
         query: (B, D). key: (B, D). temperature: float or 0-dim tensor > 0.
         queue: optional (K, D) tensor of past keys.
-        impl: "auto" | "naive" | "chunked" | "triton".
+        impl: "auto" | "naive" | "chunked" | "triton" (see `resolve_impl`).
 
     Returns:
         Scalar mean cross-entropy over the B rows.
@@ -232,23 +269,22 @@ def info_nce(query: torch.Tensor, key: torch.Tensor, temperature, *, queue=None,
             )
         if queue.device != query.device:
             raise ValueError(f"queue is on {queue.device} but query is on {query.device}")
-        queue = queue.detach()
+        queue = queue.detach().to(query.dtype)
     columns = queue if queue is not None else key
     impl = resolve_impl(impl, query.device, query.shape[0] * columns.shape[0], query.dtype)
     positives = scale * _row_dot(query, key, impl)
 
     if impl == "naive":
-        dtype = positives.dtype
         if queue is None:
-            logits = scale * query.to(dtype) @ key.to(dtype).T
+            logits = _logits(query, key, scale)
             labels = torch.arange(query.shape[0], device=query.device)
         else:
-            negatives = scale * query.to(dtype) @ queue.to(dtype).T
-            logits = torch.cat([positives[:, None], negatives], dim=1)
+            negatives = _logits(query, queue, scale)
+            logits = torch.cat([positives[:, None].to(negatives.dtype), negatives], dim=1)
             labels = torch.zeros(query.shape[0], dtype=torch.long, device=query.device)
         return F.cross_entropy(logits, labels)
 
-    lse = similarity_lse(query, columns, scale, impl=impl)
+    lse, _ = _lse_function(impl)(query, columns, scale)
     if queue is not None:  # the positive is a column of its own, in front of the queue
         lse = torch.logaddexp(lse, positives)
     return (lse - positives).mean()
@@ -257,36 +293,69 @@ def info_nce(query: torch.Tensor, key: torch.Tensor, temperature, *, queue=None,
 # --------------------------------------------------------------------------- SimCLR
 
 
-def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature, *, impl: str = "auto") -> torch.Tensor:
+def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature, *, gather: bool = False, local_loss: bool = False,
+            impl: str = "auto") -> torch.Tensor:
     """SimCLR's NT-Xent: 2N anchors, each view's partner is its positive and the other 2N−2
     views are negatives; mean over the 2N anchors.
 
     Args:
         z1, z2: (N, D) projections of the two views (normalise them for cosine similarity).
         temperature: float or 0-dim tensor > 0.
-        impl: "auto" | "naive" | "chunked" | "triton".
+        gather: in a torch.distributed run, the loss of the global batch (both views of every
+            rank's samples, 2·N_global anchors, ranks may hold different N), as in `clip_loss`:
+            each rank computes only its 2N anchors against all ranks' views, leaving out each
+            anchor's own column; the views' gradients are reduce-scattered to their owners.
+        local_loss: with `gather`, return this rank's share instead of the global loss (as in
+            `clip_loss`; the DDP-averaged gradients are the same).
+        impl: "auto" | "naive" | "chunked" | "triton" (see `resolve_impl`).
     """
     _check_pair("z1", z1, "z2", z2)
     T = _positive_scalar("temperature", temperature, z1)
     scale = 1.0 / T
     z = torch.cat([z1, z2])
     n2 = z.shape[0]
-    impl = resolve_impl(impl, z.device, n2 * n2, z.dtype)
-    partner = torch.cat([z2, z1])
-    positives = scale * _row_dot(z, partner, impl)
-    if impl == "naive":
-        logits = scale * z.to(positives.dtype) @ z.to(positives.dtype).T
-        logits = logits.masked_fill(torch.eye(n2, dtype=torch.bool, device=z.device), float("-inf"))
-        labels = torch.cat([torch.arange(n2 // 2, n2), torch.arange(0, n2 // 2)]).to(z.device)
-        return F.cross_entropy(logits, labels)
-    lse = similarity_lse(z, z, scale, mask_diagonal=True, impl=impl)
-    return (lse - positives).mean()
+    gathered = gather and distributed.is_distributed()
+    # Gathered columns are rank-major ([z1_0; z2_0; z1_1; ...]): the logsumexp ignores their order.
+    all_z, offset = distributed.gather_with_grad(z) if gathered else (z, 0)
+    impl = resolve_impl(impl, z.device, n2 * all_z.shape[0], z.dtype)
+    if impl == "naive" and not gathered:
+        return _nt_xent_reference(z, scale)
+    positives = scale * _row_dot(z, torch.cat([z2, z1]), impl)
+    exclude = torch.arange(offset, offset + n2, device=z.device) if gathered else None
+    lse, _ = _lse_function(impl)(z, all_z, scale, exclude=exclude, mask_diagonal=not gathered)
+    return _mean_over_ranks((lse - positives).sum(), all_z.shape[0], gathered, local_loss)
+
+
+def _nt_xent_reference(z, scale):
+    n2 = z.shape[0]
+    logits = _logits(z, z, scale)
+    logits = logits.masked_fill(torch.eye(n2, dtype=torch.bool, device=z.device), float("-inf"))
+    labels = torch.cat([torch.arange(n2 // 2, n2), torch.arange(0, n2 // 2)]).to(z.device)
+    return F.cross_entropy(logits, labels)
 
 
 # --------------------------------------------------------------------------- SupCon
 
 
-def supcon_loss(features: torch.Tensor, labels=None, temperature=0.1, *, impl: str = "auto") -> torch.Tensor:
+def _check_supcon_inputs(features, labels):
+    if not isinstance(features, torch.Tensor) or not features.is_floating_point():
+        raise TypeError("features must be a floating-point torch.Tensor of shape (B, V, D)")
+    if features.dim() != 3:
+        raise ValueError(f"features must be 3-D (batch, views, dim), got shape {tuple(features.shape)}")
+    B, V, D = features.shape
+    if B == 0 or D == 0:
+        raise ValueError(f"features must be non-empty, got shape {tuple(features.shape)}")
+    if labels is None:
+        return None
+    if not isinstance(labels, torch.Tensor) or labels.is_floating_point() or labels.is_complex():
+        raise TypeError("labels must be an integer torch.Tensor of shape (B,)")
+    if labels.shape != (B,):
+        raise ValueError(f"labels must have shape ({B},) to match features {tuple(features.shape)}, got {tuple(labels.shape)}")
+    return labels.to(features.device)
+
+
+def supcon_loss(features: torch.Tensor, labels=None, temperature=0.1, *, gather: bool = False,
+                local_loss: bool = False, impl: str = "auto") -> torch.Tensor:
     """Supervised contrastive loss (Khosla et al. 2020, L^sup_out, all views as anchors).
 
     For anchor i with positives P(i) (other views of samples with the same label):
@@ -297,46 +366,52 @@ def supcon_loss(features: torch.Tensor, labels=None, temperature=0.1, *, impl: s
         features: (B, V, D), V views per sample.
         labels: optional (B,) integer class labels.
         temperature: float or 0-dim tensor > 0.
-        impl: "auto" | "naive" | "chunked" | "triton".
+        gather: in a torch.distributed run, the loss of the global batch (every rank's samples
+            are negatives and, with equal labels, positives for all), as in `clip_loss`: each rank
+            computes only its V·B anchors against all ranks' views. Without labels each rank's
+            samples are their own classes.
+        local_loss: with `gather`, return this rank's share instead of the global loss (as in
+            `clip_loss`; the DDP-averaged gradients are the same).
+        impl: "auto" | "naive" | "chunked" | "triton" (see `resolve_impl`).
     """
-    if not isinstance(features, torch.Tensor) or not features.is_floating_point():
-        raise TypeError("features must be a floating-point torch.Tensor of shape (B, V, D)")
-    if features.dim() != 3:
-        raise ValueError(f"features must be 3-D (batch, views, dim), got shape {tuple(features.shape)}")
+    labels = _check_supcon_inputs(features, labels)
     B, V, D = features.shape
-    if B == 0 or D == 0:
-        raise ValueError(f"features must be non-empty, got shape {tuple(features.shape)}")
-    if labels is None:
-        labels = torch.arange(B, device=features.device)
-    if not isinstance(labels, torch.Tensor) or labels.is_floating_point() or labels.is_complex():
-        raise TypeError("labels must be an integer torch.Tensor of shape (B,)")
-    if labels.shape != (B,):
-        raise ValueError(f"labels must have shape ({B},) to match features {tuple(features.shape)}, got {tuple(labels.shape)}")
     T = _positive_scalar("temperature", temperature, features)
     scale = 1.0 / T
+    gathered = gather and distributed.is_distributed()
     z = features.transpose(0, 1).reshape(V * B, D)  # view-major, as the reference code
-    anchor_labels = labels.to(features.device).repeat(V)
-    same = anchor_labels[:, None] == anchor_labels[None, :]
-    n_pos = same.sum(1) - 1  # minus the anchor itself
-    has_pos = n_pos > 0
-    if not bool(has_pos.any()):
+    all_z, offset = distributed.gather_with_grad(z) if gathered else (z, 0)
+    if labels is None:  # one class per sample, numbered globally
+        labels = torch.arange(B, device=z.device) + offset // V
+    anchor_labels = labels.repeat(V)
+    all_labels = distributed.gather_no_grad(anchor_labels) if gathered else anchor_labels
+    _, inverse = torch.unique(all_labels, return_inverse=True)
+    n_pos_all = torch.bincount(inverse)[inverse] - 1  # minus the anchor itself
+    if not bool((n_pos_all > 0).any()):  # the same answer on every rank: all ranks see all labels
         raise ValueError("supcon_loss needs at least one positive pair: use V >= 2 views or repeated labels")
-    impl = resolve_impl(impl, z.device, (V * B) ** 2, z.dtype)
+    own = slice(offset, offset + V * B)
+    n_pos = n_pos_all[own]
+    has_pos = n_pos > 0
+    impl = resolve_impl(impl, z.device, V * B * all_z.shape[0], z.dtype)
     dtype = torch.promote_types(z.dtype, torch.float32)
-    if impl == "naive":
-        logits = scale * z.to(dtype) @ z.to(dtype).T
-        self_mask = torch.eye(V * B, dtype=torch.bool, device=z.device)
-        log_prob = logits - torch.logsumexp(logits.masked_fill(self_mask, float("-inf")), 1, keepdim=True)
-        pos_mask = same & ~self_mask
-        mean_log_prob_pos = (log_prob * pos_mask).sum(1)[has_pos] / n_pos[has_pos]
-        return -mean_log_prob_pos.mean()
+    if impl == "naive" and not gathered:
+        return _supcon_reference(z, anchor_labels, scale, n_pos, has_pos)
     # Σ_p z_i·z_p = z_i · (sum of z over i's class − z_i): O(B·D), no pairwise matrix needed.
-    _, inverse = torch.unique(anchor_labels, return_inverse=True)
-    class_sums = torch.zeros(int(inverse.max()) + 1, D, dtype=dtype, device=z.device).index_add(0, inverse, z.to(dtype))
-    pos_logit_sum = scale * _row_dot(z, class_sums[inverse] - z.to(dtype))
-    lse = similarity_lse(z, z, scale, mask_diagonal=True, impl=impl)
+    class_sums = torch.zeros(int(inverse.max()) + 1, D, dtype=dtype, device=z.device).index_add(0, inverse, all_z.to(dtype))
+    pos_logit_sum = scale * _row_dot(z, class_sums[inverse[own]] - z.to(dtype))
+    exclude = torch.arange(offset, offset + V * B, device=z.device) if gathered else None
+    lse, _ = _lse_function(impl)(z, all_z, scale, exclude=exclude, mask_diagonal=not gathered)
     per_anchor = lse[has_pos] - pos_logit_sum[has_pos] / n_pos[has_pos]
-    return per_anchor.mean()
+    return _mean_over_ranks(per_anchor.sum(), int((n_pos_all > 0).sum()), gathered, local_loss)
+
+
+def _supcon_reference(z, anchor_labels, scale, n_pos, has_pos):
+    logits = _logits(z, z, scale)
+    self_mask = torch.eye(z.shape[0], dtype=torch.bool, device=z.device)
+    log_prob = logits - torch.logsumexp(logits.masked_fill(self_mask, float("-inf")), 1, keepdim=True)
+    pos_mask = (anchor_labels[:, None] == anchor_labels[None, :]) & ~self_mask
+    mean_log_prob_pos = (log_prob * pos_mask).sum(1)[has_pos] / n_pos[has_pos]
+    return -mean_log_prob_pos.mean()
 
 
 # --------------------------------------------------------------------------- temperature

@@ -9,7 +9,9 @@ from open_clip.loss import ClipLoss
 from transformers.models.clip.modeling_clip import image_text_contrastive_loss
 
 from mmcl.chunked import similarity_lse_chunked
-from mmcl.losses import LogitScale, clip_loss, info_nce, nt_xent, resolve_impl, supcon_loss
+import mmcl.kernels
+from mmcl.losses import (AUTO_NAIVE_MAX_LOGIT_BYTES, LogitScale, _similarity_lse_naive, clip_loss, info_nce,
+                         nt_xent, resolve_impl, supcon_loss)
 
 F64 = torch.float64
 
@@ -180,6 +182,24 @@ CHUNK_CASES = [
 ]
 
 
+def _check_lse_against_logits(out, logits, columns, inputs, what):
+    """out = (row, col | None) against logsumexps of explicit float64 logits, values and gradients
+    under random upstream weights; entries that are -inf on both sides get zero gradient."""
+    ref = (logits.logsumexp(1), logits.logsumexp(0)) if columns else (logits.logsumexp(1),)
+    got = out if columns else out[:1]
+    assert columns or out[1] is None
+    for o, r, name in zip(got, ref, ["row", "column"]):
+        finite = torch.isfinite(r)
+        assert torch.equal(torch.isfinite(o), finite), f"{what}: {name} lse finite where the reference is not"
+        _assert_close(o[finite], r[finite], f"{what}: {name} logsumexp")
+    weights = [torch.randn(o.shape, dtype=F64).masked_fill(~torch.isfinite(r), 0.0) for o, r in zip(got, ref)]
+    mine = _grads(sum((o.masked_fill(w == 0, 0.0) * w).sum() for o, w in zip(got, weights)), inputs)
+    theirs = _grads(sum((r.masked_fill(w == 0, 0.0) * w).sum() for r, w in zip(ref, weights)), inputs)
+    for name, a, b in zip(["query", "key", "scale"], mine, theirs):
+        assert torch.isfinite(a).all(), f"{what}: d/d {name} is not finite"
+        _assert_close(a, b, f"{what}: d/d {name}")
+
+
 @pytest.mark.parametrize("rows,cols,blocks,mask_diagonal,columns", CHUNK_CASES)
 def test_chunked_lse_matches_materialised_logits(rows, cols, blocks, mask_diagonal, columns):
     q, k = _leaf(rows, 48, normalize=False), _leaf(cols, 48, normalize=False)
@@ -192,21 +212,46 @@ def test_chunked_lse_matches_materialised_logits(rows, cols, blocks, mask_diagon
         mask = torch.zeros(rows, cols, dtype=torch.bool)
         mask[torch.arange(n), torch.arange(n)] = True
         logits = logits.masked_fill(mask, float("-inf"))
-    ref = (logits.logsumexp(1), logits.logsumexp(0)) if columns else (logits.logsumexp(1),)
-    out = out if columns else (out,)
-    weights = [torch.randn(o.shape, dtype=F64) for o in out]  # random upstream gradients
-    for o, r, name in zip(out, ref, ["row", "column"]):
-        _assert_close(o, r, f"{name} logsumexp")
-    mine = _grads(sum((o * w).sum() for o, w in zip(out, weights)), [q, k, scale])
-    theirs = _grads(sum((r * w).sum() for r, w in zip(ref, weights)), [q, k, scale])
-    for name, a, b in zip(["query", "key", "scale"], mine, theirs):
-        _assert_close(a, b, f"d/d {name}")
+    _check_lse_against_logits(out, logits, columns, [q, k, scale], "chunked")
+
+
+@pytest.mark.parametrize("impl", ["chunked", "naive"])
+@pytest.mark.parametrize("rows,cols,blocks", [(29, 53, (7, 5)), (6, 40, (4, 16)), (1, 3, (1, 2))])
+def test_lse_with_a_per_row_excluded_column(impl, rows, cols, blocks):
+    """A rank's rows against all ranks' columns: row i leaves out column exclude[i] (its own global
+    index), -1 leaves out nothing; a column excluded from a row that is alone in its block gives
+    an all -inf column partial, which must have zero (not NaN) gradient."""
+    q, k = _leaf(rows, 24, normalize=False), _leaf(cols, 24, normalize=False)
+    scale = torch.tensor(1.7, dtype=F64, requires_grad=True)
+    exclude = torch.randint(-1, cols, (rows,))
+    exclude[0] = cols - 1  # the block edge
+    mask = torch.zeros(rows, cols, dtype=torch.bool)
+    keep = exclude >= 0
+    mask[torch.arange(rows)[keep], exclude[keep]] = True
+    kw = dict(block_rows=blocks[0], block_cols=blocks[1]) if impl == "chunked" else {}
+    fn = similarity_lse_chunked if impl == "chunked" else _similarity_lse_naive
+    for columns in (False, True):
+        out = fn(q, k, scale, exclude=exclude, columns=columns, **kw)
+        logits = (scale * q @ k.T).masked_fill(mask, float("-inf"))
+        _check_lse_against_logits(out, logits, columns, [q, k, scale], f"{impl}, columns={columns}")
+
+
+def test_chunked_lse_exclude_errors():
+    q, k, s = torch.randn(4, 8), torch.randn(6, 8), torch.tensor(2.0)
+    with pytest.raises(TypeError, match="exclude must be None or an integer"):
+        similarity_lse_chunked(q, k, s, exclude=torch.zeros(4))
+    with pytest.raises(ValueError, match=r"exclude must have shape \(4,\)"):
+        similarity_lse_chunked(q, k, s, exclude=torch.zeros(5, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"exclude values must lie in \[-1, 6\)"):
+        similarity_lse_chunked(q, k, s, exclude=torch.tensor([0, 1, 6, -1]))
+    with pytest.raises(ValueError, match="not both"):
+        similarity_lse_chunked(q, k, s, exclude=torch.zeros(4, dtype=torch.long), mask_diagonal=True)
 
 
 def test_chunked_lse_accumulates_half_precision_in_fp32():
     q, k = torch.randn(33, 64).bfloat16(), torch.randn(70, 64).bfloat16()
-    out = similarity_lse_chunked(q, k, torch.tensor(3.0), block_rows=8, block_cols=16)
-    assert out.dtype == torch.float32
+    out, none = similarity_lse_chunked(q, k, torch.tensor(3.0), block_rows=8, block_cols=16)
+    assert none is None and out.dtype == torch.float32
     ref = (3.0 * q.double() @ k.double().T).logsumexp(1)
     _assert_close(out, ref, "bf16 inputs, fp32 accumulation", atol=1e-4, rtol=1e-5)
 
@@ -230,17 +275,67 @@ def test_auto_dispatch(monkeypatch):
     assert resolve_impl("auto", torch.device("cpu"), 16384 * 16384) == "chunked"
     with pytest.raises(ValueError, match="impl must be one of"):
         resolve_impl("fast", torch.device("cpu"), 10)
-    # Forcing an implementation that cannot run raises; "auto" falls back instead.
-    import mmcl.losses
-
-    monkeypatch.setattr(mmcl.losses, "_triton_usable", lambda device: (False, "no GPU here"))
-    assert resolve_impl("auto", torch.device("cuda"), 100) == "naive"
-    monkeypatch.setattr(mmcl.losses, "_triton_usable", lambda device: (True, ""))
-    assert resolve_impl("auto", torch.device("cuda"), 100, torch.bfloat16) == "triton"
-    assert resolve_impl("auto", torch.device("cuda"), 16384 * 16384, torch.float64) == "chunked"
-    monkeypatch.setattr(mmcl.losses, "_triton_usable", lambda device: (False, "no GPU here"))
+    # CUDA: naive while the fp32 logits fit 1 GiB (16,384²), Triton above; float64 never Triton.
+    budget = AUTO_NAIVE_MAX_LOGIT_BYTES // 4
+    assert budget == 16384 * 16384
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(mmcl.kernels, "is_available", lambda device: (True, ""))
+    assert resolve_impl("auto", cuda, 100, torch.bfloat16) == "naive"
+    assert resolve_impl("auto", cuda, budget, torch.float32) == "naive"
+    assert resolve_impl("auto", cuda, budget + 1, torch.bfloat16) == "triton"
+    assert resolve_impl("auto", cuda, 256 * 65536, torch.float16) == "naive"  # the MoCo queue shape
+    assert resolve_impl("auto", cuda, 65536 * 65536, torch.bfloat16) == "triton"
+    assert resolve_impl("auto", cuda, 2 * budget, torch.float64) == "chunked"
+    # The kernels' own check is the only one: "auto" falls back (and says so above the budget),
+    # forcing Triton raises with its reason.
+    monkeypatch.setattr(mmcl.kernels, "is_available", lambda device: (False, "no GPU here"))
+    assert resolve_impl("auto", cuda, 100) == "naive"
+    with pytest.warns(UserWarning, match="no GPU here"):
+        assert resolve_impl("auto", cuda, 2 * budget, torch.float32) == "chunked"
     with pytest.raises(ValueError, match='impl="triton" cannot run on cpu tensors: no GPU here'):
         clip_loss(torch.randn(4, 8), torch.randn(4, 8), 10.0, impl="triton")
+
+
+def test_fp32_queue_reaches_the_kernel_in_the_queries_dtype(monkeypatch):
+    seen = []
+
+    def spy(query, key, scale, **kw):
+        seen.append((query.dtype, key.dtype))
+        return similarity_lse_chunked(query, key, scale, **kw)
+
+    monkeypatch.setattr(mmcl.kernels, "is_available", lambda device: (True, ""))
+    monkeypatch.setattr(mmcl.kernels, "similarity_lse", spy)
+    monkeypatch.setattr(mmcl.kernels, "row_dot", lambda a, b: (a.float() * b.float()).sum(-1))
+    q, k = torch.randn(5, 16).bfloat16(), torch.randn(5, 16).bfloat16()
+    queue = torch.nn.functional.normalize(torch.randn(40, 16), dim=-1)  # fp32, as FeatureQueue keeps it
+    loss = info_nce(q, k, 0.2, queue=queue, impl="triton")
+    assert seen == [(torch.bfloat16, torch.bfloat16)]
+    ref = info_nce(q.double(), k.double(), 0.2, queue=queue.bfloat16().double(), impl="naive")
+    _assert_close(loss, ref, "loss with the queue rounded to bf16", atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_naive_16_bit_inputs_multiply_in_their_dtype_and_softmax_in_fp32(dtype):
+    """The naive path (what "auto" runs on CUDA below the logits budget) keeps 16-bit products,
+    as autocast does, then widens: the loss is the cross-entropy of fp32(a @ b.T) * scale."""
+    img, txt = _leaf(23, 32).detach().to(dtype), _leaf(23, 32).detach().to(dtype)
+    loss = clip_loss(img, txt, 14.3, impl="naive")
+    assert loss.dtype == torch.float32
+    logits = 14.3 * (img @ txt.T).double()  # the 16-bit products, widened exactly
+    labels = torch.arange(23)
+    ref = 0.5 * (torch.nn.functional.cross_entropy(logits, labels) + torch.nn.functional.cross_entropy(logits.T, labels))
+    _assert_close(loss, ref, "loss from 16-bit products", atol=1e-5, rtol=1e-5)
+    exact = clip_loss(img.double(), txt.double(), 14.3, impl="naive")
+    _assert_close(loss, exact, "loss against exact products", atol=0.05, rtol=0.02)
+
+
+def test_gather_outside_a_distributed_run_is_the_plain_loss():
+    img, txt = _leaf(9, 16), _leaf(9, 16)
+    for impl in ("naive", "chunked"):
+        _assert_close(clip_loss(img, txt, 10.0, gather=True, local_loss=True, impl=impl), clip_loss(img, txt, 10.0), impl)
+        _assert_close(nt_xent(img, txt, 0.3, gather=True, impl=impl), nt_xent(img, txt, 0.3), impl)
+        feats, labels = torch.stack([img, txt], 1), torch.randint(0, 3, (9,))
+        _assert_close(supcon_loss(feats, labels, 0.3, gather=True, impl=impl), supcon_loss(feats, labels, 0.3), impl)
 
 
 BAD_INPUTS = [

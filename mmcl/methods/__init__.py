@@ -8,7 +8,8 @@ of mmcl asks the objective (or its class) what it needs (mmcl.methods.base.Objec
 from __future__ import annotations
 
 from mmcl.methods.base import EVAL_KINDS, LossConfig, Objective
-from mmcl.methods.clip import ClipObjective, ClipSimCLRObjective
+from mmcl.methods.clip import ClipObjective
+from mmcl.methods.clip_simclr import ClipSimCLRObjective
 from mmcl.methods.moco import FeatureQueue, MoCoConfig, MoCoObjective, MomentumEncoder
 from mmcl.methods.simclr import SimCLRObjective
 

@@ -23,9 +23,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-import torch
-
-from mmcl import distributed
 from mmcl.losses import IMPLS
 
 EVAL_KINDS = ("zeroshot", "knn")
@@ -41,7 +38,7 @@ class LossConfig:
     """Loss settings. CLIP learns its temperature (model.logit_scale); image-only losses use a fixed one."""
 
     impl: str = "auto"  # one of mmcl.losses.IMPLS
-    local_loss: bool = True  # multi-process: each rank scores its own rows against all gathered columns
+    local_loss: bool = True  # multi-process: report this rank's share of the loss (false: the global loss); same gradients
     temperature: float = 0.2  # simclr / moco
     simclr_weight: float = 1.0  # clip+simclr: weight of the image-image term (SLIP uses 1.0)
     simclr_temperature: float = 0.1  # clip+simclr: temperature of the image-image term
@@ -51,11 +48,6 @@ class LossConfig:
         require(self.temperature > 0, f"loss.temperature must be > 0, got {self.temperature}")
         require(self.simclr_temperature > 0, f"loss.simclr_temperature must be > 0, got {self.simclr_temperature}")
         require(self.simclr_weight >= 0, f"loss.simclr_weight must be >= 0, got {self.simclr_weight}")
-
-
-def gather(x: torch.Tensor) -> torch.Tensor:
-    """All ranks' rows with gradients (one process: x itself)."""
-    return distributed.gather_with_grad(x)[0]
 
 
 class Objective:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from mmcl.losses import nt_xent
-from mmcl.methods.base import Objective, gather
+from mmcl.methods.base import Objective
 
 
 class SimCLRObjective(Objective):
@@ -23,4 +23,4 @@ class SimCLRObjective(Objective):
 
     def loss(self, emb: dict, keys: dict, scale):
         T = self.loss_cfg.temperature
-        return nt_xent(gather(emb["z1"]), gather(emb["z2"]), T, impl=self.loss_cfg.impl), {"temperature": T}
+        return nt_xent(emb["z1"], emb["z2"], T, gather=True, impl=self.loss_cfg.impl), {"temperature": T}

@@ -14,9 +14,9 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
-from mmcl.kernels.similarity_lse import _check_inputs, _on_device
+from mmcl.kernels._common import check_features, on_device, promote
 
-__all__ = ["row_dot_triton"]
+__all__ = ["row_dot"]
 
 BLOCK_ROWS = 32  # rows per program; the D loop walks BLOCK_D features at a time
 BLOCK_D = 128
@@ -62,7 +62,7 @@ class _RowDotTriton(torch.autograd.Function):
     def forward(ctx, a, b):
         M, D = a.shape
         out = torch.empty(M, dtype=torch.float32, device=a.device)
-        with _on_device(a):
+        with on_device(a):
             _row_dot_fwd_kernel[(triton.cdiv(M, BLOCK_ROWS),)](
                 a, b, out, M, D, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
                 BLOCK_M=BLOCK_ROWS, BLOCK_D=BLOCK_D)
@@ -80,7 +80,7 @@ class _RowDotTriton(torch.autograd.Function):
         g = grad.float().contiguous()
         da = torch.empty((M, D), dtype=a.dtype, device=a.device) if need_a else None
         db = torch.empty((M, D), dtype=b.dtype, device=b.device) if need_b else None
-        with _on_device(a):
+        with on_device(a):
             _row_dot_bwd_kernel[(triton.cdiv(M, BLOCK_ROWS),)](
                 a, b, g, da if need_a else g, db if need_b else g, M, D,
                 a.stride(0), a.stride(1), b.stride(0), b.stride(1),
@@ -88,16 +88,14 @@ class _RowDotTriton(torch.autograd.Function):
         return da, db
 
 
-def row_dot_triton(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """(B,) fp32 dot products of the rows of a (B, D) and b (B, D), differentiable in both.
 
     float32 / float16 / bfloat16 inputs of any strides (promoted to a common dtype if they
     differ); fp32 accumulation; nothing but the (B,) result is allocated in forward.
     """
-    _check_inputs(a, b, names=("a", "b"))
+    check_features(a, b, names=("a", "b"))
     if a.shape[0] != b.shape[0]:
         raise ValueError(f"a and b must have the same number of rows, got {tuple(a.shape)} and {tuple(b.shape)}")
-    if a.dtype != b.dtype:
-        common = torch.promote_types(a.dtype, b.dtype)
-        a, b = a.to(common), b.to(common)
+    a, b = promote(a, b)
     return _RowDotTriton.apply(a, b)
