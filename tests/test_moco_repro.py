@@ -147,6 +147,7 @@ def test_shuffle_batch_one_process_is_a_permutation_and_its_exact_inverse():
         distributed.unshuffle_batch(shuffled[:5], index)
 
 
+@pytest.mark.slow
 def test_shuffle_bn_two_processes_follows_moco(tmp_path):
     out = tmp_path / "shuffle.json"
     accelerate_launch(SCRIPTS / "dist_shuffle_bn.py", str(out))
@@ -276,6 +277,7 @@ DIGITS_MOCO = ["train.max_steps=1000", "train.batch_size=128", "model.image_size
 KNN_MARGIN = 0.04
 
 
+@pytest.mark.slow
 def test_moco_on_digits_beats_the_random_init_encoder(tmp_path):
     from accelerate.utils import set_seed
 
@@ -292,6 +294,7 @@ def test_moco_on_digits_beats_the_random_init_encoder(tmp_path):
         f"MoCo kNN top-1 {result['knn_top1']:.4f} vs random-init {random_init:.4f} (margin {KNN_MARGIN})")
 
 
+@pytest.mark.slow
 def test_evaluator_caches_preprocessed_pixels_with_the_same_knn(monkeypatch):
     """Periodic kNN evaluations decode the held-out and memory-bank images once (a pixel cache
     within Evaluator.pixel_cache_bytes) and give exactly what decoding every time gives; images

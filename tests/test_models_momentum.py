@@ -104,6 +104,7 @@ def test_queue_buffers_in_state_dict_and_bad_input():
         FeatureQueue(4, 0)
 
 
+@pytest.mark.slow
 def test_queue_two_processes_gathers_in_rank_order(tmp_path):
     out = tmp_path / "queue.json"
     accelerate_launch(SCRIPTS / "dist_queue.py", str(out))

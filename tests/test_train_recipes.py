@@ -38,9 +38,13 @@ def test_recipe_main_reports_config_errors(tmp_path, capsys):
 @pytest.mark.parametrize("recipe,mode", [(train_simclr, "simclr"), (train_moco, "moco")])
 def test_image_only_recipe_trains_and_evaluates(recipe, mode, tmp_path):
     threads = torch.get_num_threads()
-    res = recipe_main(recipe.DEFAULT_CONFIG, recipe_overrides(mode, tmp_path / "run", None, steps=3)
-                      + ["train.eval_every=2"])
-    assert torch.get_num_threads() == threads  # the YAML's train.num_threads=1 held only during fit
+    torch.set_num_threads(2)  # the suite runs on one thread (conftest); the YAML's num_threads=1 must not leak
+    try:
+        res = recipe_main(recipe.DEFAULT_CONFIG, recipe_overrides(mode, tmp_path / "run", None, steps=3)
+                          + ["train.eval_every=2"])
+        assert torch.get_num_threads() == 2  # the YAML's train.num_threads=1 held only during fit
+    finally:
+        torch.set_num_threads(threads)
     assert res["step"] == 3 and torch.isfinite(torch.tensor(res["loss"]))
     assert 0.0 <= res["knn_top1"] <= 1.0 and res["skipped_images"] == 0
     final = tmp_path / "run" / "final"
