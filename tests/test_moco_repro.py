@@ -294,7 +294,6 @@ def test_moco_on_digits_beats_the_random_init_encoder(tmp_path):
         f"MoCo kNN top-1 {result['knn_top1']:.4f} vs random-init {random_init:.4f} (margin {KNN_MARGIN})")
 
 
-@pytest.mark.slow
 def test_evaluator_caches_preprocessed_pixels_with_the_same_knn(monkeypatch):
     """Periodic kNN evaluations decode the held-out and memory-bank images once (a pixel cache
     within Evaluator.pixel_cache_bytes) and give exactly what decoding every time gives; images

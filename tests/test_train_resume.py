@@ -51,7 +51,6 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path):
     assert all(la[s] == lb[s] for s in (5, 6, 7))
 
 
-@pytest.mark.slow
 def test_max_minutes_stops_with_a_checkpoint_that_resumes_exactly(tmp_path, monkeypatch):
     """train.max_minutes ends training early (checkpoint, final eval, final model); resuming from
     that checkpoint without the limit ends exactly where an uninterrupted run ends. The loop's
