@@ -18,8 +18,7 @@ import os
 import sys
 from pathlib import Path
 
-from mmcl.train.config import load_config
-from mmcl.train.loop import fit
+from mmcl.train import fit, load_config
 
 
 def parse_recipe_args(default_config, argv=None) -> tuple[str, list[str]]:
