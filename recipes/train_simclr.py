@@ -3,14 +3,16 @@
     accelerate launch recipes/train_simclr.py [--config recipes/configs/NAME.yaml] [key.sub=value ...]
     python recipes/train_simclr.py            # the same, one process
 
-Default config: recipes/configs/simclr_digits.yaml. See recipes/README.md for every reference run.
+See recipes/README.md for every reference run.
 """
 import os
-import sys
+from pathlib import Path
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # towers and data are local files: never reach a hub
 
-from _common import main  # noqa: E402
+from mmcl.train.recipe import recipe_main  # noqa: E402
+
+DEFAULT_CONFIG = str(Path(__file__).resolve().parent / "configs" / "simclr_digits.yaml")
 
 if __name__ == "__main__":
-    main("simclr_digits.yaml")
+    recipe_main(DEFAULT_CONFIG)

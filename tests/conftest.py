@@ -1,4 +1,8 @@
-"""Shared test setup: offline Hugging Face, Triton's CPU interpreter, seeded RNGs."""
+"""Shared test setup: offline Hugging Face, one CPU thread, Triton's CPU interpreter, seeded RNGs.
+
+`python -m pytest -q -m "not slow"` is the inner loop; `slow` (registered in pyproject.toml) marks
+the tests that launch subprocesses, train for more than ~50 steps or take more than a few seconds.
+"""
 import os
 import random
 
@@ -7,6 +11,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The tests' tensors are tiny: a second intra-op thread buys nothing and, on a shared machine, its
+# spin-waits double the suite's time. Subprocesses inherit it. OMP_NUM_THREADS=2 pytest overrides.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch  # noqa: E402
 

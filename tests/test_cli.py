@@ -56,6 +56,7 @@ def _one_line_error(result, fragment):
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_zeroshot_command_matches_transformers(setup):
     names = CLASS_NAMES[:4]
     res = run_mmcl("zeroshot", "--model", setup["model"], "--labels", ",".join(names), "--templates", "none",
@@ -73,6 +74,7 @@ def test_zeroshot_command_matches_transformers(setup):
         np.testing.assert_allclose(row["probs"], top.values.numpy(), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_error_paths_are_one_line_with_status_2(setup, tmp_path, capsys):
     bad = tmp_path / "broken.png"
     bad.write_bytes(b"\x89PNG but not really")

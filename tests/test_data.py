@@ -345,6 +345,7 @@ def test_sampler_order_skip_and_accelerate_sharding(processor):
         assert torch.equal(b1["view1"], full[2 * step + 1]["view1"])
 
 
+@pytest.mark.slow
 def test_batch_stream_across_epochs_resume_and_ranks(processor):
     """mmcl.data's BatchStream over build_dataset: one DataLoader (2 workers) over three epochs gives each epoch's
     seeded order cut into full batches (the tail dropped), also across a close(); a stream rebuilt

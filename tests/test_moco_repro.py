@@ -11,7 +11,6 @@
 
 Momentum update and the gathered queue are tested in test_models_momentum.py.
 """
-import importlib.util
 import json
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from helpers.launch import accelerate_launch, load_script
 
 from mmcl import distributed
 from mmcl.models import DualEncoder
@@ -147,25 +147,12 @@ def test_shuffle_batch_one_process_is_a_permutation_and_its_exact_inverse():
         distributed.unshuffle_batch(shuffled[:5], index)
 
 
-def _launcher():
-    spec = importlib.util.spec_from_file_location("test_distributed", Path(__file__).parent / "test_distributed.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.accelerate_launch
-
-
-def _script(name: str):
-    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
+@pytest.mark.slow
 def test_shuffle_bn_two_processes_follows_moco(tmp_path):
     out = tmp_path / "shuffle.json"
-    _launcher()(SCRIPTS / "dist_shuffle_bn.py", str(out))
+    accelerate_launch(SCRIPTS / "dist_shuffle_bn.py", str(out))
     results = [json.loads(Path(f"{out}.rank{r}").read_text()) for r in (0, 1)]
-    script = _script("dist_shuffle_bn")
+    script = load_script("dist_shuffle_bn")
     n = script.B
     all_x = torch.cat([script.rank_batch(0), script.rank_batch(1)])
     # Both ranks use rank 0's permutation (their own generators were seeded differently).
@@ -293,6 +280,7 @@ DIGITS_MOCO = ["train.max_steps=1000", "train.batch_size=128", "data.image_size=
 KNN_MARGIN = 0.04
 
 
+@pytest.mark.slow
 def test_moco_on_digits_beats_the_random_init_encoder(tmp_path):
     from accelerate.utils import set_seed
 

@@ -1,5 +1,4 @@
 """MomentumEncoder and FeatureQueue against MoCo's formulas, in one process and across two."""
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -7,6 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn as nn
+from helpers.launch import accelerate_launch, load_script
 
 from mmcl.models import FeatureQueue, MomentumEncoder
 
@@ -104,19 +104,15 @@ def test_queue_buffers_in_state_dict_and_bad_input():
         FeatureQueue(4, 0)
 
 
+@pytest.mark.slow
 def test_queue_two_processes_gathers_in_rank_order(tmp_path):
-    spec = importlib.util.spec_from_file_location("test_distributed", Path(__file__).parent / "test_distributed.py")
-    launch = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(launch)
     out = tmp_path / "queue.json"
-    launch.accelerate_launch(SCRIPTS / "dist_queue.py", str(out))
+    accelerate_launch(SCRIPTS / "dist_queue.py", str(out))
     states = [json.loads(Path(f"{out}.rank{r}").read_text()) for r in (0, 1)]
     assert states[0]["world_size"] == 2
     assert states[0] == states[1]  # every rank holds the same queue
 
-    dist_spec = importlib.util.spec_from_file_location("dist_queue", SCRIPTS / "dist_queue.py")
-    script = importlib.util.module_from_spec(dist_spec)
-    dist_spec.loader.exec_module(script)
+    script = load_script("dist_queue")
     batches = [torch.cat([script.rank_keys(step, 0), script.rank_keys(step, 1)]) for step in range(4)]
     rows, ptr, filled = ring_reference(batches, script.SIZE, script.DIM)
     assert torch.equal(torch.tensor(states[0]["features"], dtype=torch.float64), rows)

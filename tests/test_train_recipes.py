@@ -3,34 +3,48 @@ scripts, CLIP through `accelerate launch --multi_gpu --num_processes 2` (gloo) c
 one-process run of the same global batches."""
 import json
 import os
-import re
-import runpy
-import socket
 
 import pytest
 import torch
+import train_clip
+import train_moco
+import train_simclr
+from helpers.launch import accelerate_launch
 from safetensors.torch import load_file
-from train_helpers import REPO, recipe_overrides, run_python, write_tokenizer
+from train_helpers import REPO, recipe_overrides, write_tokenizer
 
 from mmcl.train import fit, load_config
+from mmcl.train.recipe import recipe_main
 
 RECIPES = os.path.join(REPO, "recipes")
 
 
-def _run_recipe(script, argv):
-    """Run recipes/<script> as `python recipes/<script> ARGV` would, in this process; returns
-    fit's dict. The script's own main(...) line names its default config."""
-    path = os.path.join(RECIPES, script)
-    default = re.search(r'main\("([^"]+)"\)', open(path).read()).group(1)
-    namespace = runpy.run_path(path, run_name="recipe")  # executes the imports, not the __main__ block
-    return namespace["main"](default, argv)
+def test_recipes_name_their_default_configs():
+    for recipe, name in ((train_clip, "clip_digits.yaml"), (train_simclr, "simclr_digits.yaml"),
+                         (train_moco, "moco_digits.yaml")):
+        assert recipe.DEFAULT_CONFIG == os.path.join(RECIPES, "configs", name)
+        assert load_config(recipe.DEFAULT_CONFIG).mode == name.split("_")[0]
 
 
-@pytest.mark.parametrize("script,mode", [("train_simclr.py", "simclr"), ("train_moco.py", "moco")])
-def test_image_only_recipe_trains_and_evaluates(script, mode, tmp_path):
+def test_recipe_main_reports_config_errors(tmp_path, capsys):
+    with pytest.raises(SystemExit, match="error: .*no_such_key"):
+        recipe_main(train_clip.DEFAULT_CONFIG, ["train.no_such_key=1"])
+    with pytest.raises(SystemExit, match="does not exist"):
+        recipe_main(train_clip.DEFAULT_CONFIG, ["--config", str(tmp_path / "missing.yaml")])
+    with pytest.raises(TypeError, match="default_config"):
+        recipe_main(None, [])
+
+
+@pytest.mark.parametrize("recipe,mode", [(train_simclr, "simclr"), (train_moco, "moco")])
+def test_image_only_recipe_trains_and_evaluates(recipe, mode, tmp_path):
     threads = torch.get_num_threads()
-    res = _run_recipe(script, recipe_overrides(mode, tmp_path / "run", None, steps=3) + ["train.eval_every=2"])
-    assert torch.get_num_threads() == threads  # the YAML's train.num_threads=1 held only during fit
+    torch.set_num_threads(2)  # the suite runs on one thread (conftest); the YAML's num_threads=1 must not leak
+    try:
+        res = recipe_main(recipe.DEFAULT_CONFIG, recipe_overrides(mode, tmp_path / "run", None, steps=3)
+                          + ["train.eval_every=2"])
+        assert torch.get_num_threads() == 2  # the YAML's train.num_threads=1 held only during fit
+    finally:
+        torch.set_num_threads(threads)
     assert res["step"] == 3 and torch.isfinite(torch.tensor(res["loss"]))
     assert 0.0 <= res["knn_top1"] <= 1.0 and res["skipped_images"] == 0
     final = tmp_path / "run" / "final"
@@ -48,17 +62,12 @@ def test_image_only_recipe_trains_and_evaluates(script, mode, tmp_path):
 
 def test_slip_recipe_config(tmp_path):
     tok = write_tokenizer(tmp_path / "tok")
-    res = _run_recipe("train_clip.py", ["--config", os.path.join(RECIPES, "configs", "clip_simclr_digits.yaml"),
-                                        *recipe_overrides("clip+simclr", tmp_path / "run", tok, steps=2)])
+    res = recipe_main(train_clip.DEFAULT_CONFIG, ["--config", os.path.join(RECIPES, "configs", "clip_simclr_digits.yaml"),
+                                                  *recipe_overrides("clip+simclr", tmp_path / "run", tok, steps=2)])
     assert res["step"] == 2 and 0.0 <= res["zeroshot_top1"] <= 1.0
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
+@pytest.mark.slow
 @pytest.mark.parametrize("accumulate", [1, 2], ids=["ddp", "gradcache"])
 def test_accelerate_launch_two_processes_matches_one_process(accumulate, tmp_path):
     """2 gloo processes x batch 4 (DDP), or x micro-batch 2 x GradCache accumulate 2, train on the
@@ -69,13 +78,10 @@ def test_accelerate_launch_two_processes_matches_one_process(accumulate, tmp_pat
     common = ["eval.enabled=false", "optim.name=sgd", "optim.lr=0.2", "train.max_steps=2"]
     two = recipe_overrides("clip", tmp_path / "two", tok, batch=8 // (2 * accumulate)) + common + [
         f"train.accumulate={accumulate}"]
-    r = run_python(["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-                    "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
-                    "recipes/train_clip.py", *two], timeout=300)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    r = accelerate_launch(os.path.join(RECIPES, "train_clip.py"), *two, timeout=300)
     assert "weights identical on all 2 processes" in r.stdout
 
-    fit(load_config(os.path.join(RECIPES, "configs", "clip_digits.yaml"),
+    fit(load_config(train_clip.DEFAULT_CONFIG,
                     recipe_overrides("clip", tmp_path / "one", tok, batch=8) + common))
     a = load_file(str(tmp_path / "two" / "final" / "model.safetensors"))
     b = load_file(str(tmp_path / "one" / "final" / "model.safetensors"))

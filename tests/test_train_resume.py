@@ -12,6 +12,7 @@ from mmcl.train import fit, load_config
 from mmcl.train.checkpoint import list_checkpoints
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_is_bit_identical(tmp_path):
     """MoCo with dropout, augmented views, a queue, an EMA key encoder and an epoch boundary
     (5 batches per epoch): killed during step 5, resumed from step 4's checkpoint, it ends with

@@ -1,0 +1,2 @@
+"""Helpers shared by the test modules (not tests themselves): `launch` runs scripts under a real
+multi-process `accelerate launch`."""
