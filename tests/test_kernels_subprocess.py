@@ -7,6 +7,8 @@ import subprocess
 import sys
 
 import pytest
+from helpers.gathered import check_gathered_losses
+from helpers.launch import SCRIPTS, accelerate_launch
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -83,14 +85,13 @@ def test_kernels_compile_for_sm90_without_spills():
 # --------------------------------------------------------------------------- distributed
 
 
+@pytest.mark.slow
 def test_gathered_losses_with_triton_on_two_processes(tmp_path):
     """clip_loss (local_loss True/False), nt_xent and supcon_loss with gather=True and
     impl="triton" (interpreted) on 2 gloo processes via `accelerate launch`, even and uneven shards:
     each rank's rows against all ranks' columns with per-row excluded columns and merged column
     statistics; loss and DDP-averaged gradients as one float64 process on the whole batch (relative
     errors below 1e-6)."""
-    from test_distributed import SCRIPTS, accelerate_launch, check_gathered_losses
-
     out = tmp_path / "result.json"
     accelerate_launch(SCRIPTS / "dist_losses.py", str(out), "--impls", "triton", "--dtypes", "float32",
                       "--batch", "45", "--dim", "48",  # several 32-wide tiles under the interpreter
@@ -98,6 +99,7 @@ def test_gathered_losses_with_triton_on_two_processes(tmp_path):
     check_gathered_losses(out, ["triton"], ["float32"], {"float32": 1e-6})
 
 
+@pytest.mark.slow
 def test_bench_script_smoke_mode(tmp_path):
     """bench/bench_kernels.py end to end on CPU (interpreter, tiny sizes): every case and dtype,
     a launch variant, correctness checks first; it must not record interpreter timings in

@@ -3,9 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mmcl.methods import MODES  # noqa: F401  (mmcl.data.MODES: the registry's modes)
-
-AUGMENT_PRESETS = ("none", "clip", "simclr", "mocov2")
+from mmcl.data.augment import AUGMENT_PRESETS
 
 
 @dataclass
