@@ -141,6 +141,7 @@ class DualEncoder(nn.Module):
 
     @classmethod
     def _from_mmcl_dir(cls, directory: str, config: dict) -> "DualEncoder":
+        from safetensors import SafetensorError
         from safetensors.torch import load_model
 
         if config["mmcl_model_type"] != "dual_encoder":
@@ -153,7 +154,10 @@ class DualEncoder(nn.Module):
         weights = os.path.join(directory, WEIGHTS_FILE)
         if not os.path.isfile(weights):
             raise ValueError(f"{directory!r} has no {WEIGHTS_FILE}")
-        load_model(model, weights, strict=True)
+        try:
+            load_model(model, weights, strict=True)
+        except SafetensorError as err:  # a truncated or overwritten file: say which, not the parser's words
+            raise ValueError(f"{weights} is damaged (not a complete safetensors file): {err}") from err
         return model.eval()
 
     def save_pretrained(self, directory: str) -> None:

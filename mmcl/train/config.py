@@ -98,6 +98,9 @@ class TrainConfig:
     progress: bool = True
     trackers: list = field(default_factory=lambda: ["tensorboard", "jsonl"])  # + "wandb" when installed
     device_augment: str | None = None  # simclr/moco: "mocov2" | "simclr" | "moco_cifar" views made on the device
+    # faults (mmcl.train.faults): a dead rank ends the run after this long; refuse meaning-changing resumes
+    collective_timeout_s: float = 300.0
+    resume_allow_changes: bool = False  # resume although the config changed the run's meaning (logged)
 
 
 @dataclass
@@ -292,6 +295,8 @@ def validate(cfg: Config) -> None:
         _check(bool(has_text), f"mode {cfg.mode!r} needs a text tower: set model.text_tower or model.text_tower_config")
     _check(t.resume is None or isinstance(t.resume, str), f"train.resume must be null, 'auto' or a path, got {t.resume!r}")
     _check(isinstance(t.trackers, list), f"train.trackers must be a list, got {t.trackers!r}")
+    _check(isinstance(t.collective_timeout_s, (int, float)) and not isinstance(t.collective_timeout_s, bool)
+           and t.collective_timeout_s > 0, f"train.collective_timeout_s must be a number > 0, got {t.collective_timeout_s!r}")
     if t.device_augment is not None:
         from mmcl.train.device_augment import PRESETS
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from mmcl.train import checkpoint as ckpt
+from mmcl.train import faults
 from mmcl.train.config import Config, from_dict, load_config, to_dict
 from mmcl.train.gradcache import cached_step, plain_step
 
@@ -63,7 +64,8 @@ def _make_accelerator(cfg: Config):
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
         dynamo_backend="inductor" if cfg.train.compile else "no",
         # Towers may hold parameters that a given loss never reaches (a pooler next to mean pooling).
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True),
+                         faults.process_group_kwargs(cfg.train.collective_timeout_s)],  # faults: no hang
     )
 
 
@@ -89,15 +91,22 @@ def fit(config, *, on_batch=None, on_step_end=None) -> dict:
     if cfg.train.num_threads is not None:
         torch.set_num_threads(cfg.train.num_threads)
     closers: list = []
+    guard = faults.RunGuard(cfg.output_dir, cfg.train.collective_timeout_s)  # faults: signals, dead ranks
     try:
-        return _fit(cfg, on_batch, on_step_end, closers)
+        return _fit(cfg, on_batch, on_step_end, closers, guard)
+    except Exception as exc:  # faults: a failed collective names the rank that stopped answering
+        failure = guard.explain(exc)
+        if failure is None:
+            raise
+        raise failure from exc
     finally:  # the setting is process-wide: leave the caller's as it was
         torch.set_num_threads(threads)
+        guard.close()
         for close in closers:  # the data workers stop now, also when training raised
             close()
 
 
-def _fit(cfg: Config, on_batch, on_step_end, closers: list) -> dict:
+def _fit(cfg: Config, on_batch, on_step_end, closers: list, guard: faults.RunGuard) -> dict:
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
 
@@ -112,6 +121,7 @@ def _fit(cfg: Config, on_batch, on_step_end, closers: list) -> dict:
     accelerator = _make_accelerator(cfg)
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
     main = accelerator.is_main_process
+    guard.attach(accelerator)  # faults: heartbeat
 
     set_seed(cfg.seed)  # same initial weights on every rank (DDP also broadcasts rank 0's)
     if cfg.model.sync_bn and world > 1 and device.type != "cuda":
@@ -143,9 +153,11 @@ def _fit(cfg: Config, on_batch, on_step_end, closers: list) -> dict:
     params = [p for p in model.parameters() if p.requires_grad]
 
     step = 0
-    resume_from = _resume_path(cfg)
+    resume_from = ckpt.resume_path(cfg.train.resume, cfg.output_dir, verbose=main)  # faults: verified
     if resume_from is not None:
         state = ckpt.read_checkpoint(resume_from, unwrapped, extra)
+        faults.check_resume_config(ckpt.read_config(resume_from), to_dict(cfg), int(state.get("world_size", world)),
+                                   world, t.resume_allow_changes, verbose=main)  # faults: a changed config
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         if accelerator.scaler is not None and state.get("scaler"):
@@ -235,6 +247,15 @@ def _fit(cfg: Config, on_batch, on_step_end, closers: list) -> dict:
             _save(accelerator, cfg, step, unwrapped, extra, optimizer, scheduler, stream)
         if on_step_end is not None:
             on_step_end(step, {"loss": loss_value})
+        if step < t.max_steps and guard.stop_requested():  # faults: SIGTERM / SIGUSR1 → checkpoint, return
+            if not (t.save_every and step % t.save_every == 0):  # not saved just above
+                _save(accelerator, cfg, step, unwrapped, extra, optimizer, scheduler, stream)
+            if main:
+                print(guard.stop_message(step, t.max_steps), flush=True)
+            pbar.close()
+            accelerator.end_training()
+            return {"step": step, "loss": last_loss, "stopped_early": True, "stop_signal": guard.received,
+                    "train_seconds": time.perf_counter() - started}
         if step < t.max_steps and _out_of_time(accelerator, started, t.max_minutes):
             stopped_early = True
             if main:
@@ -293,18 +314,6 @@ def _sum_over_ranks(accelerator, count: int) -> int:
     return int(accelerator.reduce(torch.tensor([count], device=accelerator.device), reduction="sum").item())
 
 
-def _resume_path(cfg: Config):
-    r = cfg.train.resume
-    if r is None:
-        return None
-    if r == "auto":
-        return ckpt.latest_checkpoint(cfg.output_dir)  # None: nothing to resume, start fresh
-    path = Path(r)
-    if not (path / "COMPLETE").is_file():
-        raise ValueError(f"train.resume={r!r} is not a complete checkpoint directory (use 'auto' or a step_* dir)")
-    return path
-
-
 def _log_eval(accelerator, evaluator, model, step: int) -> dict:
     """Evaluate on the main process (the others wait), log, and return the metrics everywhere."""
     from accelerate.utils import broadcast_object_list
@@ -320,19 +329,13 @@ def _log_eval(accelerator, evaluator, model, step: int) -> dict:
 
 def _save(accelerator, cfg, step, model, extra, optimizer, scheduler, stream) -> None:
     """Every rank writes its RNG state; the main process writes the rest and renames."""
-    out = cfg.output_dir
-    if accelerator.is_main_process:
-        ckpt.begin_checkpoint(out, step)
-    accelerator.wait_for_everyone()
-    tmp = ckpt.temporary_dir(out, step)
-    ckpt.save_state(ckpt.rng_state(), tmp, f"rng_{accelerator.process_index}")
-    accelerator.wait_for_everyone()
+    state = None
     if accelerator.is_main_process:
         scaler = accelerator.scaler.state_dict() if accelerator.scaler is not None else None
         state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                  "scaler": scaler, "data": stream.state_dict(), "world_size": accelerator.num_processes}
-        ckpt.finish_checkpoint(tmp, out, step, model, extra, state, cfg.train.keep_checkpoints)
-    accelerator.wait_for_everyone()
+    ckpt.save_checkpoint(accelerator, cfg.output_dir, step, model, extra, state, cfg.train.keep_checkpoints,
+                         config=to_dict(cfg))  # faults: checksums, the config, a failed write cleaned up
 
 
 @torch.no_grad()
