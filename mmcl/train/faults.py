@@ -32,7 +32,7 @@ HEARTBEAT_S = 1.0
 # evaluation, checkpoint bookkeeping, paths, time limits, throughput settings. Everything else
 # (mode, model, data, loss, optim, batch size, max_steps = the schedule's length, ...) does.
 HARMLESS_KEYS = ("output_dir", "eval.", "checkpoint.", "train.log_every", "train.eval_every", "train.progress",
-                 "train.trackers", "train.max_minutes", "train.resume", "train.resume_allow_changes",
+                 "train.trackers", "train.max_minutes", "train.resume_allow_changes",
                  "train.save_every", "train.keep_checkpoints", "train.num_threads", "train.collective_timeout_s",
                  "data.num_workers", "data.eval_source", "data.eval_split")
 GLOBAL_BATCH = "world size x train.batch_size"
@@ -222,7 +222,7 @@ def config_changes(saved: dict, current: dict) -> tuple[list[str], list[str]]:
     """
     a, b = _flat(saved), _flat(current)
     changed, harmless = [], []
-    for key in sorted(set(a) | set(b)):
+    for key in sorted((set(a) | set(b)) - {"train.resume"}):  # the resume request itself: not a change
         old, new = a.get(key, "<absent>"), b.get(key, "<absent>")
         if old != new:
             (harmless if _harmless(key) else changed).append(f"{key}: {old!r} -> {new!r}")
