@@ -60,11 +60,13 @@ def test_truncated_checkpoint_falls_back_to_the_newest_intact_one(tmp_path, caps
     capsys.readouterr()
     assert cli_main(["checkpoint", "verify", str(run)]) == 2
     captured = capsys.readouterr()
-    assert f"step_00000002: ok" in captured.out, captured.out
+    assert "step_00000002: ok" in captured.out, captured.out
     assert f"model.safetensors has {full_size // 2} bytes, the checkpoint recorded {full_size}" in captured.out
     assert "state.safetensors does not match its recorded sha256" in captured.out
     assert "1 of 2 checkpoints are damaged: step_00000004" in captured.err
     assert cli_main(["checkpoint", "verify", str(ckpt.checkpoint_dir(run, 2))]) == 0
+    assert cli_main(["checkpoint", "verify", str(tmp_path / "tok")]) == 2
+    assert "holds no complete checkpoint" in capsys.readouterr().err
 
     with pytest.raises(ValueError, match="is damaged: model.safetensors has"):
         fit(_cfg(run, tok, "train.save_every=2", "train.keep_checkpoints=3", f"train.resume={newest}"))

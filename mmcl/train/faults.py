@@ -2,7 +2,8 @@
 
 - **Preemption.** `RunGuard` turns SIGTERM / SIGUSR1 (what SLURM and cloud schedulers send before
   they kill a job) into a "stop requested" flag; the loop asks `stop_requested()` at the end of
-  every step (all ranks agree), writes a checkpoint and returns. A second signal acts at once.
+  every step (all ranks agree), writes a checkpoint and returns. Under `accelerate launch` a
+  signal to the launcher reaches the processes through it; the launcher waits 30 s for them.
 - **A dead process.** Collectives time out after `train.collective_timeout_s`
   (`process_group_kwargs`). Every rank bumps a counter in the launcher's rendezvous store once a
   second from a background thread; when a collective fails, `RunGuard.explain` looks which
@@ -112,6 +113,7 @@ class RunGuard:
     def __init__(self, output_dir: str, collective_timeout_s: float):
         self.output_dir, self.timeout_s = output_dir, collective_timeout_s
         self.received: str | None = None
+        self._pid = os.getpid()
         self.accelerator = None
         self._heartbeat: _Heartbeat | None = None
         self._previous: dict = {}
@@ -122,17 +124,24 @@ class RunGuard:
                     self._previous[sig] = signal.signal(sig, self._on_signal)
 
     def _on_signal(self, signum, frame) -> None:
-        if self.received is not None:  # a second signal: the previous behaviour (usually: exit now)
-            self._restore()
+        if os.getpid() != self._pid:  # a forked data worker inherited the handler: end as it would have
+            signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
             return
-        self.received = signal.Signals(signum).name  # acted on at the end of the step (no I/O here)
+        # Acted on at the end of the step (no I/O here). A repeated signal changes nothing: the
+        # launcher forwards the one that a scheduler may also send to every process.
+        self.received = self.received or signal.Signals(signum).name
 
     def attach(self, accelerator) -> None:
         """Start the heartbeat of a multi-process run (a no-op for one process)."""
         self.accelerator = accelerator
         if accelerator.num_processes > 1 and "MASTER_ADDR" in os.environ and self._heartbeat is None:
-            self._heartbeat = _Heartbeat(accelerator.process_index)
+            try:
+                self._heartbeat = _Heartbeat(accelerator.process_index)
+            except Exception as err:  # noqa: BLE001 - training works without; only the diagnosis is vaguer
+                print(f"mmcl: no heartbeat (the store at MASTER_ADDR:MASTER_PORT is unreachable: {err}); "
+                      "a lost process will not be named", flush=True)
+                return
             self._heartbeat.start()
 
     def stop_requested(self) -> str | None:
@@ -170,12 +179,14 @@ class RunGuard:
             return None
         from mmcl.train.checkpoint import latest_checkpoint
 
-        silent = self.silent_ranks()
+        silent = self.silent_ranks() if self._heartbeat is not None else []
         me = acc.process_index
-        if silent is None:
+        if self._heartbeat is None:
+            who = "another process failed or stopped answering (no heartbeat store to tell which)"
+        elif silent is None:
             who = "the launcher's rendezvous store stopped answering (the launcher or rank 0 died)"
         elif silent:
-            who = f"rank {', '.join(map(str, silent))} stopped answering (no heartbeat)"
+            who = f"rank{'s' if len(silent) > 1 else ''} {', '.join(map(str, silent))} stopped answering (no heartbeat)"
         else:  # every rank still answers: not a lost process, let the error speak for itself
             return None
         last = latest_checkpoint(self.output_dir)
