@@ -186,9 +186,10 @@ class CheckpointWriteError(OSError):
     """Writing a checkpoint failed (full disk, I/O error, permission); nothing older was touched."""
 
 
-def _write_failure(err: OSError, tmp: Path, step: int) -> CheckpointWriteError:
+def _write_failure(err: OSError, tmp: Path, step: int, remove: bool = True) -> CheckpointWriteError:
     """Remove the half-written `tmp` and describe the failure: the path, the error, the free space."""
-    shutil.rmtree(tmp, ignore_errors=True)
+    if remove:
+        shutil.rmtree(tmp, ignore_errors=True)
     where = Path(getattr(err, "filename", None) or tmp)
     probe = next((d for d in (where, *where.parents) if d.exists()), Path("/"))
     try:
@@ -257,13 +258,14 @@ def save_checkpoint(accelerator, output_dir, step: int, model, extra_modules: di
             begin_checkpoint(output_dir, step)
         except OSError as err:
             error = _write_failure(err, tmp, step)
-    accelerator.wait_for_everyone()
-    if error is None and tmp.is_dir():
+    failed = any_rank_failed(accelerator, error is not None)  # also the barrier: tmp exists for all
+    if not failed:
         try:
             save_state(rng_state(), tmp, f"rng_{accelerator.process_index}")
         except OSError as err:
-            error = _write_failure(err, tmp, step)
-    if not any_rank_failed(accelerator, error is not None) and main:
+            error = _write_failure(err, tmp, step, remove=False)  # the main process removes it
+        failed = any_rank_failed(accelerator, error is not None)
+    if not failed and main:
         try:
             finish_checkpoint(tmp, output_dir, step, model, extra_modules, state, keep, config)
         except CheckpointWriteError as err:
