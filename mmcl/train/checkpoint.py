@@ -319,12 +319,10 @@ def resume_path(resume, output_dir, verbose: bool = True) -> Path | None:
         if not problems:
             if damaged and verbose:
                 redone = _step(damaged[0][0]) - _step(path)
-                print(f"mmcl: warning: resuming from {path.name}; {redone} steps are redone because "
-                      + "; ".join(f"{d.name} is damaged ({p[0]})" for d, p in damaged), flush=True)
+                print("mmcl: warning: " + "; ".join(f"checkpoint {d} is damaged: {'; '.join(p)}" for d, p in damaged)
+                      + f"; resuming from {path.name} instead ({redone} steps are redone)", flush=True)
             _note_unverified(path, verified, verbose)
             return path
-        if verbose:
-            print(f"mmcl: checkpoint {path} is damaged: {'; '.join(problems)}", flush=True)
         damaged.append((path, problems))
     raise ValueError(f"no intact checkpoint in {Path(output_dir) / 'checkpoints'}: "
                      + "; ".join(f"{d.name}: {p[0]}" for d, p in damaged))

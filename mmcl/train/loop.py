@@ -81,10 +81,14 @@ def fit(config, *, on_batch=None, on_step_end=None) -> dict:
     Returns:
         dict with "step", "loss", evaluation metrics (e.g. "zeroshot_top1", "knn_top1"),
         "skipped_images", "nonfinite_steps", "train_seconds" and "final_dir". The model is saved
-        with save_pretrained to `output_dir/final`.
+        with save_pretrained to `output_dir/final`. After SIGTERM / SIGUSR1: "step", "loss",
+        "stopped_early", "stop_signal", "train_seconds" and "final_dir" None (a checkpoint only).
 
     Raises:
         FloatingPointError: a non-finite loss, naming the step (unless train.skip_nonfinite).
+        mmcl.train.checkpoint.CheckpointWriteError: a checkpoint could not be written (full disk).
+        mmcl.train.faults.RankFailure: another process of a multi-process run stopped answering.
+        ValueError: train.resume names a damaged checkpoint, or the config changed the run's meaning.
     """
     cfg = _as_config(config)
     threads = torch.get_num_threads()
@@ -255,7 +259,7 @@ def _fit(cfg: Config, on_batch, on_step_end, closers: list, guard: faults.RunGua
             pbar.close()
             accelerator.end_training()
             return {"step": step, "loss": last_loss, "stopped_early": True, "stop_signal": guard.received,
-                    "train_seconds": time.perf_counter() - started}
+                    "train_seconds": time.perf_counter() - started, "final_dir": None}
         if step < t.max_steps and _out_of_time(accelerator, started, t.max_minutes):
             stopped_early = True
             if main:
