@@ -85,26 +85,40 @@ def _finish(proc: subprocess.Popen, timeout: float = 240) -> tuple[int, str, str
 
 
 @pytest.mark.slow
-def test_killed_rank_ends_the_run_naming_it_and_resumes_exactly(tmp_path):
-    """2 processes (gloo): rank 1 is SIGKILLed in step 3, after step 2's checkpoint. Rank 0 does
-    not hang: within train.collective_timeout_s the launch fails with a message naming rank 1 and
-    the last checkpoint, which verifies; `accelerate launch ... train.resume=auto` then ends with
-    exactly the weights of an uninterrupted 2-process run (launched alongside)."""
+def test_signal_to_one_rank_then_a_killed_rank_then_an_exact_resume(tmp_path):
+    """2 processes (gloo), 4 steps, checkpoints every 2, beside an uninterrupted 2-process run:
+    1. SIGUSR1 to rank 1 alone at step 1: both ranks stop after the same step with a checkpoint,
+       and the launch exits 0.
+    2. Resumed, rank 1 is SIGKILLed in step 3 (after step 2's checkpoint). Rank 0 does not hang:
+       within train.collective_timeout_s the launch fails with a message naming rank 1 and the
+       last checkpoint, which verifies (both ranks' RNG files included).
+    3. `accelerate launch ... train.resume=auto` ends with exactly the uninterrupted run's weights."""
     tok = write_tokenizer(tmp_path / "tok")
     full, cut = tmp_path / "full", tmp_path / "cut"
     timeout_s = 30
     common = ["train.max_steps=4", "train.save_every=2", f"train.collective_timeout_s={timeout_s}", *FAST]
     reference = _launch(full, tok, "-1", "0", *common)
-    killed = _launch(cut, tok, "1", "3", *common)
-    rc, out, err, ended = _finish(killed)
+
+    first = _launch(cut, tok, "1", "3", *common)
+    for line in first.stdout:
+        if line.startswith("mmcl-test: step 1 done"):
+            os.kill(int((cut / "pid_1").read_text()), signal.SIGUSR1)
+            break
+    rc, out, err, _ = _finish(first)
+    assert rc == 0, err[-3000:]
+    assert "mmcl: SIGUSR1 received: stopped after step " in out, out
+    stopped = int(out.split("stopped after step ")[1].split()[0])
+    assert stopped in (1, 2) and [p.name for p in ckpt.list_checkpoints(cut)] == [f"step_0000000{stopped}"], out
+
+    rc, out, err, ended = _finish(_launch(cut, tok, "1", "3", *common, "train.resume=auto"))
     assert rc != 0 and (cut / "killed_at").is_file(), err[-3000:]
     elapsed = ended - float((cut / "killed_at").read_text())
     assert elapsed < timeout_s, f"the survivor took {elapsed:.1f} s to stop (timeout {timeout_s} s)"
     assert "mmcl: rank 1 stopped answering" in err, err[-3000:]
     assert f"the last checkpoint is {ckpt.checkpoint_dir(cut, 2)}" in err, err[-3000:]
-    assert [p.name for p in (cut / "checkpoints").iterdir()] == ["step_00000002"]  # nothing half-written
-    problems, verified = ckpt.verify_checkpoint(ckpt.checkpoint_dir(cut, 2))
-    assert problems == [] and verified
+    assert not any(p.name.startswith(".tmp") for p in (cut / "checkpoints").iterdir())  # nothing half-written
+    assert ckpt.latest_checkpoint(cut) == ckpt.checkpoint_dir(cut, 2)
+    assert ckpt.verify_checkpoint(ckpt.checkpoint_dir(cut, 2)) == ([], True)
     assert {"rng_0.json", "rng_1.json"} <= set(ckpt.read_marker(ckpt.checkpoint_dir(cut, 2))["files"])
 
     rc, out, err, _ = _finish(reference)
@@ -113,4 +127,4 @@ def test_killed_rank_ends_the_run_naming_it_and_resumes_exactly(tmp_path):
     assert rc == 0, err[-3000:]
     assert f"resumed from {ckpt.checkpoint_dir(cut, 2)} at step 2" in out, out
     differ = _same_final_weights(full, cut)
-    assert not differ, f"weights differ after the lost rank + resume: {differ[:5]}"
+    assert not differ, f"weights differ after the stop, the lost rank and the resume: {differ[:5]}"

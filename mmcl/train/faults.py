@@ -153,7 +153,9 @@ class RunGuard:
 
         flag = torch.tensor([STOP_SIGNALS.index(self.received) + 1 if self.received else 0], device=acc.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return STOP_SIGNALS[int(flag.item()) - 1] if int(flag.item()) else None
+        if int(flag.item()):  # a signal to any one process stops them all
+            self.received = self.received or STOP_SIGNALS[int(flag.item()) - 1]
+        return self.received if int(flag.item()) else None
 
     def stop_message(self, step: int, max_steps: int) -> str:
         return (f"mmcl: {self.received or 'a stop signal'} received: stopped after step {step} of {max_steps} "
@@ -186,7 +188,8 @@ class RunGuard:
         elif silent is None:
             who = "the launcher's rendezvous store stopped answering (the launcher or rank 0 died)"
         elif silent:
-            who = f"rank{'s' if len(silent) > 1 else ''} {', '.join(map(str, silent))} stopped answering (no heartbeat)"
+            who = (f"rank{'s' if len(silent) > 1 else ''} {', '.join(map(str, silent))} stopped answering "
+                   "(no heartbeat; its own output says why)")
         else:  # every rank still answers: not a lost process, let the error speak for itself
             return None
         last = latest_checkpoint(self.output_dir)

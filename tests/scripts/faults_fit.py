@@ -3,8 +3,9 @@
     python tests/scripts/faults_fit.py MODE OUTPUT_DIR TOKENIZER_DIR KILL_RANK KILL_STEP [overrides...]
 
 Prints "mmcl-test: step N done" after every step (main process) and pauses 0.3 s there, so a
-test can send a signal while the run is at a known step. KILL_RANK >= 0: that rank writes the
-time to OUTPUT_DIR/killed_at and SIGKILLs itself when step KILL_STEP's batch arrives.
+test can send a signal while the run is at a known step; each rank writes its pid to
+OUTPUT_DIR/pid_RANK. KILL_RANK >= 0: that rank writes the time to OUTPUT_DIR/killed_at and
+SIGKILLs itself when step KILL_STEP's batch arrives.
 """
 import os
 import signal
@@ -22,6 +23,9 @@ def main():
     mode, out, tok, kill_rank, kill_step, *extra = sys.argv[1:]
     kill_rank, kill_step = int(kill_rank), int(kill_step)
     rank = int(os.environ.get("RANK", "0"))
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, f"pid_{rank}"), "w") as f:
+        f.write(str(os.getpid()))
 
     def on_batch(step, batch):
         if rank == kill_rank and step == kill_step:
