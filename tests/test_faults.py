@@ -187,6 +187,10 @@ def test_changed_config_is_refused_unless_allowed(tmp_path, capsys):
     out = capsys.readouterr().out
     assert res["step"] == 2 and out.count("written without checksums") == 1 and "stores no config" in out, out
     assert ckpt.verify_checkpoint(old) == ([], False)
+    with open(old / "model.safetensors", "r+b") as f:  # without checksums a truncation is still caught
+        f.truncate(os.path.getsize(old / "model.safetensors") - 10)
+    problems, verified = ckpt.verify_checkpoint(old)
+    assert not verified and len(problems) == 1 and problems[0].startswith("model.safetensors is truncated"), problems
 
 
 def test_config_changes_sorts_keys_into_meaning_and_harmless():

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 
-from mmcl.train.integrity import MARKER_FORMAT, file_record, read_marker, verify_checkpoint
+from mmcl.train.integrity import MARKER_FORMAT, file_record, read_marker, verify_checkpoint  # noqa: F401 (API)
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
