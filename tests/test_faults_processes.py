@@ -1,5 +1,7 @@
-"""Faults that need real processes: a SIGTERM from outside (as a scheduler sends it) and a rank
-SIGKILLed in a 2-process gloo `accelerate launch`."""
+"""Faults that need real processes: a SIGTERM from outside (as a scheduler sends it), a rank
+SIGKILLed in a 2-process gloo `accelerate launch`, and a checkpoint whose stored config uses the
+key names of the code that wrote it."""
+import json
 import os
 import signal
 import socket
@@ -15,6 +17,7 @@ from train_helpers import REPO, tiny_overrides, write_tokenizer
 
 from mmcl.train import checkpoint as ckpt
 from mmcl.train import fit, load_config
+from mmcl.train.saved import load_saved_config
 
 SCRIPT = str(Path(REPO) / "tests" / "scripts" / "faults_fit.py")
 FAST = ["eval.enabled=false", "train.trackers=[jsonl]"]
@@ -128,3 +131,50 @@ def test_signal_to_one_rank_then_a_killed_rank_then_an_exact_resume(tmp_path):
     assert f"resumed from {ckpt.checkpoint_dir(cut, 2)} at step 2" in out, out
     differ = _same_final_weights(full, cut)
     assert not differ, f"weights differ after the stop, the lost rank and the resume: {differ[:5]}"
+
+
+STORED_CONFIG_COMMIT = "a80476193def983ef0994fe4ea06e563f2008480"  # checkpoints store their config, old key names
+
+
+@pytest.mark.slow
+def test_checkpoint_storing_a_config_with_earlier_key_names_resumes(tmp_path, capsys):
+    """The code of STORED_CONFIG_COMMIT (loss.queue_size, train.grad_accum_steps, train.save_every,
+    ... and a config.json in every checkpoint) trains MoCo for 4 steps. Today's code resumes its
+    step-2 checkpoint: the stored config compares equal under today's names (only output_dir
+    differs, a harmless change), the run ends with the old run's exact weights, and a changed batch
+    size is still refused."""
+    root = tmp_path / "then"
+    root.mkdir()
+    archive = subprocess.run(["git", "-C", REPO, "archive", STORED_CONFIG_COMMIT, "mmcl", "kernels"],
+                             capture_output=True)
+    if archive.returncode != 0:
+        pytest.skip(f"the repository history (commit {STORED_CONFIG_COMMIT[:7]}) is not available")
+    subprocess.run(["tar", "-x", "-C", str(root)], input=archive.stdout, check=True)
+    (root / "mmcl" / "kernels").symlink_to(root / "kernels")  # installed as mmcl.kernels
+    tok = write_tokenizer(tmp_path / "tok")
+    old_run = tmp_path / "old"
+    overrides = [o.replace("data.image_size", "model.image_size").replace("moco.queue_size", "loss.queue_size")
+                 for o in tiny_overrides("moco", old_run, tok, steps=4, batch=6, samples=40)]
+    overrides += ["loss.momentum=0.9", "train.grad_accum_steps=2", "train.save_every=2", "train.num_threads=1", *FAST]
+    code = "import sys; from mmcl.train import fit, load_config; fit(load_config(None, sys.argv[1:]))"
+    r = subprocess.run([sys.executable, "-c", code, *overrides], cwd=tmp_path, env={**ENV, "PYTHONPATH": str(root)},
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    step_2 = ckpt.checkpoint_dir(old_run, 2)
+    stored = json.loads((step_2 / "config.json").read_text())
+    assert "moco" not in stored and stored["loss"]["queue_size"] == 24 and stored["train"]["grad_accum_steps"] == 2
+
+    cfg = load_saved_config(old_run)
+    cfg.output_dir, cfg.checkpoint.resume = str(tmp_path / "new"), str(step_2)
+    capsys.readouterr()
+    results = fit(cfg)
+    printed = capsys.readouterr().out.splitlines()
+    harmless = [line for line in printed if "changed harmless settings" in line]
+    assert harmless == [f"mmcl: resuming with changed harmless settings: output_dir: '{old_run}' -> '{cfg.output_dir}'"], printed
+    assert not any("changed settings (" in line for line in printed), printed
+    differ = _same_final_weights(old_run, Path(results["final_dir"]).parent)
+    assert results["step"] == 4 and not differ, f"weights differ from the run that wrote the checkpoint: {differ[:5]}"
+
+    cfg.train.batch_size = 4
+    with pytest.raises(ValueError, match=r"(?s)change the run's meaning:\n  train.batch_size: 6 -> 4\n"):
+        fit(cfg)
