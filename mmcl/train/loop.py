@@ -1,15 +1,14 @@
 """`fit(config)`: the training loop on Hugging Face Accelerate.
 
 One call builds the model, data, optimizer and schedule from a Config, resumes from the newest
-complete checkpoint when asked, trains for `train.max_steps` optimizer steps (each one batch, or
+intact checkpoint when asked, trains for `train.max_steps` optimizer steps (each one batch, or
 k micro-batches through GradCache / plain accumulation; `train.max_minutes` stops earlier, after a
 checkpoint that `checkpoint.resume=auto` continues from), logs through Accelerate's trackers,
 evaluates, checkpoints, and saves the final model with `save_pretrained` to `output_dir/final`.
-A `faults.RunGuard` watches the run: SIGTERM / SIGUSR1 end it after the current step with a
-checkpoint, a rank that stops answering is named, a resume that changes the run's meaning is refused.
+A `faults.RunGuard` watches the run: SIGTERM / SIGUSR1 end it after a step with a checkpoint.
 
 The loop reads as its steps: _setup → _resume → while (_next_batches → _train_step → _end_step)
-→ _finish (or _stopped, after a stop signal). All state a step touches is in one `Run`.
+→ _finish. All state a step touches is in one `Run`.
 """
 from __future__ import annotations
 
@@ -136,7 +135,7 @@ def _fit(cfg: Config, on_batch, on_step_end, closers: list, guard: faults.RunGua
         result = _train_step(run, batches)
         if _end_step(run, result, on_step_end):
             break
-    return _stopped(run) if run.stop_signal else _finish(run)
+    return _finish(run)
 
 
 # --------------------------------------------------------------------------- setup and resume
@@ -380,19 +379,16 @@ def _log_eval(run: Run) -> dict:
 # --------------------------------------------------------------------------- the end
 
 
-def _stopped(run: Run) -> dict:
-    """The result of a run stopped by a signal: a checkpoint, no final evaluation or model."""
-    run.pbar.close()
-    run.accelerator.end_training()
-    return {"step": run.step, "loss": run.last_loss, "stopped_early": True, "stop_signal": run.stop_signal,
-            "train_seconds": time.perf_counter() - run.started, "final_dir": None}
-
-
 def _finish(run: Run) -> dict:
-    """Final evaluation, the saved model and the report."""
+    """Final evaluation, the saved model and the report; after a stop signal only the result
+    (the checkpoint is written: no final evaluation or model)."""
     acc = run.accelerator
     run.pbar.close()
     run.stream.close()
+    if run.stop_signal:
+        acc.end_training()
+        return {"step": run.step, "loss": run.last_loss, "stopped_early": True, "stop_signal": run.stop_signal,
+                "train_seconds": time.perf_counter() - run.started, "final_dir": None}
     results = {"step": run.step, "loss": run.last_loss,
                "skipped_images": distributed.all_sum(run.skipped_images, acc.device),
                "nonfinite_steps": run.nonfinite_steps, "train_seconds": time.perf_counter() - run.started,
