@@ -5,6 +5,7 @@
     mmcl embed --model DIR --data PATH --out feats.npy|feats.parquet
     mmcl export --model DIR --to transformers OUT
     mmcl index --embeddings FILE --out DIR;  mmcl search --index DIR --model DIR --text "..."
+    mmcl checkpoint verify RUN_DIR
 
 Errors a user can fix (a bad path, an empty label list, an unreadable image) print one line and
 exit with status 2; set MMCL_DEBUG=1 to see the traceback instead.
@@ -302,11 +303,37 @@ def cmd_search(args) -> None:
             print(f"  {rank:>3}. {v:7.4f}  {i}")
 
 
+def cmd_checkpoint(args) -> None:
+    """`mmcl checkpoint verify DIR`: one line per checkpoint; a damaged one makes the exit status 2."""
+    from mmcl.train.checkpoint import list_checkpoints, verify_checkpoint
+
+    path = Path(args.dir)
+    if (path / "COMPLETE").is_file():
+        found = [path]
+    else:
+        found = list_checkpoints(path.parent if path.name == "checkpoints" else path)
+    if not found:
+        raise UsageError(f"{path} holds no complete checkpoint (expected a run's output_dir, its checkpoints/ "
+                         "folder or a step_* directory)")
+    damaged = []
+    for ckpt in found:
+        problems, verified = verify_checkpoint(ckpt)
+        if problems:
+            damaged.append(ckpt.name)
+            print(f"{ckpt}: DAMAGED: {'; '.join(problems)}")
+        else:
+            size = sum(f.stat().st_size for f in ckpt.iterdir() if f.is_file()) / 2**20
+            how = "sizes and sha256 verified" if verified else "written without checksums: headers checked only"
+            print(f"{ckpt}: ok ({size:.1f} MiB, {how})")
+    if damaged:
+        raise UsageError(f"{len(damaged)} of {len(found)} checkpoints are damaged: {', '.join(damaged)}")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `mmcl` console script; returns the exit status."""
     args = build_parser().parse_args(argv)
     command = {"zeroshot": cmd_zeroshot, "eval": cmd_eval, "embed": cmd_embed, "export": cmd_export,
-               "index": cmd_index, "search": cmd_search}[args.command]
+               "index": cmd_index, "search": cmd_search, "checkpoint": cmd_checkpoint}[args.command]
     try:
         if getattr(args, "batch_size", 1) < 1:
             raise UsageError("--batch-size must be at least 1")

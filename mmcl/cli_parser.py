@@ -12,6 +12,7 @@ EXAMPLES = """examples:
   mmcl export --model runs/clip/final --to transformers hf_model/
   mmcl index --embeddings embeddings.parquet --out photos.index          # needs faiss-cpu
   mmcl search --index photos.index --model runs/clip/final --text "a dog on a beach"
+  mmcl checkpoint verify runs/clip                                        # sizes + sha256 of each checkpoint
 """
 
 
@@ -113,4 +114,14 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--k", type=int, default=10, help="results per query (default 10)")
     se.add_argument("--nprobe", type=int, default=None, help="ivf lists scanned per query")
     se.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    _checkpoint_parser(sub)
     return parser
+
+
+def _checkpoint_parser(sub) -> None:
+    ck = sub.add_parser("checkpoint", help="check a training run's checkpoints",
+                        description="Inspect the checkpoints that mmcl training writes.")
+    actions = ck.add_subparsers(dest="action", required=True, metavar="ACTION")
+    ve = actions.add_parser("verify", help="check every file's size and sha256 against its COMPLETE marker",
+                            description="Verify checkpoints; exit status 2 if any is damaged.")
+    ve.add_argument("dir", metavar="DIR", help="a run's output_dir, its checkpoints/ folder, or one step_* directory")

@@ -193,6 +193,37 @@ def test_help_lists_the_commands(capsys):
     assert "--temperature" in capsys.readouterr().out
 
 
+def test_checkpoint_verify_command(tmp_path, capsys):
+    """`mmcl checkpoint verify` on a run directory, its checkpoints/ folder and one step_* directory:
+    intact ones are ok (status 0); one changed byte (same size) makes that checkpoint DAMAGED and the
+    status 2; a directory without checkpoints is a one-line error."""
+    from mmcl.train import checkpoint as ckpt
+
+    run = tmp_path / "run"
+    model = torch.nn.Linear(5, 3)
+    for step in (3, 7):
+        tmp = ckpt.begin_checkpoint(run, step)
+        ckpt.finish_checkpoint(tmp, run, step, model, {}, {"step": step, "lr": torch.arange(4.0)}, keep=5)
+    for target in (run, run / "checkpoints", ckpt.checkpoint_dir(run, 3)):
+        assert main(["checkpoint", "verify", str(target)]) == 0
+    out = capsys.readouterr().out
+    assert out.count("step_00000003: ok") == 3 and out.count("step_00000007: ok") == 2, out
+    assert "sizes and sha256 verified" in out
+
+    weights = ckpt.checkpoint_dir(run, 7) / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0x01
+    weights.write_bytes(bytes(data))
+    assert main(["checkpoint", "verify", str(run)]) == 2
+    captured = capsys.readouterr()
+    assert "step_00000003: ok" in captured.out, captured.out
+    assert "step_00000007: DAMAGED: model.safetensors does not match its recorded sha256" in captured.out, captured.out
+    assert captured.err.strip() == "mmcl: error: 1 of 2 checkpoints are damaged: step_00000007", captured.err
+    assert main(["checkpoint", "verify", str(ckpt.checkpoint_dir(run, 3))]) == 0
+    assert main(["checkpoint", "verify", str(tmp_path)]) == 2
+    assert "holds no complete checkpoint" in capsys.readouterr().err
+
+
 def test_index_and_search_in_process(setup, tmp_path, capsys):
     pytest.importorskip("faiss", reason="mmcl index/search need faiss-cpu")
     model = str(setup["model"])

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 
 import mmcl
@@ -144,7 +145,10 @@ class DualEncoder(nn.Module):
         weights = os.path.join(directory, WEIGHTS_FILE)
         if not os.path.isfile(weights):
             raise ValueError(f"{directory!r} has no {WEIGHTS_FILE}")
-        load_model(model, weights, strict=True)
+        try:
+            load_model(model, weights, strict=True)
+        except SafetensorError as err:  # a truncated or overwritten file: say which, not the parser's words
+            raise ValueError(f"{weights} is damaged (not a complete safetensors file): {err}") from err
         return model.eval()
 
     def save_pretrained(self, directory: str) -> None:

@@ -11,9 +11,18 @@ A checkpoint is a directory `output_dir/checkpoints/step_00000123/` holding
 It is written to a temporary sibling directory and renamed into place, so a run killed at any
 moment leaves either a complete checkpoint or none; `latest_checkpoint` also ignores any
 directory without COMPLETE (e.g. on file systems where rename is not atomic).
+
+COMPLETE is JSON: the step and, for every other file, its size and sha256 (computed from the
+bytes just written). `verify_checkpoint` checks them; `resume_path(..., "auto")` skips a damaged
+newest checkpoint for the newest intact one. A checkpoint whose COMPLETE is a bare step number
+(written before checksums existed) still loads: its safetensors headers are checked against the
+file sizes, but its contents are unverified. When a write fails (full disk, I/O error,
+permission), the temporary directory is removed, older checkpoints are untouched and
+`CheckpointWriteError` names the path and the free space.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
@@ -26,16 +35,20 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 
+from mmcl.train.integrity import MARKER_FORMAT, file_record, read_marker, verify_checkpoint  # noqa: F401 (API)
+
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
 @dataclass
 class CheckpointConfig:
-    """The `checkpoint:` section: how often to write checkpoints, how many to keep, where to resume."""
+    """The `checkpoint:` section: how often to write checkpoints, how many to keep, where to resume
+    and whether a resume may change settings that change the run's meaning (mmcl.train.faults)."""
 
     every: int = 0  # steps; 0: only the final model
     keep: int = 2  # newest complete checkpoints kept
-    resume: str | None = None  # None | "auto" (the newest in output_dir, if any) | a checkpoint directory
+    resume: str | None = None  # None | "auto" (the newest intact one in output_dir, if any) | a checkpoint directory
+    resume_allow_changes: bool = False  # resume although the config changed the run's meaning (logged)
 
     def validate(self) -> None:
         if not isinstance(self.every, int) or isinstance(self.every, bool) or self.every < 0:
@@ -44,6 +57,8 @@ class CheckpointConfig:
             raise ValueError(f"checkpoint.keep must be an int >= 1, got {self.keep!r}")
         if self.resume is not None and not isinstance(self.resume, str):
             raise ValueError(f"checkpoint.resume must be null, 'auto' or a path, got {self.resume!r}")
+        if not isinstance(self.resume_allow_changes, bool):
+            raise ValueError(f"checkpoint.resume_allow_changes must be true or false, got {self.resume_allow_changes!r}")
 
 
 # --------------------------------------------------------------------------- nested state ↔ JSON + tensors
@@ -89,10 +104,25 @@ def _decode(obj, tensors: dict):
     raise ValueError(f"unreadable checkpoint entry {obj!r}")
 
 
+def _write_safetensors(write, path: Path) -> None:
+    """Run `write(str(path))`; safetensors reports I/O failures (a full disk) as SafetensorError:
+    raise them as the OSError they are, naming the path."""
+    from safetensors import SafetensorError
+
+    try:
+        write(str(path))
+    except SafetensorError as err:
+        found = re.search(r"os error (\d+)", str(err))
+        if found is None:
+            raise
+        code = int(found.group(1))
+        raise OSError(code, os.strerror(code), str(path)) from err
+
+
 def save_state(state: dict, directory: Path, name: str = "state") -> None:
     tensors: dict = {}
     encoded = _encode(state, tensors, "state")
-    save_file(tensors, str(directory / f"{name}.safetensors"))
+    _write_safetensors(lambda f: save_file(tensors, f), directory / f"{name}.safetensors")
     with open(directory / f"{name}.json", "w") as f:
         json.dump(encoded, f)
 
@@ -174,46 +204,185 @@ def begin_checkpoint(output_dir, step: int) -> Path:
     return tmp
 
 
-def finish_checkpoint(tmp: Path, output_dir, step: int, model, extra_modules: dict, state: dict, keep: int) -> Path:
-    """Main process: write model / extra modules / state into `tmp`, mark it COMPLETE, rename it
-    into place, then delete all but the newest `keep` complete checkpoints.
+class CheckpointWriteError(OSError):
+    """Writing a checkpoint failed (full disk, I/O error, permission); nothing older was touched."""
+
+
+def _write_failure(err: OSError, tmp: Path, step: int, remove: bool = True) -> CheckpointWriteError:
+    """Remove the half-written `tmp` and describe the failure: the path, the error, the free space."""
+    if remove:
+        shutil.rmtree(tmp, ignore_errors=True)
+    where = Path(getattr(err, "filename", None) or tmp)
+    probe = next((d for d in (where, *where.parents) if d.exists()), Path("/"))
+    try:
+        free = f"{shutil.disk_usage(probe).free / 2**20:.1f} MiB free on {probe}"
+    except OSError:
+        free = f"free space on {probe} unknown"
+    reason = os.strerror(err.errno) if err.errno else str(err)
+    return CheckpointWriteError(err.errno or errno.EIO,
+                                f"could not write the checkpoint of step {step} at {where}: {reason} ({free}); "
+                                "the partial checkpoint was removed and earlier checkpoints are intact")
+
+
+def finish_checkpoint(tmp: Path, output_dir, step: int, model, extra_modules: dict, state: dict, keep: int,
+                      config: dict | None = None) -> Path:
+    """Main process: write model / extra modules / state (/ config.json) into `tmp`, record every
+    file's size and sha256 in COMPLETE, rename it into place, then delete all but the newest `keep`
+    complete checkpoints.
 
     Args:
         model: the (unwrapped) trained module.
         extra_modules: name -> module saved in extra.safetensors (key encoder, queue).
         state: nested dict of numbers / strings / tensors / numpy arrays (optimizer, data, ...).
+        config: the run's configuration as a dict, stored so a resume can compare it.
+    Raises:
+        CheckpointWriteError: a write failed; `tmp` is removed, earlier checkpoints are untouched.
     """
     final = checkpoint_dir(output_dir, step)
-    save_model(model, str(tmp / "model.safetensors"))
-    if extra_modules:
-        extra = {f"{name}.{k}": v.detach().cpu().contiguous()
-                 for name, mod in extra_modules.items() for k, v in mod.state_dict().items()}
-        save_file(extra, str(tmp / "extra.safetensors"))
-    save_state(state, tmp)
-    (tmp / "COMPLETE").write_text(str(step))
-    for f in tmp.iterdir():  # data on disk before the rename makes it visible
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
-    if final.exists():  # a re-run of the same step: replace it
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    try:
+        _write_safetensors(lambda f: save_model(model, f), tmp / "model.safetensors")
+        if extra_modules:
+            extra = {f"{name}.{k}": v.detach().cpu().contiguous()
+                     for name, mod in extra_modules.items() for k, v in mod.state_dict().items()}
+            _write_safetensors(lambda f: save_file(extra, f), tmp / "extra.safetensors")
+        save_state(state, tmp)
+        if config is not None:
+            (tmp / "config.json").write_text(json.dumps(config, indent=1, default=str))
+        files = {f.name: file_record(f) for f in sorted(tmp.iterdir())}  # the rng_* files of every rank too
+        marker = {"format": MARKER_FORMAT, "step": step, "files": files}
+        (tmp / "COMPLETE").write_text(json.dumps(marker, indent=1))
+        for f in tmp.iterdir():  # data on disk before the rename makes it visible
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        if final.exists():  # a re-run of the same step: replace it
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except OSError as err:
+        raise _write_failure(err, tmp, step) from err
     _fsync_dir(final.parent)
     for old in list_checkpoints(output_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
 
+def save_checkpoint(accelerator, output_dir, step: int, model, extra_modules: dict, state, keep: int,
+                    config: dict | None = None) -> None:
+    """Every rank writes its RNG state; the main process writes the rest (`state`, only needed
+    there) and renames. A write failing on any rank removes the temporary directory and raises
+    CheckpointWriteError on every rank (none is left waiting)."""
+    from mmcl.train.faults import any_rank_failed
+
+    main = accelerator.is_main_process
+    tmp = temporary_dir(output_dir, step)
+    error = None
+    if main:
+        try:
+            begin_checkpoint(output_dir, step)
+        except OSError as err:
+            error = _write_failure(err, tmp, step)
+    failed = any_rank_failed(accelerator, error is not None)  # also the barrier: tmp exists for all
+    if not failed:
+        try:
+            save_state(rng_state(), tmp, f"rng_{accelerator.process_index}")
+        except OSError as err:
+            error = _write_failure(err, tmp, step, remove=False)  # the main process removes it
+        failed = any_rank_failed(accelerator, error is not None)
+    if not failed and main:
+        try:
+            finish_checkpoint(tmp, output_dir, step, model, extra_modules, state, keep, config)
+        except CheckpointWriteError as err:
+            error = err
+    failed = any_rank_failed(accelerator, error is not None)
+    if main and failed:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if error is not None:
+        raise error
+    if failed:
+        raise CheckpointWriteError(errno.EIO, f"another process could not write its part of the checkpoint of step "
+                                              f"{step} in {tmp.parent}; see its error")
+
+
+# --------------------------------------------------------------------------- resuming
+
+
+_warned_unverified: set = set()
+
+
+def resume_path(resume, output_dir, verbose: bool = True) -> Path | None:
+    """The checkpoint a run resumes from, verified.
+
+    Args:
+        resume: None (start fresh), "auto" (the newest intact checkpoint in output_dir, None if there
+            is none) or a checkpoint directory.
+        verbose: print what was skipped (the main process; the others stay quiet).
+    Raises:
+        ValueError: `resume` names a directory that is not an intact checkpoint, or every
+            checkpoint in output_dir is damaged.
+    """
+    if resume is None:
+        return None
+    if resume != "auto":
+        path = Path(resume)
+        if not (path / "COMPLETE").is_file():
+            raise ValueError(f"checkpoint.resume={resume!r} is not a complete checkpoint directory "
+                             "(use 'auto' or a step_* dir)")
+        problems, verified = verify_checkpoint(path)
+        if problems:
+            raise ValueError(f"checkpoint.resume={resume!r} is damaged: {'; '.join(problems)} "
+                             "(checkpoint.resume=auto picks the newest intact checkpoint)")
+        _note_unverified(path, verified, verbose)
+        return path
+    found = list_checkpoints(output_dir)
+    if not found:
+        return None
+    damaged = []
+    for path in reversed(found):
+        problems, verified = verify_checkpoint(path)
+        if not problems:
+            if damaged and verbose:
+                redone = _step(damaged[0][0]) - _step(path)
+                print("mmcl: warning: " + "; ".join(f"checkpoint {d} is damaged: {'; '.join(p)}" for d, p in damaged)
+                      + f"; resuming from {path.name} instead ({redone} steps are redone)", flush=True)
+            _note_unverified(path, verified, verbose)
+            return path
+        damaged.append((path, problems))
+    raise ValueError(f"no intact checkpoint in {Path(output_dir) / 'checkpoints'}: "
+                     + "; ".join(f"{d.name}: {p[0]}" for d, p in damaged))
+
+
+def _step(path: Path) -> int:
+    return int(_STEP_DIR.match(path.name).group(1))
+
+
+def _note_unverified(path: Path, verified: bool, verbose: bool) -> None:
+    if not verified and verbose and path not in _warned_unverified:
+        _warned_unverified.add(path)
+        print(f"mmcl: {path} was written without checksums: loading it unverified", flush=True)
+
+
+def read_config(path) -> dict | None:
+    """The configuration stored with checkpoint `path` (None for checkpoints written without one)."""
+    f = Path(path) / "config.json"
+    return json.loads(f.read_text()) if f.is_file() else None
+
+
 def read_checkpoint(path, model, extra_modules: dict) -> dict:
     """Load model / extra modules in place from a checkpoint directory; return its state dict."""
+    from safetensors import SafetensorError
+
     path = Path(path)
     if not (path / "COMPLETE").is_file():
         raise ValueError(f"{path} is not a complete mmcl checkpoint (no COMPLETE marker)")
-    missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False)
-    if missing or unexpected:
-        raise ValueError(f"checkpoint {path} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    if extra_modules:
-        extra = load_file(str(path / "extra.safetensors"))
-        for name, mod in extra_modules.items():
-            prefix = name + "."
-            mod.load_state_dict({k[len(prefix):]: v for k, v in extra.items() if k.startswith(prefix)})
-    return load_state(path)
+    try:
+        missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False)
+        if missing or unexpected:
+            raise ValueError(f"checkpoint {path} does not match the model: missing {missing[:5]}, "
+                             f"unexpected {unexpected[:5]}")
+        if extra_modules:
+            extra = load_file(str(path / "extra.safetensors"))
+            for name, mod in extra_modules.items():
+                prefix = name + "."
+                mod.load_state_dict({k[len(prefix):]: v for k, v in extra.items() if k.startswith(prefix)})
+        return load_state(path)
+    except SafetensorError as err:
+        raise ValueError(f"checkpoint {path} is damaged: {err}") from err

@@ -43,6 +43,7 @@ RENAMED = {
     "train.save_every": "checkpoint.every",
     "train.keep_checkpoints": "checkpoint.keep",
     "train.resume": "checkpoint.resume",
+    "train.resume_allow_changes": "checkpoint.resume_allow_changes",
     "train.grad_accum_steps": "train.accumulate (with train.accumulate_mode=plain)",
     "train.device_augment": "data.augment_on_device",
 }
@@ -75,6 +76,7 @@ class TrainConfig:
     eval_every: int = 0  # steps; 0: evaluate only at the end
     progress: bool = True
     trackers: list = field(default_factory=lambda: ["tensorboard", "jsonl"])  # + "wandb" when installed
+    collective_timeout_s: float = 300.0  # a collective waiting this long ends the run, naming the silent rank
 
     def validate(self) -> None:
         for name in ("batch_size", "max_steps", "accumulate", "log_every"):
@@ -90,6 +92,9 @@ class TrainConfig:
                f"train.num_threads must be null or an int >= 1, got {self.num_threads!r}")
         _check(self.mixed_precision in MIXED_PRECISION,
                f"train.mixed_precision must be one of {', '.join(MIXED_PRECISION)}, got {self.mixed_precision!r}")
+        cts = self.collective_timeout_s
+        _check(isinstance(cts, (int, float)) and not isinstance(cts, bool) and cts > 0,
+               f"train.collective_timeout_s must be a number > 0, got {cts!r}")
         _check(isinstance(self.trackers, list), f"train.trackers must be a list, got {self.trackers!r}")
         for tr in self.trackers:
             _check(tr in TRACKERS, f"train.trackers: unknown tracker {tr!r} ({', '.join(TRACKERS)})")

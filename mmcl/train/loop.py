@@ -1,10 +1,11 @@
 """`fit(config)`: the training loop on Hugging Face Accelerate.
 
 One call builds the model, data, optimizer and schedule from a Config, resumes from the newest
-complete checkpoint when asked, trains for `train.max_steps` optimizer steps (each one batch, or
+intact checkpoint when asked, trains for `train.max_steps` optimizer steps (each one batch, or
 k micro-batches through GradCache / plain accumulation; `train.max_minutes` stops earlier, after a
 checkpoint that `checkpoint.resume=auto` continues from), logs through Accelerate's trackers,
 evaluates, checkpoints, and saves the final model with `save_pretrained` to `output_dir/final`.
+A `faults.RunGuard` watches the run: SIGTERM / SIGUSR1 end it after a step with a checkpoint.
 
 The loop reads as its steps: _setup → _resume → while (_next_batches → _train_step → _end_step)
 → _finish. All state a step touches is in one `Run`.
@@ -28,8 +29,9 @@ from mmcl import distributed
 from mmcl.data import BatchStream, DeviceAugment, build_dataset
 from mmcl.methods import Objective, build_objective
 from mmcl.train import checkpoint as ckpt
+from mmcl.train import faults
 from mmcl.train.builders import build_model
-from mmcl.train.config import Config, as_config
+from mmcl.train.config import Config, as_config, to_dict
 from mmcl.train.evaluation import Evaluator, print_report
 from mmcl.train.gradcache import cached_step, plain_step
 from mmcl.train.optim import build_optimizer, build_scheduler
@@ -54,6 +56,7 @@ class Run:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     evaluator: Evaluator
     params: list
+    guard: faults.RunGuard  # stop signals, a lost rank
     step: int = 0
     skipped_images: int = 0
     nonfinite_steps: int = 0
@@ -62,6 +65,7 @@ class Run:
     window_start: float = 0.0
     window_samples: int = 0
     stopped_early: bool = False
+    stop_signal: str | None = None  # the signal that stopped the run after run.step
     pbar: tqdm | None = None
     metrics: dict = field(default_factory=dict)
 
@@ -89,26 +93,37 @@ def fit(config, *, on_batch=None, on_step_end=None) -> dict:
     Returns:
         dict with "step", "loss", evaluation metrics (e.g. "zeroshot_top1", "knn_top1"),
         "skipped_images", "nonfinite_steps", "train_seconds" and "final_dir". The model is saved
-        with save_pretrained to `output_dir/final`.
+        with save_pretrained to `output_dir/final`. After SIGTERM / SIGUSR1: "step", "loss",
+        "stopped_early", "stop_signal", "train_seconds" and "final_dir" None (a checkpoint only).
 
     Raises:
         FloatingPointError: a non-finite loss, naming the step (unless train.skip_nonfinite).
+        mmcl.train.checkpoint.CheckpointWriteError: a checkpoint could not be written (full disk).
+        mmcl.train.faults.RankFailure: another process of a multi-process run stopped answering.
+        ValueError: checkpoint.resume names a damaged checkpoint, or the config changed the run's meaning.
     """
     cfg = as_config(config)
     threads = torch.get_num_threads()
     if cfg.train.num_threads is not None:
         torch.set_num_threads(cfg.train.num_threads)
     closers: list = []
+    guard = faults.RunGuard(cfg.output_dir, cfg.train.collective_timeout_s)  # installs the signal handlers
     try:
-        return _fit(cfg, on_batch, on_step_end, closers)
+        return _fit(cfg, on_batch, on_step_end, closers, guard)
+    except Exception as exc:  # a failed collective: name the rank that stopped answering
+        failure = guard.explain(exc)
+        if failure is None:
+            raise
+        raise failure from exc
     finally:  # the setting is process-wide: leave the caller's as it was
         torch.set_num_threads(threads)
+        guard.close()
         for close in closers:  # the data workers stop now, also when training raised
             close()
 
 
-def _fit(cfg: Config, on_batch, on_step_end, closers: list) -> dict:
-    run = _setup(cfg, closers)
+def _fit(cfg: Config, on_batch, on_step_end, closers: list, guard: faults.RunGuard) -> dict:
+    run = _setup(cfg, closers, guard)
     _resume(run)
     run.accelerator.init_trackers("mmcl", config=flat_dict(cfg))
     run.pbar = tqdm(total=cfg.train.max_steps, initial=run.step, desc=f"mmcl {run.objective.name}",
@@ -138,7 +153,8 @@ def _make_accelerator(cfg: Config) -> Accelerator:
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
         dynamo_backend="inductor" if cfg.train.compile else "no",
         # Towers may hold parameters that a given loss never reaches (a pooler next to mean pooling).
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True),
+                         faults.process_group_kwargs(cfg.train.collective_timeout_s)],  # a dead rank: no hang
     )
     if getattr(accelerator.state, "deepspeed_plugin", None) is not None:
         accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.train.batch_size
@@ -160,10 +176,11 @@ def _loader_data_config(cfg: Config, processor):
     return cfg.data
 
 
-def _setup(cfg: Config, closers: list) -> Run:
+def _setup(cfg: Config, closers: list, guard: faults.RunGuard) -> Run:
     t = cfg.train
     accelerator = _make_accelerator(cfg)
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
+    guard.attach(accelerator)  # the heartbeat of a multi-process run
     set_seed(cfg.seed)  # same initial weights on every rank (DDP also broadcasts rank 0's)
     if cfg.model.batchnorm.sync and world > 1 and device.type != "cuda":
         raise ValueError("model.batchnorm.sync=true needs CUDA GPUs (torch's SyncBatchNorm is GPU-only); "
@@ -185,29 +202,20 @@ def _setup(cfg: Config, closers: list) -> Run:
     return Run(cfg=cfg, accelerator=accelerator, model=model, unwrapped=accelerator.unwrap_model(model),
                objective=objective, stream=stream, device_augment=device_augment, optimizer=optimizer,
                scheduler=scheduler, evaluator=Evaluator(cfg, objective.eval_kind),
-               params=[p for p in model.parameters() if p.requires_grad])
-
-
-def _resume_path(cfg: Config):
-    r = cfg.checkpoint.resume
-    if r is None:
-        return None
-    if r == "auto":
-        return ckpt.latest_checkpoint(cfg.output_dir)  # None: nothing to resume, start fresh
-    path = Path(r)
-    if not (path / "COMPLETE").is_file():
-        raise ValueError(f"checkpoint.resume={r!r} is not a complete checkpoint directory (use 'auto' or a step_* dir)")
-    return path
+               params=[p for p in model.parameters() if p.requires_grad], guard=guard)
 
 
 def _resume(run: Run) -> None:
-    """Load the checkpoint checkpoint.resume names (if any) into the run, and seed each rank."""
+    """Load the checkpoint checkpoint.resume names (if any, verified) into the run, after checking
+    that the config keeps the run's meaning, and seed each rank."""
     cfg, acc = run.cfg, run.accelerator
-    path = _resume_path(cfg)
+    path = ckpt.resume_path(cfg.checkpoint.resume, cfg.output_dir, verbose=acc.is_main_process)
     if path is None:
         set_seed(cfg.seed, device_specific=True)  # different dropout / shuffle-BN draws per rank
         return
     state = ckpt.read_checkpoint(path, run.unwrapped, run.objective.state_modules())
+    faults.check_resume_config(ckpt.read_config(path), to_dict(cfg), int(state.get("world_size", acc.num_processes)),
+                               acc.num_processes, cfg.checkpoint.resume_allow_changes, verbose=acc.is_main_process)
     run.optimizer.load_state_dict(state["optimizer"])
     run.scheduler.load_state_dict(state["scheduler"])
     if acc.scaler is not None and state.get("scaler"):
@@ -225,21 +233,16 @@ def _resume(run: Run) -> None:
 
 
 def _save(run: Run) -> None:
-    """Write a checkpoint of the run: every rank its RNG state; the main process the rest, then renames."""
-    acc, out, step = run.accelerator, run.cfg.output_dir, run.step
-    if acc.is_main_process:
-        ckpt.begin_checkpoint(out, step)
-    acc.wait_for_everyone()
-    tmp = ckpt.temporary_dir(out, step)
-    ckpt.save_state(ckpt.rng_state(), tmp, f"rng_{acc.process_index}")
-    acc.wait_for_everyone()
+    """Write a checkpoint of the run (with its config): every rank its RNG state; the main process
+    the rest, then renames. A failed write on any rank raises CheckpointWriteError on every rank."""
+    acc = run.accelerator
+    state = None
     if acc.is_main_process:
         scaler = acc.scaler.state_dict() if acc.scaler is not None else None
-        state = {"step": step, "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
+        state = {"step": run.step, "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
                  "scaler": scaler, "data": run.stream.state_dict(), "world_size": acc.num_processes}
-        ckpt.finish_checkpoint(tmp, out, step, run.unwrapped, run.objective.state_modules(), state,
-                               run.cfg.checkpoint.keep)
-    acc.wait_for_everyone()
+    ckpt.save_checkpoint(acc, run.cfg.output_dir, run.step, run.unwrapped, run.objective.state_modules(), state,
+                         run.cfg.checkpoint.keep, config=to_dict(run.cfg))
 
 
 # --------------------------------------------------------------------------- one step
@@ -306,8 +309,8 @@ def _skip_nonfinite(run: Run, loss_value: float, grad_norm) -> None:
 
 
 def _end_step(run: Run, result: StepResult, on_step_end) -> bool:
-    """Everything after an optimizer step: log, evaluate, checkpoint, callback, time limit.
-    Returns True when training stops before train.max_steps."""
+    """Everything after an optimizer step: log, evaluate, checkpoint, callback, stop signal, time
+    limit. Returns True when training stops before train.max_steps."""
     cfg, t, step = run.cfg, run.cfg.train, run.step
     run.window_samples += result.samples * run.accelerator.num_processes
     run.pbar.update(1)
@@ -320,6 +323,13 @@ def _end_step(run: Run, result: StepResult, on_step_end) -> bool:
         _save(run)
     if on_step_end is not None:
         on_step_end(step, {"loss": result.loss})
+    if step < t.max_steps and run.guard.stop_requested():  # SIGTERM / SIGUSR1 to any rank: checkpoint, stop
+        run.stop_signal = run.guard.received
+        if not saved:
+            _save(run)
+        if run.accelerator.is_main_process:
+            print(run.guard.stop_message(step, t.max_steps), flush=True)
+        return True
     if step < t.max_steps and _out_of_time(run):
         run.stopped_early = True
         if run.accelerator.is_main_process:
@@ -370,10 +380,15 @@ def _log_eval(run: Run) -> dict:
 
 
 def _finish(run: Run) -> dict:
-    """Final evaluation, the saved model and the report."""
+    """Final evaluation, the saved model and the report; after a stop signal only the result
+    (the checkpoint is written: no final evaluation or model)."""
     acc = run.accelerator
     run.pbar.close()
     run.stream.close()
+    if run.stop_signal:
+        acc.end_training()
+        return {"step": run.step, "loss": run.last_loss, "stopped_early": True, "stop_signal": run.stop_signal,
+                "train_seconds": time.perf_counter() - run.started, "final_dir": None}
     results = {"step": run.step, "loss": run.last_loss,
                "skipped_images": distributed.all_sum(run.skipped_images, acc.device),
                "nonfinite_steps": run.nonfinite_steps, "train_seconds": time.perf_counter() - run.started,
