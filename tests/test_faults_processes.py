@@ -4,7 +4,6 @@ key names of the code that wrote it."""
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from helpers.launch import launch_command
 from train_helpers import REPO, tiny_overrides, write_tokenizer
 
 from mmcl.train import checkpoint as ckpt
@@ -65,18 +65,10 @@ def test_sigterm_checkpoints_exits_zero_and_resumes_exactly(tmp_path):
     assert not differ, f"weights differ after SIGTERM + resume: {differ[:5]}"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch(out: Path, tok: str, *args: str) -> subprocess.Popen:
     out.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--main_process_port", str(_free_port()), "--mixed_precision", "no",
-           "--dynamo_backend", "no", SCRIPT, "clip", str(out), tok, *args]
-    return subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    cmd, env = launch_command(SCRIPT, "clip", str(out), tok, *args, env={"PYTHONPATH": REPO})
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def _finish(proc: subprocess.Popen, timeout: float = 240) -> tuple[int, str, str, float]:

@@ -24,21 +24,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def accelerate_launch(script, *args: str, processes: int = 2, timeout: float = 300,
-                      env: dict | None = None) -> subprocess.CompletedProcess:
-    """Run `accelerate launch [--multi_gpu] --num_processes {processes} script *args` from the
-    repository root on the CPU (gloo), offline, one thread per process, and return the finished
-    process (stdout and stderr as text).
+def launch_command(script, *args: str, processes: int = 2, env: dict | None = None) -> tuple[list, dict]:
+    """(argv, environment) of `accelerate launch [--multi_gpu] --num_processes {processes} script
+    *args` on the CPU (gloo), offline, one thread per process; run it with cwd=REPO (as
+    `accelerate_launch` does, or with subprocess.Popen to signal the processes while they run).
 
     Args:
         script: path of the Python script (absolute, or relative to the repository root).
         args: the script's own arguments.
         processes: number of processes (>= 1; --multi_gpu when more than one).
-        timeout: seconds before subprocess.TimeoutExpired.
-        env: extra environment variables (e.g. {"MMCL_TRITON_BWD": "gemm"}), applied last.
+        env: extra environment variables (e.g. {"TRITON_INTERPRET": "1"}), applied last.
     Raises:
         ValueError: `processes` is not a positive int.
-        AssertionError: the launch exited non-zero; the message holds the tails of its output.
     """
     if not isinstance(processes, int) or processes < 1:
         raise ValueError(f"processes must be a positive int, got {processes!r}")
@@ -47,6 +44,19 @@ def accelerate_launch(script, *args: str, processes: int = 2, timeout: float = 3
            "--mixed_precision", "no", "--dynamo_backend", "no", str(script), *map(str, args)]
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "HF_HUB_OFFLINE": "1",
                 "TOKENIZERS_PARALLELISM": "false", **(env or {})}
+    return cmd, full_env
+
+
+def accelerate_launch(script, *args: str, processes: int = 2, timeout: float = 300,
+                      env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run `launch_command(script, *args, processes=..., env=...)` from the repository root and
+    return the finished process (stdout and stderr as text).
+
+    Raises:
+        ValueError: `processes` is not a positive int.
+        AssertionError: the launch exited non-zero; the message holds the tails of its output.
+    """
+    cmd, full_env = launch_command(script, *args, processes=processes, env=env)
     proc = subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         raise AssertionError(f"accelerate launch {Path(script).name} failed ({proc.returncode}):\n"
