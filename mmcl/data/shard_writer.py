@@ -8,7 +8,7 @@ each holding up to N samples. Sample ``KEY`` (the shard number then the position
   byte for byte; any other format, and raw pixels, become a lossless PNG of the image's RGB
   decode (the pixels mmcl's decoder reads from the source).
 - ``KEY.txt``: the caption, UTF-8; from a column holding a list of captions, its first one.
-- ``KEY.json``: ``{"key", "source_index"}`` (the row in the source), ``"caption"`` (the text of
+- ``KEY.json``: ``{"key", "source_index"}`` (the row number in the source split), ``"caption"`` (the text of
   KEY.txt), ``"captions"`` (the whole list, when the caption column holds lists) and the value of
   every other column of plain values (numbers, strings, labels, lists of them); the reserved
   names win over columns of the same name.
@@ -78,7 +78,7 @@ def write_shards(source, out_dir, *, shard_size: int = 1000, image_column: str =
         TypeError: ``source`` is neither a string nor a ``datasets.Dataset``.
     """
     _check_args(shard_size, image_column, caption_column, shuffle)
-    ds = _rows(source, split, image_column, caption_column, max_samples, seed)
+    ds, source_rows = _rows(source, split, image_column, caption_column, max_samples, seed)
     out = _prepare_out_dir(out_dir)
     order = np.random.default_rng(seed).permutation(len(ds)) if shuffle else np.arange(len(ds))
     writer = _ShardWriter(out, shard_size, num_rows=len(ds))
@@ -98,15 +98,18 @@ def write_shards(source, out_dir, *, shard_size: int = 1000, image_column: str =
                 skipped["no caption"] += 1
                 continue
             meta = {name: _plain(row[name]) for name in metadata}
-            meta["source_index"] = int(order[position])
+            meta["source_index"] = int(source_rows[order[position]])
             if text is not None:
                 meta["caption"] = text
             if captions is not None:
                 meta["captions"] = captions
             writer.add(image, text, meta)
+    except BaseException:
+        writer.abort()  # the shard being written is removed; the complete ones stay
+        raise
     finally:
         bar.close()
-        paths = writer.close()
+    paths = writer.close()
     if not paths:
         raise ValueError(f"no sample of {_name(source)} could be written ({_reasons(skipped)})")
     (out / SIZES_FILE).write_text(json.dumps(writer.sizes, indent=1) + "\n", encoding="utf-8")
@@ -116,7 +119,7 @@ def write_shards(source, out_dir, *, shard_size: int = 1000, image_column: str =
 
 
 class _ShardWriter:
-    """Appends samples to numbered tar files of ``shard_size`` samples, renaming each when full."""
+    """Appends samples to numbered tar files of ``shard_size`` samples, renaming each once full."""
 
     def __init__(self, out: Path, shard_size: int, num_rows: int):
         self.out, self.shard_size = out, shard_size
@@ -128,8 +131,7 @@ class _ShardWriter:
         self._tar, self._count = None, 0
 
     def add(self, image: tuple[str, bytes], text: str | None, meta: dict) -> None:
-        if self._tar is None or self._count == self.shard_size:
-            self._finish_shard()
+        if self._tar is None:
             self._tar = tarfile.open(self._temporary(), "w", format=tarfile.PAX_FORMAT)
         key = f"{len(self.paths):0{self.shard_width}d}{self._count:0{self.key_width}d}"
         extension, data = image
@@ -138,10 +140,18 @@ class _ShardWriter:
             self._member(f"{key}.txt", text.encode("utf-8"))
         self._member(f"{key}.json", json.dumps({"key": key, **meta}, ensure_ascii=False).encode("utf-8"))
         self._count += 1
+        if self._count == self.shard_size:  # complete: renamed now, so an interruption keeps it
+            self._finish_shard()
 
     def close(self) -> list[Path]:
         self._finish_shard()
         return list(self.paths)
+
+    def abort(self) -> None:
+        if self._tar is not None:
+            self._tar.close()
+            self._temporary().unlink()
+            self._tar = None
 
     def _shard_name(self) -> str:
         return f"{len(self.paths):0{self.shard_width}d}.tar"
@@ -177,7 +187,7 @@ def _check_args(shard_size, image_column, caption_column, shuffle) -> None:
 
 
 def _rows(source, split, image_column, caption_column, max_samples, seed):
-    """The split to write, subsampled, with images left encoded."""
+    """``(rows to write with images left encoded, (len,) their row numbers in the split)``."""
     if isinstance(source, datasets.Dataset):
         ds = source
     elif isinstance(source, str):
@@ -189,10 +199,16 @@ def _rows(source, split, image_column, caption_column, max_samples, seed):
     check_columns(ds, image_column=image_column, caption_column=caption_column, label_column=None)
     if max_samples is not None and (isinstance(max_samples, bool) or not isinstance(max_samples, int)):
         raise ValueError(f"max_samples must be a positive int or None, got {max_samples!r}")
-    ds = subsample(ds, max_samples, seed=seed)
     if len(ds) == 0:
         raise ValueError(f"{_name(source)} has no rows to write")
-    return undecoded(ds, image_column)
+    source_rows = np.arange(len(ds))
+    if max_samples is not None and max_samples < len(ds):  # the rows `subsample` keeps, by number
+        source_rows = np.asarray(subsample(datasets.Dataset.from_dict({"row": source_rows}), max_samples,
+                                           seed=seed)["row"])
+        ds = ds.select(source_rows)
+    elif max_samples is not None and max_samples < 1:
+        raise ValueError(f"max_samples must be positive, got {max_samples}")
+    return undecoded(ds, image_column), source_rows
 
 
 def _prepare_out_dir(out_dir) -> Path:
