@@ -109,7 +109,7 @@ def test_digits_through_datasets_webdataset_builder(tmp_path):
     assert rows == expected.tolist()
     for sample, row in zip(read, rows):
         np.testing.assert_array_equal(np.asarray(sample["png"].convert("RGB")), np.asarray(ref[row]["image"]))
-        assert sample["txt"] == ref[row]["caption"][0] and sample["json"]["captions"] == ref[row]["caption"]
+        assert sample["txt"] == ref[row]["caption"][0] and sample["json"]["caption"] == ref[row]["caption"]
         assert sample["json"]["label"] == ref[row]["label"]
 
 

@@ -8,10 +8,11 @@ each holding up to N samples. Sample ``KEY`` (the shard number then the position
   byte for byte; any other format, and raw pixels, become a lossless PNG of the image's RGB
   decode (the pixels mmcl's decoder reads from the source).
 - ``KEY.txt``: the caption, UTF-8; from a column holding a list of captions, its first one.
-- ``KEY.json``: ``{"key", "source_index"}`` (the row number in the source split), ``"caption"`` (the text of
-  KEY.txt), ``"captions"`` (the whole list, when the caption column holds lists) and the value of
-  every other column of plain values (numbers, strings, labels, lists of them); the reserved
-  names win over columns of the same name.
+- ``KEY.json``: ``"key"``, ``"source_index"`` (the row number in the source split), the caption
+  column under its own name with its value (the string, or the list of captions), ``"caption"``
+  (the text of KEY.txt, img2dataset's field) when the column has another name, and the value of
+  every other column of plain values (numbers, strings, labels, lists of them). So a config that
+  reads the source reads its shards with only ``data.source`` changed.
 
 ``out_dir/sizes.json`` maps each shard's file name to its number of samples (the file
 open_clip's webdataset reader looks for). Every image is decoded once before it is written: an
@@ -44,7 +45,7 @@ SIZES_FILE = "sizes.json"
 _COPIED_FORMATS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp"}
 _PLAIN_DTYPES = ("bool", "string", "large_string") + tuple(
     f"{kind}{bits}" for kind in ("int", "uint") for bits in (8, 16, 32, 64)) + ("float16", "float32", "float64")
-_RESERVED = ("key", "source_index", "caption", "captions")
+_RESERVED = ("key", "source_index", "caption")
 
 
 def write_shards(source, out_dir, *, shard_size: int = 1000, image_column: str = "image",
@@ -99,10 +100,9 @@ def write_shards(source, out_dir, *, shard_size: int = 1000, image_column: str =
                 continue
             meta = {name: _plain(row[name]) for name in metadata}
             meta["source_index"] = int(source_rows[order[position]])
-            if text is not None:
-                meta["caption"] = text
-            if captions is not None:
-                meta["captions"] = captions
+            if caption_column is not None:
+                meta["caption"] = text  # img2dataset's field; a "caption" column of lists replaces it
+                meta[caption_column] = text if captions is None else captions
             writer.add(image, text, meta)
     except BaseException:
         writer.abort()  # the shard being written is removed; the complete ones stay
