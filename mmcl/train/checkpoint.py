@@ -217,3 +217,14 @@ def read_checkpoint(path, model, extra_modules: dict) -> dict:
             prefix = name + "."
             mod.load_state_dict({k[len(prefix):]: v for k, v in extra.items() if k.startswith(prefix)})
     return load_state(path)
+
+
+def rank_data_state(state: dict, rank: int, world: int) -> dict:
+    """This rank's data position from a checkpoint's state (a stream keeps one per rank)."""
+    data = state["data"]
+    if "ranks" not in data:
+        return data
+    if len(data["ranks"]) != world:
+        raise ValueError(f"the checkpoint's data stream positions are for {len(data['ranks'])} processes; "
+                         f"resume a streamed source with the same number of processes (got {world})")
+    return data["ranks"][rank]
