@@ -191,8 +191,11 @@ class ShardBatchStream:
     def _start(self) -> None:
         dataset = _WorkerBatches(self.stream_args, self.make_item, self.collate_fn, self.batch_size, self.workers,
                                  self.rank, list(self.states), self.batches % self.workers)
+        # A private generator: the DataLoader draws its workers' base seed from it, not from the
+        # training loop's global RNG (whose stream a resumed run restores exactly).
+        generator = torch.Generator().manual_seed(int(self.stream_args["seed"]) + 1000003 * self.batches)
         self._iterator = iter(DataLoader(dataset, batch_size=None, collate_fn=_as_is, num_workers=self.num_workers,
-                                         pin_memory=torch.cuda.is_available()))
+                                         generator=generator, pin_memory=torch.cuda.is_available()))
 
     def next(self) -> dict:
         """The next batch of this rank (worker ``batches mod W``'s next one)."""
