@@ -255,3 +255,17 @@ def test_cli_writes_shards_and_reports_bad_paths(source, tmp_path, capsys):
     assert capsys.readouterr().err == ""
     samples = _samples([tmp_path / "q" / "00000.tar"])
     assert len(samples) == 12 and all("txt" not in s for s in samples)  # image-only: only row 4 is skipped
+
+
+def test_mmcl_stream_reads_written_shards_like_the_source(source, tmp_path):
+    """The shard reader with the source's own column names gets the source's images and captions."""
+    from mmcl.data.shards import expand_shards, read_shard
+
+    write_shards(str(source["parquet"]), tmp_path / "r", shard_size=4, caption_column="captions", progress=False)
+    paths = expand_shards(str(tmp_path / "r" / "{00000..00002}.tar"))
+    rows = [row for path in paths for _, row in read_shard(path, image_column="image", caption_column="captions",
+                                                          label_column="label")]
+    assert [r["__key__"] for r in rows] == [f"{i // 4:05d}{i % 4:04d}" for i in range(11)]
+    for row, source_row in zip(rows, source["good"]):
+        assert row["captions"] == source["captions"][source_row] and row["label"] == source_row % 3
+        np.testing.assert_array_equal(_rgb(row["image"]), _rgb(source["cells"][source_row]))
