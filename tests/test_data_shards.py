@@ -248,6 +248,8 @@ def test_missing_shards_raise_naming_them(shards, tmp_path, processor):
                      rank=1, world_size=2)
     with pytest.raises(ValueError, match="data.streaming=true"):
         build_stream(DataConfig(source="digits", streaming=True), processor, text=False, views=True, batch_size=2)
+    with pytest.raises(ValueError, match="data.max_samples=5 does not apply to a streamed source"):
+        build_stream(DataConfig(source=pattern, max_samples=5), processor, text=True, views=False, batch_size=2)
     with pytest.raises(ValueError, match="shuffle_buffer"):
         DataConfig(source=pattern, shuffle_buffer=0)
 
@@ -377,3 +379,39 @@ def test_two_processes_two_workers_resume_exactly_through_accelerate(shards, tmp
         got = _keys_by_step(full, rank)
         for n in range(6):
             assert got[n + 1] == [k for _, k in refs[n % 2][3 * (n // 2):3 * (n // 2) + 3]], (rank, n)
+
+
+@pytest.fixture(scope="module")
+def caption_shards(tmp_path_factory):
+    """12 image-caption samples without labels in 3 shards (a retrieval evaluation set)."""
+    out = tmp_path_factory.mktemp("captions")
+    write_shards(pairs(12).remove_columns("label"), out, shard_size=4, progress=False)
+    return str(out / "{00000..00002}.tar")
+
+
+@pytest.mark.parametrize("mode, metric", [("clip", "retrieval_mean_recall"), ("clip+simclr", "zeroshot_top1"),
+                                          ("simclr", "knn_top1"), ("moco", "knn_top1")])
+def test_every_mode_trains_and_evaluates_on_shards(mode, metric, shards, caption_shards, tmp_path):
+    """Training streams the shards; the evaluator reads a bounded held-out set from shards too:
+    recall@k on captioned shards without labels, zero-shot with class names, kNN against a
+    memory bank read from the training shards."""
+    from train_helpers import tiny_overrides, write_tokenizer
+
+    from mmcl.train import fit, load_config
+    from mmcl.train.evaluation import Evaluator
+
+    pattern, _ = shards
+    tok = write_tokenizer(tmp_path / "tok")
+    held_out = caption_shards if mode == "clip" else pattern
+    cfg = load_config(None, tiny_overrides(mode, tmp_path / "out", tok, steps=2, batch=4) + [
+        f"data.source={pattern}", "data.max_samples=null", f"data.eval_source={held_out}", "data.eval_max_samples=10",
+        "data.shuffle_buffer=8", f"eval.class_names=[{','.join(NUMBERS)}]", "eval.knn_k=3",
+        "eval.knn_train_samples=15"])
+    results = fit(cfg)
+    assert results["step"] == 2 and math.isfinite(results["loss"])
+    assert 0.0 <= results[metric] <= 1.0, results
+    evaluator = Evaluator(cfg)
+    evaluator._load()
+    assert len(evaluator._eval_ds) == 10
+    if metric == "knn_top1":
+        assert len(evaluator._train_ds) == 15 and evaluator._train_ds["label"][:3] == [0, 1, 2]

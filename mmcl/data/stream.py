@@ -241,6 +241,9 @@ def build_stream(cfg, processor, *, text: bool, views: bool, batch_size: int, ra
     if cfg.streaming and not streamed:
         raise ValueError(f"data.streaming=true streams .tar shards or parquet / CSV / JSON files; "
                          f"data.source={cfg.source!r} is neither")
+    if streamed and cfg.max_samples is not None:
+        raise ValueError(f"data.max_samples={cfg.max_samples} does not apply to a streamed source (every shard "
+                         "is read each epoch): list fewer shards, or set data.max_samples=null")
     dataset, collate_fn = build_dataset(cfg, processor, text=text, views=views, seed=seed,
                                         device_views=device_views, stream=streamed)
     if not streamed:
