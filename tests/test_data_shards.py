@@ -415,3 +415,30 @@ def test_every_mode_trains_and_evaluates_on_shards(mode, metric, shards, caption
     assert len(evaluator._eval_ds) == 10
     if metric == "knn_top1":
         assert len(evaluator._train_ds) == 15 and evaluator._train_ds["label"][:3] == [0, 1, 2]
+
+
+def test_fit_on_bad_shards_skips_and_logs_each_reason(shards, tmp_path):
+    """A corrupt image, an uncaptioned image, a caption without image, a truncated tar, a 0-byte
+    and a member-less tar beside one good shard: training runs through more than two epochs and
+    logs every reason's count (each bad thing is met once per epoch)."""
+    from train_helpers import tiny_overrides, write_tokenizer
+
+    from mmcl.train import fit, load_config
+
+    _, good = shards
+    bad = _bad_shards(tmp_path / "bad")
+    tok = write_tokenizer(tmp_path / "tok")
+    source = "[" + ",".join([good[0], *bad]) + "]"  # 6 good samples per epoch: a0, b0 and good[0]'s 4
+    out = tmp_path / "out"
+    results = fit(load_config(None, tiny_overrides("clip", out, tok, steps=7, batch=2) + [
+        f"data.source={source}", "data.max_samples=null", "data.shuffle_buffer=3", "eval.enabled=false"]))
+    assert results["step"] == 7 and math.isfinite(results["loss"])
+    last = [json.loads(line) for line in open(out / "logs" / "metrics.jsonl")][-1]
+    epochs = last["epoch"]  # 14 good samples: the third epoch has begun
+    assert epochs == 2
+    per_epoch = {"corrupt_image": 1, "missing_caption": 1, "missing_image": 1, "truncated_shard": 1, "empty_shard": 2}
+    for reason, n in per_epoch.items():
+        assert 2 * n <= last[f"skipped/{reason}"] <= 3 * n, (reason, last)
+    assert last["skipped/missing_label"] == 0
+    assert last["skipped_images"] == sum(last[f"skipped/{r}"] for r in ("corrupt_image", "missing_caption",
+                                                                          "missing_image"))
