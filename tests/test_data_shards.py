@@ -250,6 +250,11 @@ def test_missing_shards_raise_naming_them(shards, tmp_path, processor):
         build_stream(DataConfig(source="digits", streaming=True), processor, text=False, views=True, batch_size=2)
     with pytest.raises(ValueError, match="data.max_samples=5 does not apply to a streamed source"):
         build_stream(DataConfig(source=pattern, max_samples=5), processor, text=True, views=False, batch_size=2)
+    with pytest.raises(ValueError, match=r"held.tar do not exist|do not exist: .*held.tar"):
+        build_stream(DataConfig(source=pattern, eval_source=str(tmp_path / "held.tar")), processor, text=True,
+                     views=False, batch_size=2)
+    with pytest.raises(ValueError, match="positions are for 2 processes; .* same number of processes"):
+        ckpt.rank_data_state({"data": {"ranks": [{}, {}]}}, 0, 4)
     with pytest.raises(ValueError, match="shuffle_buffer"):
         DataConfig(source=pattern, shuffle_buffer=0)
 

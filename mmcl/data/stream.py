@@ -241,6 +241,8 @@ def build_stream(cfg, processor, *, text: bool, views: bool, batch_size: int, ra
     if cfg.streaming and not streamed:
         raise ValueError(f"data.streaming=true streams .tar shards or parquet / CSV / JSON files; "
                          f"data.source={cfg.source!r} is neither")
+    if is_stream_source(cfg.eval_source, cfg.streaming):
+        expand_shards(cfg.eval_source)  # a missing held-out shard fails now, not at the first evaluation
     if streamed and cfg.max_samples is not None:
         raise ValueError(f"data.max_samples={cfg.max_samples} does not apply to a streamed source (every shard "
                          "is read each epoch): list fewer shards, or set data.max_samples=null")
