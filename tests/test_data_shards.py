@@ -447,3 +447,18 @@ def test_fit_on_bad_shards_skips_and_logs_each_reason(shards, tmp_path):
     assert last["skipped/missing_label"] == 0
     assert last["skipped_images"] == sum(last[f"skipped/{r}"] for r in ("corrupt_image", "missing_caption",
                                                                           "missing_image"))
+
+
+def test_streamed_save_to_disk_directory_reads_its_arrow_files_as_shards(tmp_path, processor):
+    ds = pairs(9)
+    ds.save_to_disk(str(tmp_path / "saved"), num_shards=3)
+    files = [f"data-0000{j}-of-00003.arrow" for j in range(3)]
+    assert expand_shards(str(tmp_path / "saved")) == [str(tmp_path / "saved" / f) for f in files]
+    cfg = DataConfig(source=str(tmp_path / "saved"), streaming=True, shuffle_buffer=1, label_column="label")
+    stream = build_stream(cfg, processor, text=True, views=False, batch_size=3, seed=5)
+    batches = [stream.next() for _ in range(3)]
+    stream.close()
+    order = worker_shards(3, epoch=0, slot=0, slots=1, seed=5)
+    assert sum((b["key"] for b in batches), []) == [f"{files[j]}/{m}" for j in order for m in range(3)]
+    labels = torch.cat([b["labels"] for b in batches]).tolist()
+    assert labels == [ds[3 * j + m]["label"] for j in order for m in range(3)]

@@ -21,7 +21,8 @@ class DataConfig:
     ``source`` may also be webdataset shards: a brace pattern (``shards/{00000..00099}.tar``), a
     glob, or a list of ``.tar`` paths, in img2dataset's layout (``KEY.jpg|png|webp`` with ``KEY.txt``
     and/or ``KEY.json``). Shards are streamed (``mmcl.data.shards``), as are the data files of a
-    parquet / CSV / JSON source (one file, a glob or a list) with ``streaming: true``.
+    parquet / CSV / JSON / arrow source (one file, a glob or a list) or of a ``save_to_disk`` directory
+    with ``streaming: true``.
     """
 
     source: str | list = "digits"

@@ -40,7 +40,8 @@ __all__ = ["SKIP_REASONS", "expand_shards", "is_stream_source", "worker_shards",
            "SampleStream", "read_samples"]
 
 IMAGE_SUFFIXES = ("jpg", "jpeg", "png", "webp")
-DATA_FILE_BUILDERS = {".parquet": "parquet", ".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json"}
+DATA_FILE_BUILDERS = {".parquet": "parquet", ".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json",
+                      ".arrow": "arrow"}
 # Why a sample (or a whole shard) was skipped: the keys of the logged ``skipped/<reason>`` counts.
 SKIP_REASONS = ("corrupt_image", "missing_image", "missing_caption", "missing_label", "truncated_shard",
                 "empty_shard")
@@ -57,30 +58,41 @@ def is_stream_source(source, streaming: bool = False) -> bool:
     if source is None:
         return False
     paths = _as_list(source)
-    if not all(isinstance(p, str) for p in paths):
+    if not paths or not all(isinstance(p, str) for p in paths):
         return False
-    suffixes = {_suffix(p) for p in paths}
+    if streaming and len(paths) == 1 and _saved_dir(paths[0], None) is not None:
+        return True
+    suffixes = {Path(p).suffix.lower() for p in paths}  # "shards/{00000..00099}.tar" -> ".tar"
     if suffixes == {".tar"}:
         return True
     return bool(streaming) and suffixes <= set(DATA_FILE_BUILDERS)
 
 
-def _suffix(path: str) -> str:
-    name = path.rstrip("}").lower()
-    for suffix in (".tar", *DATA_FILE_BUILDERS):
-        if name.endswith(suffix) or (name.endswith("}") and suffix in name):
-            return suffix
-    return Path(path).suffix.lower()
+def _saved_dir(path: str, split: str | None) -> list[str] | None:
+    """The arrow files of a ``save_to_disk`` directory (of ``split``, or "train", in a DatasetDict), or None."""
+    root = Path(path).expanduser()
+    if (root / "dataset_dict.json").is_file():
+        splits = json.loads((root / "dataset_dict.json").read_text())["splits"]
+        name = split if split in splits else "train" if "train" in splits else splits[0]
+        root = root / name
+    if not (root / "state.json").is_file():
+        return None
+    return [str(root / f["filename"]) for f in json.loads((root / "state.json").read_text())["_data_files"]]
 
 
-def expand_shards(source) -> list[str]:
-    """The shard paths of ``source``: a brace pattern, a glob, or a list of either, in order.
+def expand_shards(source, split: str | None = None) -> list[str]:
+    """The shard paths of ``source``: a brace pattern, a glob, or a list of either, in order; or
+    the arrow files of a ``save_to_disk`` directory (its ``split``, default "train").
 
     Raises:
         ValueError: naming a pattern that matches nothing or a listed path that does not exist.
     """
+    items = _as_list(source)
+    saved = _saved_dir(items[0], split) if len(items) == 1 and os.path.isdir(items[0]) else None
+    if saved is not None:
+        return saved
     paths: list[str] = []
-    for item in _as_list(source):
+    for item in items:
         expanded = []
         for name in braceexpand(os.path.expanduser(item)):
             if glob.has_magic(name):
@@ -323,14 +335,14 @@ class SampleStream:
 
 
 def read_samples(source, limit: int, *, image_column: str = "image", caption_column: str | None = "caption",
-                 label_column: str | None = None, counts: Counter | None = None):
+                 label_column: str | None = None, counts: Counter | None = None, split: str | None = None):
     """The first ``limit`` rows of a streamed source (shards in their listed order) as a
     ``datasets.Dataset`` with an Image column, for evaluation (a bounded held-out set)."""
     import datasets
 
     columns = {"image_column": image_column, "caption_column": caption_column, "label_column": label_column}
     rows: list = []
-    for path in expand_shards(source):
+    for path in expand_shards(source, split):
         for _, row in read_shard(path, counts=counts, **columns):
             image = row.get(image_column)
             if image is None:

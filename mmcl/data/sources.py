@@ -131,7 +131,8 @@ def load_eval_dataset(cfg, *, seed: int = 0):
         return None
     if is_stream_source(source, cfg.streaming):
         return read_samples(source, cfg.eval_max_samples, image_column=cfg.image_column,
-                            caption_column=cfg.caption_column, label_column=cfg.label_column or "label")
+                            caption_column=cfg.caption_column, label_column=cfg.label_column or "label",
+                            split=cfg.eval_split)
     ds = load_source(source, cfg.eval_split, seed=seed, image_column=cfg.image_column)
     check_columns(ds, image_column=cfg.image_column, caption_column=None, label_column=None)
     return ds

@@ -239,8 +239,8 @@ def build_stream(cfg, processor, *, text: bool, views: bool, batch_size: int, ra
     ``BatchStream`` over ``build_dataset``. Bad shard paths raise ValueError here, naming them."""
     streamed = is_stream_source(cfg.source, cfg.streaming)
     if cfg.streaming and not streamed:
-        raise ValueError(f"data.streaming=true streams .tar shards or parquet / CSV / JSON files; "
-                         f"data.source={cfg.source!r} is neither")
+        raise ValueError(f"data.streaming=true streams .tar shards, parquet / CSV / JSON / arrow files or a "
+                         f"save_to_disk directory; data.source={cfg.source!r} is none of these")
     if is_stream_source(cfg.eval_source, cfg.streaming):
         expand_shards(cfg.eval_source)  # a missing held-out shard fails now, not at the first evaluation
     if streamed and cfg.max_samples is not None:
@@ -253,6 +253,6 @@ def build_stream(cfg, processor, *, text: bool, views: bool, batch_size: int, ra
                            world_size=world_size, seed=seed)
     columns = {"image_column": cfg.image_column, "caption_column": cfg.caption_column if text else None,
                "label_column": cfg.label_column}
-    return ShardBatchStream(expand_shards(cfg.source), dataset.make_item, collate_fn, batch_size,
+    return ShardBatchStream(expand_shards(cfg.source, cfg.split), dataset.make_item, collate_fn, batch_size,
                             num_workers=cfg.num_workers, rank=rank, world_size=world_size, seed=seed,
                             shuffle_buffer=cfg.shuffle_buffer, resampled=cfg.resampled, columns=columns)
