@@ -34,6 +34,7 @@ from pathlib import Path
 import datasets
 import numpy as np
 from PIL import Image
+from tqdm.auto import tqdm
 
 from mmcl.data.images import decode_image
 from mmcl.data.sources import check_columns, load_splits, pick_split, subsample, undecoded
@@ -287,8 +288,6 @@ def _plain(value):
 
 
 def _progress_bar(total: int, enabled: bool, out: Path):
-    from tqdm.auto import tqdm
-
     return tqdm(total=total, desc=f"writing shards to {out}", unit="sample", disable=not enabled,
                 file=sys.stderr, dynamic_ncols=True)
 
