@@ -48,7 +48,8 @@ def source(tmp_path_factory):
     cells.insert(9, cells[0])  # row 9: a good image without a caption
     captions.insert(9, ["", "   "])
     features = datasets.Features({"image": datasets.Image(), "captions": datasets.List(datasets.Value("string")),
-                                  "label": datasets.ClassLabel(names=["a", "b", "c"]), "score": datasets.Value("float32")})
+                                  "label": datasets.ClassLabel(names=["a", "b", "c"]),
+                                  "score": datasets.Value("float32")})
     ds = datasets.Dataset.from_dict({"image": [{"bytes": b, "path": None} for b in cells], "captions": captions,
                                      "label": [i % 3 for i in range(13)], "score": [i / 4 for i in range(13)]},
                                     features=features)
@@ -144,8 +145,10 @@ def test_image_folder_csv_and_saved_dataset(tmp_path):
     assert [s["txt"].decode() for s in samples] == [f"caption number {i}" for i in range(3)]
 
     ds = datasets.Dataset.from_dict({"image": images[:5], "caption": [f"c{i}" for i in range(5)]},
-                                    features=datasets.Features({"image": datasets.Image(), "caption": datasets.Value("string")}))
-    datasets.DatasetDict({"train": ds.select(range(3)), "test": ds.select(range(3, 5))}).save_to_disk(str(tmp_path / "s"))
+                                    features=datasets.Features({"image": datasets.Image(),
+                                                                "caption": datasets.Value("string")}))
+    splits = datasets.DatasetDict({"train": ds.select(range(3)), "test": ds.select(range(3, 5))})
+    splits.save_to_disk(str(tmp_path / "s"))
     train = _samples(write_shards(str(tmp_path / "s"), tmp_path / "st", shard_size=10, progress=False))
     test = _samples(write_shards(str(tmp_path / "s"), tmp_path / "ss", shard_size=10, split="test", progress=False))
     assert [s["txt"] for s in train] == [b"c0", b"c1", b"c2"] and [s["txt"] for s in test] == [b"c3", b"c4"]
