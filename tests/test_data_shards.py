@@ -221,6 +221,12 @@ def test_bad_data_is_skipped_and_counted_by_reason(tmp_path, processor):
     assert len(batch["key"]) == 3 and set(batch["key"]) <= {"a0", "b0"}
     assert batch["num_skipped"] >= 3 and batch["skipped"]["truncated_shard"] >= 1
     batches.close()
+    # Nothing usable at all (no sample has a label): a clear error, not an endless search.
+    dataset, collate = __import__("mmcl.data.loader", fromlist=["build_dataset"]).build_dataset(
+        DataConfig(source=paths, label_column="label"), processor, text=True, views=False, stream=True)
+    none = ShardBatchStream(paths, dataset.make_item, collate, 2, columns={"label_column": "label"})
+    with pytest.raises(ValueError, match=r"a whole epoch .* without a usable sample .*missing_label"):
+        none.next()
 
 
 def _collate(processor):

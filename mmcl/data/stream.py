@@ -129,6 +129,7 @@ class _WorkerBatches(IterableDataset):
         stream = SampleStream(slot=self.rank * self.workers + worker, **self.stream_args)
         if self.states[worker] is not None:
             stream.load_state_dict(self.states[worker])
+        good_epoch = stream.epoch  # the epoch of the latest usable sample
         while True:
             items, skipped = [], Counter()
             while len(items) < self.batch_size:
@@ -136,8 +137,13 @@ class _WorkerBatches(IterableDataset):
                 item = self.make_item(row, stream.epoch, stream.shard_id(cursor) * 2**24 + member)
                 if item.get("skipped"):
                     skipped[item["reason"]] += 1
+                    if stream.epoch > good_epoch + 1:  # a whole epoch without one usable sample
+                        raise ValueError(f"data reader {stream.slot} read a whole epoch of its shards without a "
+                                         f"usable sample (skipped: {dict(skipped)}); check data.image_column / "
+                                         "data.caption_column / data.label_column against the shards")
                 else:
                     items.append(item)
+                    good_epoch = stream.epoch
             batch = self.collate_fn(items)
             batch["num_skipped"] = sum(skipped.values())
             skipped.update(stream.counts)
