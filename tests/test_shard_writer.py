@@ -206,6 +206,8 @@ def test_bad_arguments_raise_naming_them(source, tmp_path):
         write_shards(str(tmp_path / "missing.parquet"), tmp_path / "x")
     with pytest.raises(TypeError, match="source must be"):
         write_shards(42, tmp_path / "x")
+    with pytest.raises(ValueError, match="names .tar shards already"):
+        write_shards(str(tmp_path / "old" / "{00000..00003}.tar"), tmp_path / "x")
     with pytest.raises(ValueError, match="max_samples"):
         write_shards(parquet, tmp_path / "x", caption_column="captions", max_samples=0)
     (tmp_path / "file").write_text("x")

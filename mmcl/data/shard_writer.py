@@ -37,6 +37,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from mmcl.data.images import decode_image
+from mmcl.data.shards import is_stream_source
 from mmcl.data.sources import check_columns, load_splits, pick_split, subsample, undecoded
 
 __all__ = ["write_shards", "SIZES_FILE"]
@@ -191,6 +192,9 @@ def _rows(source, split, image_column, caption_column, max_samples, seed):
     """``(rows to write with images left encoded, (len,) their row numbers in the split)``."""
     if isinstance(source, datasets.Dataset):
         ds = source
+    elif isinstance(source, (str, list, tuple)) and is_stream_source(source):
+        raise ValueError(f"source {source!r} names .tar shards already; write_shards reads a source that "
+                         "mmcl loads whole (parquet / CSV / JSON, image folder, save_to_disk, digits)")
     elif isinstance(source, str):
         splits = load_splits(source, seed=seed, image_column=image_column)
         ds = splits[pick_split(splits, split, default="train", what=f"source {source!r}: split")]
