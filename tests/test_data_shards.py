@@ -259,6 +259,8 @@ def test_missing_shards_raise_naming_them(shards, tmp_path, processor):
                      views=False, batch_size=2)
     with pytest.raises(ValueError, match="positions are for 2 processes; .* same number of processes"):
         ckpt.rank_data_state({"data": {"ranks": [{}, {}]}}, 0, 4)
+    with pytest.raises(ValueError, match="data.source as a list names .tar shards"):
+        build_stream(DataConfig(source=["a.parquet", "b.parquet"]), processor, text=True, views=False, batch_size=2)
     with pytest.raises(ValueError, match="shuffle_buffer"):
         DataConfig(source=pattern, shuffle_buffer=0)
 

@@ -247,6 +247,9 @@ def build_stream(cfg, processor, *, text: bool, views: bool, batch_size: int, ra
     if cfg.streaming and not streamed:
         raise ValueError(f"data.streaming=true streams .tar shards, parquet / CSV / JSON / arrow files or a "
                          f"save_to_disk directory; data.source={cfg.source!r} is none of these")
+    if not isinstance(cfg.source, str) and not streamed:
+        raise ValueError(f"data.source as a list names .tar shards (or data files with data.streaming=true), "
+                         f"got {cfg.source!r}")
     if is_stream_source(cfg.eval_source, cfg.streaming):
         expand_shards(cfg.eval_source)  # a missing held-out shard fails now, not at the first evaluation
     if streamed and cfg.max_samples is not None:
