@@ -51,7 +51,7 @@ class Run:
     model: torch.nn.Module  # as prepared by Accelerate (DDP-wrapped with several processes)
     unwrapped: torch.nn.Module
     objective: Objective
-    stream: BatchStream
+    stream: BatchStream  # or mmcl.data.ShardBatchStream for a streamed source (same interface)
     device_augment: DeviceAugment | None
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
