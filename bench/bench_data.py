@@ -31,8 +31,10 @@ runs alternating between the two.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -52,6 +54,8 @@ def parse(argv=None):
     p.add_argument("--batches", type=int, default=40, help="timed batches per path (after one warm-up batch)")
     p.add_argument("--shards", type=int, default=20, help="shards mode: the number of shards to write")
     p.add_argument("--repeats", type=int, default=3, help="shards mode: timed runs per pipeline, alternating")
+    p.add_argument("--one-run", choices=["open_clip", "mmcl"], default=None, help=argparse.SUPPRESS)
+    p.add_argument("--pattern", default=None, help=argparse.SUPPRESS)
     p.add_argument("--no-write", action="store_true", help="print only")
     return p.parse_args(argv)
 
@@ -95,6 +99,10 @@ def measure(path: str, args) -> dict:
 
 def main(argv=None) -> None:
     args = parse(argv)
+    if args.one_run:  # one timed run in this fresh process (run_shards starts it): its figures as JSON
+        timer = time_mmcl if args.one_run == "mmcl" else time_open_clip
+        print(json.dumps(timer(args.pattern, lit_processor(), args)))
+        return None
     if args.mode == "shards":
         return run_shards(args)
     from _results import append_section, markdown_table
@@ -241,12 +249,10 @@ def run_shards(args) -> None:
         paths = write_shards(str(source), Path(tmp) / "shards", shard_size=math.ceil(rows / args.shards),
                              caption_column="captions", progress=False)
         pattern = str(Path(tmp) / "shards" / f"{{{Path(paths[0]).stem}..{Path(paths[-1]).stem}}}.tar")
-        processor = lit_processor()
         runs = {"open_clip_train get_wds_dataset": [], "mmcl build_stream": []}
-        timers = dict(zip(runs, (time_open_clip, time_mmcl)))
         for repeat in range(args.repeats):
             for name in (list(runs) if repeat % 2 == 0 else list(runs)[::-1]):
-                runs[name].append(timers[name](pattern, processor, args))
+                runs[name].append(_fresh_run(name.split()[0].replace("_train", ""), pattern, args))
     medians = {name: [statistics.median(r[i] for r in results) for i in range(3)] for name, results in runs.items()}
     base = medians["open_clip_train get_wds_dataset"]
     table_rows = [[name, f"{m[0]:.0f}", " / ".join(f"{r[0]:.0f}" for r in runs[name]), f"{m[0] / base[0]:.2f}x",
@@ -255,7 +261,8 @@ def run_shards(args) -> None:
                             "samples per CPU-s (median)", "vs open_clip", "s to first batch"], table_rows)
     text = (f"{table}\n\n{_cpu_model()}. {source.name}: {rows} image-text pairs written as {len(paths)} shards "
             f"by mmcl.data.shard_writer; batch {args.batch_size}, {args.workers} DataLoader workers, "
-            f"{args.batches} timed batches after the first, {args.repeats} runs per pipeline alternating. Same "
+            f"{args.batches} timed batches after the first, {args.repeats} runs per pipeline alternating, each "
+            "in a fresh process. Same "
             "PIL decoding, transform (224x224 bicubic resize + centre crop + normalise) and MiniLM tokenizer "
             "(32 tokens) in both; each pipeline's own shard split and shuffle buffer (open_clip 1000-5000 "
             "samples, mmcl data.shuffle_buffer 1000). samples per CPU-s: the timed samples over the CPU time "
@@ -265,6 +272,17 @@ def run_shards(args) -> None:
     print(text)
     if not args.no_write:
         append_section("bench_data: image-text shard streaming, mmcl vs open_clip_train (Flickr8k, 20 shards)", text)
+
+
+def _fresh_run(which: str, pattern: str, args) -> list[float]:
+    """One timed run of pipeline ``which`` in a new Python process, so that no state of an earlier
+    run (workers, caches, memory) touches it."""
+    cmd = [sys.executable, __file__, "--mode", "shards", "--one-run", which, "--pattern", pattern,
+           "--batches", str(args.batches), "--batch-size", str(args.batch_size), "--workers", str(args.workers)]
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        sys.exit(f"error: the {which} run failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def _cpu_model() -> str:
