@@ -21,8 +21,9 @@ open_clip_train's own pipeline (`open_clip_train.data.get_wds_dataset`), over th
 Flickr8k train_2000 written as 20 shards by mmcl.data.shard_writer. Both decode with PIL to RGB,
 apply the same transform (the LiT recipe's processor: 224x224, bicubic resize, centre crop,
 normalise) and the same MiniLM tokenizer (32 tokens), use 2 DataLoader workers and their default
-shuffle buffers; the table has samples/s after the first batch and the ratio to open_clip, from
-runs alternating between the two.
+shuffle buffers; the table has samples/s after the first batch (and per CPU second of the process
+and its workers) and the ratio to open_clip, from runs alternating between the two, each in a
+fresh process.
 
     python bench/bench_data.py                          # ../shared/data/cifar10, 2 workers, 40 batches of 512
     python bench/bench_data.py --data data/cifar10 --workers 8 --batches 100
