@@ -4,6 +4,7 @@
     mmcl eval {zeroshot,retrieval,knn,linear} --model DIR --data PATH_OR_DATASET [--plot out.png]
     mmcl embed --model DIR --data PATH --out feats.npy|feats.parquet
     mmcl export --model DIR --to transformers OUT
+    mmcl shards --data PATH --out DIR --shard-size N
     mmcl index --embeddings FILE --out DIR;  mmcl search --index DIR --model DIR --text "..."
     mmcl checkpoint verify RUN_DIR
 
@@ -259,6 +260,20 @@ def cmd_export(args) -> None:
     print(f"exported {args.model} to {out} (transformers layout)", file=sys.stderr)
 
 
+def cmd_shards(args) -> None:
+    """`mmcl shards`: write --data as img2dataset-style webdataset shards (mmcl.data.shard_writer)."""
+    from mmcl.data.shard_writer import write_shards
+
+    if not args.data:
+        raise UsageError("--data is required")
+    if args.shard_size < 1:
+        raise UsageError("--shard-size must be at least 1")
+    caption_column = None if args.caption_column.lower() == "none" else args.caption_column
+    write_shards(args.data, args.out, shard_size=args.shard_size, image_column=args.image_column,
+                 caption_column=caption_column, split=args.split, max_samples=args.max_samples,
+                 shuffle=args.shuffle, seed=args.seed, progress=not args.quiet)
+
+
 def cmd_index(args) -> None:
     path = Path(args.embeddings)
     if not path.is_file():
@@ -333,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the `mmcl` console script; returns the exit status."""
     args = build_parser().parse_args(argv)
     command = {"zeroshot": cmd_zeroshot, "eval": cmd_eval, "embed": cmd_embed, "export": cmd_export,
-               "index": cmd_index, "search": cmd_search, "checkpoint": cmd_checkpoint}[args.command]
+               "shards": cmd_shards, "index": cmd_index, "search": cmd_search, "checkpoint": cmd_checkpoint}[args.command]
     try:
         if getattr(args, "batch_size", 1) < 1:
             raise UsageError("--batch-size must be at least 1")

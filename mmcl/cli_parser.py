@@ -10,6 +10,7 @@ EXAMPLES = """examples:
   mmcl eval knn --model runs/simclr/final --data digits
   mmcl embed --model runs/clip/final --data images/ --out embeddings.parquet
   mmcl export --model runs/clip/final --to transformers hf_model/
+  mmcl shards --data flickr8k/train_2000.parquet --caption-column captions --out shards/ --shard-size 1000
   mmcl index --embeddings embeddings.parquet --out photos.index          # needs faiss-cpu
   mmcl search --index photos.index --model runs/clip/final --text "a dog on a beach"
   mmcl checkpoint verify runs/clip                                        # sizes + sha256 of each checkpoint
@@ -38,6 +39,24 @@ def _labels_args(p: argparse.ArgumentParser) -> None:
                    help="prompt set: default (CLIP's 7), imagenet (CLIP's 80), digits (the demo's held-out "
                         "prompts), none (bare names), or a file with one prompt per line containing {} "
                         "(default: default)")
+
+
+def _shards_parser(sub) -> None:
+    sh = sub.add_parser("shards", help="write a dataset as webdataset tar shards (img2dataset layout)",
+                        description="Write any source mmcl reads as webdataset shards: KEY.jpg|png|webp + "
+                                    "KEY.txt + KEY.json per sample, sizes.json beside the shards.")
+    sh.add_argument("--data", required=True, metavar="PATH_OR_DATASET",
+                    help="parquet/CSV/JSON file, image folder, save_to_disk directory, or 'digits'")
+    sh.add_argument("--out", required=True, metavar="DIR", help="directory to write (new, or without shards)")
+    sh.add_argument("--shard-size", type=int, required=True, metavar="N", help="samples per shard")
+    sh.add_argument("--split", default=None, help="split to write (default: the only one, else train)")
+    sh.add_argument("--image-column", default="image", help="column holding images (default: image)")
+    sh.add_argument("--caption-column", default="caption",
+                    help="caption string or list column, or 'none' for image-only shards (default: caption)")
+    sh.add_argument("--max-samples", type=int, default=None, help="write N random rows (seeded)")
+    sh.add_argument("--shuffle", action="store_true", help="write the rows in a seeded random order")
+    sh.add_argument("--seed", type=int, default=0, help="seed of --max-samples and --shuffle (default 0)")
+    sh.add_argument("--quiet", action="store_true", help="no progress bar or summary line")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -96,6 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--model", required=True, metavar="DIR", help="model directory")
     ex.add_argument("--to", required=True, choices=["transformers"], help="target format")
     ex.add_argument("out", metavar="OUT", help="output directory")
+
+    _shards_parser(sub)
 
     ix = sub.add_parser("index", help="build a FAISS index over saved embeddings (needs faiss-cpu)",
                         description="Index the embeddings written by `mmcl embed` for fast cosine search.")

@@ -116,12 +116,16 @@ def test_build_objective_is_the_only_reader_of_mode():
     """Outside mmcl/methods/__init__.py no library code reads a `.mode` attribute or compares a
     `mode` string: everything asks the objective (or its class)."""
     pattern = re.compile(r"\.mode\b|\bmode\s*(==|!=|\bin\b|\bnot in\b)")
+    not_the_training_mode = {("mmcl/data/shard_writer.py", "info.mode")}  # a tar member's permission bits
     found = []
     for path in sorted(Path(REPO, "mmcl").rglob("*.py")):
         if path == Path(REPO, "mmcl", "methods", "__init__.py"):
             continue
         for number, line in enumerate(path.read_text().splitlines(), 1):
             code = line.split("#")[0]
+            rel = str(path.relative_to(REPO))
+            if any(rel == f and text in code for f, text in not_the_training_mode):
+                continue
             if pattern.search(code) and '"""' not in code and not code.strip().startswith(("`", "mode:")):
                 found.append(f"{path.relative_to(REPO)}:{number}: {line.strip()}")
     assert not found, "mode read outside mmcl.methods:\n" + "\n".join(found)

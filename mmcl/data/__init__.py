@@ -8,7 +8,7 @@ from mmcl.data.loader import (
     ContrastiveCollator, ContrastiveDataset, ResumableSampler, build_dataloader, build_dataset, epoch_order,
 )
 from mmcl.data.sources import load_eval_dataset, load_source, load_splits
-from mmcl.data.stream import BatchStream
+from mmcl.data.stream import BatchStream, ShardBatchStream, build_stream
 from mmcl.data.transforms import build_image_transform, cutmix
 
 __all__ = [
@@ -16,5 +16,6 @@ __all__ = [
     "EVAL_TEMPLATES", "TRAIN_TEMPLATES", "load_digits_dataset", "DeviceAugment", "GPUAugment", "decode_image",
     "load_image", "ContrastiveCollator", "ContrastiveDataset", "ResumableSampler", "build_dataloader",
     "build_dataset", "epoch_order", "load_eval_dataset", "load_source", "load_splits", "BatchStream",
+    "ShardBatchStream", "build_stream",
     "build_image_transform", "cutmix",
 ]

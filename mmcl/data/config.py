@@ -15,9 +15,15 @@ class DataConfig:
     directory written by ``datasets.Dataset.save_to_disk``, or a ``datasets`` name found in the local
     cache. ``caption_column`` may hold one string or a list of strings per row; with a list, one
     caption is drawn per sample and epoch (deterministically from the seed).
+
+    ``source`` may also be webdataset shards: a brace pattern (``shards/{00000..00099}.tar``), a
+    glob, or a list of ``.tar`` paths, in img2dataset's layout (``KEY.jpg|png|webp`` with ``KEY.txt``
+    and/or ``KEY.json``). Shards are streamed (``mmcl.data.shards``), as are the data files of a
+    parquet / CSV / JSON / arrow source (one file, a glob or a list) or of a ``save_to_disk`` directory
+    with ``streaming: true``.
     """
 
-    source: str = "digits"
+    source: str | list = "digits"
     split: str = "train"
     image_column: str = "image"
     caption_column: str = "caption"
@@ -32,9 +38,13 @@ class DataConfig:
     cutmix: float = 0.0  # probability per batch; image-only modes
     max_samples: int | None = None
     num_workers: int = 0
-    eval_source: str | None = None
+    eval_source: str | list | None = None
     eval_split: str = "test"
     max_text_length: int | None = None  # None: the processor's own default
+    streaming: bool = False  # stream the data files of a datasets source (shards always stream)
+    resampled: bool = False  # streams: draw shards with replacement (needed when shards < ranks x workers)
+    shuffle_buffer: int = 1000  # streams: samples in the seeded shuffle buffer of each worker (1: no shuffle)
+    eval_max_samples: int = 5000  # a streamed eval_source (or kNN bank) is read up to this many samples
 
     def __post_init__(self) -> None:
         self.validate()
@@ -49,8 +59,22 @@ def validate_config(cfg: DataConfig) -> None:
     aod = cfg.augment_on_device
     if aod is not None and (not isinstance(aod, str) or not aod):
         raise ValueError(f"DataConfig.augment_on_device must be a preset name or None, got {aod!r}")
-    if not isinstance(cfg.source, str) or not cfg.source:
-        raise ValueError(f"DataConfig.source must be a non-empty string, got {cfg.source!r}")
+    for name in ("source", "eval_source"):
+        value = getattr(cfg, name)
+        if value is None and name == "eval_source":
+            continue
+        if isinstance(value, (list, tuple)):
+            if not value or not all(isinstance(v, str) and v for v in value):
+                raise ValueError(f"DataConfig.{name} as a list must hold non-empty path strings, got {value!r}")
+        elif not isinstance(value, str) or not value:
+            raise ValueError(f"DataConfig.{name} must be a non-empty string or a list of shard paths, got {value!r}")
+    for name in ("streaming", "resampled"):
+        if not isinstance(getattr(cfg, name), bool):
+            raise ValueError(f"DataConfig.{name} must be true or false, got {getattr(cfg, name)!r}")
+    for name in ("shuffle_buffer", "eval_max_samples"):
+        value = getattr(cfg, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"DataConfig.{name} must be an int >= 1, got {value!r}")
     if cfg.augment not in AUGMENT_PRESETS:
         raise ValueError(f"DataConfig.augment must be one of {AUGMENT_PRESETS}, got {cfg.augment!r}")
     if cfg.image_size is not None and (not isinstance(cfg.image_size, int) or cfg.image_size < 1):

@@ -70,19 +70,27 @@ class ContrastiveDataset(Dataset):
 
     def __getitem__(self, key):
         epoch, index = key if isinstance(key, tuple) else (0, int(key))
-        row = self.ds[index]
-        image = decode_image(row[self.image_column])  # None: skipped, and counted by the collator
+        return self.make_item(self.ds[index], epoch, index)
+
+    def make_item(self, row: dict, epoch: int, index: int) -> dict:
+        """One row (image, caption, label columns) -> dict of tensors, or a skip marker naming the
+        reason ("missing_image", "corrupt_image", "missing_caption"). Streams call this per sample."""
+        raw = row.get(self.image_column)
+        image = decode_image(raw) if raw is not None else None  # None: skipped, and counted
         caption = None
         if self.caption_column is not None:
-            caption = row[self.caption_column]
+            caption = row.get(self.caption_column)
             if isinstance(caption, (list, tuple)):
                 caption = [c for c in caption if isinstance(c, str)]
                 rng = np.random.default_rng([self.seed, epoch, index, 1])
                 caption = caption[int(rng.integers(len(caption)))] if caption else None
             if not isinstance(caption, str):
                 caption = None
-        if image is None or (self.caption_column is not None and caption is None):
-            return {"skipped": True, "index": index, "epoch": epoch}
+        label = row.get(self.label_column) if self.label_column is not None else 0
+        if image is None or (self.caption_column is not None and caption is None) or label is None:
+            reason = ("missing_image" if raw is None else "corrupt_image" if image is None
+                      else "missing_caption" if label is not None else "missing_label")
+            return {"skipped": True, "reason": reason, "index": index, "epoch": epoch}
         item = {"index": index, "epoch": epoch}
         # Augmentations draw from torch's global CPU generator: seed it per sample, and restore it
         # afterwards so the caller's RNG stream is untouched. Only the CPU generator: torch.manual_seed
@@ -99,7 +107,9 @@ class ContrastiveDataset(Dataset):
         if caption is not None:
             item["caption"] = caption
         if self.label_column is not None:
-            item["labels"] = int(row[self.label_column])
+            item["labels"] = int(label)
+        if "__key__" in row:  # a streamed sample's key (webdataset's name for it)
+            item["key"] = row["__key__"]
         return item
 
 
@@ -115,6 +125,8 @@ class ContrastiveCollator:
         good = [it for it in items if not it.get("skipped")]
         batch: dict = {"num_skipped": len(items) - len(good), "index": torch.tensor([it["index"] for it in good],
                                                                                    dtype=torch.long)}
+        if good and "key" in good[0]:
+            batch["key"] = [it["key"] for it in good]
         for key in self.image_keys:
             if key == "view2" and good and all(it["view2"] is it["view1"] for it in good):
                 batch[key] = batch["view1"]  # one un-augmented view stands for both
@@ -142,7 +154,7 @@ class ContrastiveCollator:
 
 
 def build_dataset(cfg: DataConfig, processor, *, text: bool, views: bool, seed: int = 0, dataset=None,
-                  device_views: bool = False) -> tuple[ContrastiveDataset, ContrastiveCollator]:
+                  device_views: bool = False, stream: bool = False) -> tuple[ContrastiveDataset, ContrastiveCollator]:
     """The dataset of contrastive samples and the collate_fn that batches them.
 
     Args:
@@ -163,12 +175,13 @@ def build_dataset(cfg: DataConfig, processor, *, text: bool, views: bool, seed: 
             ``augment='none'`` (identical, un-augmented views) is allowed. With ``augment='none'``
             the views are then uint8 (B, 3, H, W), resized and cropped but not normalised, and
             ``view2`` is the same tensor as ``view1`` (unless CutMix copies them).
+        stream: load no rows: the dataset only turns streamed rows into items (``make_item``).
 
     Returns:
         ``(dataset, collate_fn)``: the dataset takes ``(epoch, index)`` keys (see ``ResumableSampler``).
     """
     size = _check_request(cfg, processor, text=text, views=views, device_views=device_views)
-    ds = _source_rows(cfg, text=text, seed=seed, dataset=dataset)
+    ds = None if stream else _source_rows(cfg, text=text, seed=seed, dataset=dataset)
     pixel_transform = None
     if text:
         pixel_transform = build_image_transform("clip" if views else cfg.augment, processor, cfg.image_size)

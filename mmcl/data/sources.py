@@ -8,6 +8,8 @@ optionally under train/ test/ split folders, optional ``metadata.csv``/``metadat
 CSV/JSON rows are relative to the file that lists them: they are made absolute and the column
 becomes a ``datasets.Image``, so every source's image column yields images the same way.
 Training, the training evaluator and the command line all read sources through this module.
+Webdataset shards (a brace pattern, glob or list of ``.tar`` paths) are streamed in training
+(``mmcl.data.stream.build_stream``); read here they give their first ``max_samples`` samples.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import datasets
 import numpy as np
 
 from mmcl.data.digits import load_digits_dataset
+from mmcl.data.shards import is_stream_source, read_samples
 
 __all__ = ["load_splits", "load_source", "pick_split", "subsample", "holdout_split", "class_names_of",
            "load_eval_dataset", "check_columns", "undecoded"]
@@ -57,6 +60,8 @@ def load_source(source: str, split: str | None = None, *, seed: int = 0, image_c
     Raises:
         ValueError: the source does not exist or is not cached, or it has no split ``split``.
     """
+    if is_stream_source(source):  # shards: the first max_samples samples, in shard order
+        return read_samples(source, max_samples or 2**62, image_column=image_column)
     _check_source(source)
     if split is not None and _is_dataset_name(source):
         try:  # only the asked split is loaded from the cache
@@ -118,11 +123,16 @@ def load_eval_dataset(cfg, *, seed: int = 0):
     """The held-out ``datasets.Dataset`` of a ``DataConfig`` (eval_source / eval_split), or None.
 
     With ``cfg.source == "digits"`` and no ``eval_source``, the digits' test split is used, so the
-    demo evaluates on digits never seen in training.
+    demo evaluates on digits never seen in training. A streamed ``eval_source`` (shards, or data
+    files with ``cfg.streaming``) gives its first ``cfg.eval_max_samples`` samples.
     """
     source = cfg.eval_source or ("digits" if cfg.source == "digits" else None)
     if source is None:
         return None
+    if is_stream_source(source, cfg.streaming):
+        return read_samples(source, cfg.eval_max_samples, image_column=cfg.image_column,
+                            caption_column=cfg.caption_column, label_column=cfg.label_column or "label",
+                            split=cfg.eval_split)
     ds = load_source(source, cfg.eval_split, seed=seed, image_column=cfg.image_column)
     check_columns(ds, image_column=cfg.image_column, caption_column=None, label_column=None)
     return ds

@@ -7,13 +7,23 @@ batches consumed). Resuming rebuilds the same epoch order and starts after the c
 so a resumed run sees exactly the batches an uninterrupted one would have seen. One DataLoader
 serves every epoch: its workers live for the whole run and keep prefetching across epoch ends.
 This is mmcl's resume mechanism for data: ``state_dict`` goes into the training checkpoint.
+
+Streamed sources (webdataset shards; data files with ``data.streaming``) go through
+``ShardBatchStream`` instead, with the same interface: each DataLoader worker is one endless
+``SampleStream`` (mmcl.data.shards) that makes its own batches and sends its position with each.
+Workers never run dry (each moves on to its next epoch), so batch n of a rank comes from its
+worker n mod W; the stream keeps the position each worker sent with its last consumed batch, and a
+resumed stream restarts every worker there (``build_stream`` picks the stream for a config).
 """
 from __future__ import annotations
 
-import torch
-from torch.utils.data import DataLoader
+from collections import Counter
 
-from mmcl.data.loader import epoch_order
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from mmcl.data.loader import build_dataset, epoch_order
+from mmcl.data.shards import SKIP_REASONS, SampleStream, expand_shards, is_stream_source, worker_shards
 
 
 class BatchStream:
@@ -103,3 +113,155 @@ class BatchStream:
         """Continue from a ``state_dict``: the next batch is the one after the consumed ones."""
         self.close()
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
+
+
+class _WorkerBatches(IterableDataset):
+    """DataLoader worker k serves logical worker (k + first) mod W: batches of one SampleStream."""
+
+    def __init__(self, stream_args: dict, make_item, collate_fn, batch_size: int, workers: int, rank: int,
+                 states: list, first: int):
+        self.stream_args, self.make_item, self.collate_fn = stream_args, make_item, collate_fn
+        self.batch_size, self.workers, self.rank, self.states, self.first = batch_size, workers, rank, states, first
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker = ((info.id if info is not None else 0) + self.first) % self.workers
+        stream = SampleStream(slot=self.rank * self.workers + worker, **self.stream_args)
+        if self.states[worker] is not None:
+            stream.load_state_dict(self.states[worker])
+        good_epoch = stream.epoch  # the epoch of the latest usable sample
+        while True:
+            items, skipped = [], Counter()
+            while len(items) < self.batch_size:
+                (cursor, member), row = stream.next_row()
+                item = self.make_item(row, stream.epoch, stream.shard_id(cursor) * 2**24 + member)
+                if item.get("skipped"):
+                    skipped[item["reason"]] += 1
+                    if stream.epoch > good_epoch + 1:  # a whole epoch without one usable sample
+                        raise ValueError(f"data reader {stream.slot} read a whole epoch of its shards without a "
+                                         f"usable sample (skipped: {dict(skipped)}); check data.image_column / "
+                                         "data.caption_column / data.label_column against the shards")
+                else:
+                    items.append(item)
+                    good_epoch = stream.epoch
+            batch = self.collate_fn(items)
+            batch["num_skipped"] = sum(skipped.values())
+            skipped.update(stream.counts)
+            stream.counts.clear()
+            batch["skipped"] = {reason: skipped.get(reason, 0) for reason in SKIP_REASONS}
+            batch["stream_state"] = {"worker": worker, **stream.state_dict()}
+            yield batch
+
+
+def _as_is(batch):
+    return batch
+
+
+class ShardBatchStream:
+    """Batches of ``batch_size`` for this rank from streamed shards; ``BatchStream``'s interface.
+
+    Args:
+        paths: every shard path (``expand_shards``).
+        make_item: ``ContrastiveDataset.make_item`` (row, epoch, index) -> item.
+        collate_fn: list of items -> batch dict.
+        batch_size: per-rank batch size B (every batch is full: skipped samples are replaced).
+        num_workers: DataLoader workers W (0: read in this process, as one worker).
+        rank, world_size: this process and the number of processes.
+        seed, shuffle_buffer, resampled, columns: see ``mmcl.data.shards.SampleStream``.
+
+    Batches also hold ``key`` (list of B sample keys) and ``skipped`` ({reason: count} since the
+    worker's previous batch, mmcl.data.shards.SKIP_REASONS).
+
+    Raises:
+        ValueError: fewer shards than world_size x max(num_workers, 1) without ``resampled``.
+    """
+
+    per_rank_state = True  # each rank's workers have their own positions: the checkpoint keeps all ranks'
+
+    def __init__(self, paths, make_item, collate_fn, batch_size: int, *, num_workers: int = 0, rank: int = 0,
+                 world_size: int = 1, seed: int = 0, shuffle_buffer: int = 1000, resampled: bool = False,
+                 columns: dict | None = None):
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank!r}")
+        self.workers, self.num_workers = max(int(num_workers), 1), int(num_workers)
+        self.stream_args = {"paths": list(paths), "slots": world_size * self.workers, "seed": int(seed),
+                            "buffer_size": int(shuffle_buffer), "resampled": bool(resampled), "columns": columns}
+        worker_shards(len(paths), epoch=0, slot=0, slots=world_size * self.workers, seed=seed,
+                      resampled=resampled)  # fewer shards than readers: raise before training starts
+        self.make_item, self.collate_fn, self.batch_size, self.rank = make_item, collate_fn, batch_size, rank
+        self.batches, self.epoch, self.states = 0, 0, [None] * self.workers
+        self._iterator = None
+
+    def _start(self) -> None:
+        dataset = _WorkerBatches(self.stream_args, self.make_item, self.collate_fn, self.batch_size, self.workers,
+                                 self.rank, list(self.states), self.batches % self.workers)
+        # A private generator: the DataLoader draws its workers' base seed from it, not from the
+        # training loop's global RNG (whose stream a resumed run restores exactly).
+        generator = torch.Generator().manual_seed(int(self.stream_args["seed"]) + 1000003 * self.batches)
+        self._iterator = iter(DataLoader(dataset, batch_size=None, collate_fn=_as_is, num_workers=self.num_workers,
+                                         generator=generator, pin_memory=torch.cuda.is_available()))
+
+    def next(self) -> dict:
+        """The next batch of this rank (worker ``batches mod W``'s next one)."""
+        if self._iterator is None:
+            self._start()
+        batch = next(self._iterator)
+        state = batch.pop("stream_state")
+        self.states[int(state["worker"])] = state
+        self.batches += 1
+        self.epoch = int(state["epoch"])
+        return batch
+
+    def close(self) -> None:
+        """Stop the workers now; a later ``next`` restarts them where the consumed batches end."""
+        iterator, self._iterator = self._iterator, None
+        shutdown = getattr(iterator, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
+
+    def state_dict(self) -> dict:
+        """``{"kind": "shards", "batches", "num_workers", "workers": [each worker's position or None]}``."""
+        workers = [None if s is None else {k: v for k, v in s.items() if k != "worker"} for s in self.states]
+        return {"kind": "shards", "batches": self.batches, "num_workers": self.num_workers, "workers": workers}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from a ``state_dict`` of the same rank (same shards, workers and seed)."""
+        if state.get("kind") != "shards":
+            raise ValueError("the checkpoint's data position is not a shard stream's: the data source changed")
+        if int(state["num_workers"]) != self.num_workers:
+            raise ValueError(f"the checkpoint was written with data.num_workers={state['num_workers']}; "
+                             f"resume with the same value (got {self.num_workers})")
+        self.close()
+        self.batches = int(state["batches"])
+        self.states = [None if s is None else dict(s) for s in state["workers"]]
+        self.epoch = max([int(s["epoch"]) for s in self.states if s is not None] or [0])
+
+
+def build_stream(cfg, processor, *, text: bool, views: bool, batch_size: int, rank: int = 0, world_size: int = 1,
+                 seed: int = 0, device_views: bool = False):
+    """The batch stream of a ``DataConfig``: ``ShardBatchStream`` for a streamed source, else
+    ``BatchStream`` over ``build_dataset``. Bad shard paths raise ValueError here, naming them."""
+    streamed = is_stream_source(cfg.source, cfg.streaming)
+    if cfg.streaming and not streamed:
+        raise ValueError(f"data.streaming=true streams .tar shards, parquet / CSV / JSON / arrow files or a "
+                         f"save_to_disk directory; data.source={cfg.source!r} is none of these")
+    if not isinstance(cfg.source, str) and not streamed:
+        raise ValueError(f"data.source as a list names .tar shards (or data files with data.streaming=true), "
+                         f"got {cfg.source!r}")
+    if is_stream_source(cfg.eval_source, cfg.streaming):
+        expand_shards(cfg.eval_source)  # a missing held-out shard fails now, not at the first evaluation
+    if streamed and cfg.max_samples is not None:
+        raise ValueError(f"data.max_samples={cfg.max_samples} does not apply to a streamed source (every shard "
+                         "is read each epoch): list fewer shards, or set data.max_samples=null")
+    dataset, collate_fn = build_dataset(cfg, processor, text=text, views=views, seed=seed,
+                                        device_views=device_views, stream=streamed)
+    if not streamed:
+        return BatchStream(dataset, collate_fn, batch_size, num_workers=cfg.num_workers, rank=rank,
+                           world_size=world_size, seed=seed)
+    columns = {"image_column": cfg.image_column, "caption_column": cfg.caption_column if text else None,
+               "label_column": cfg.label_column}
+    return ShardBatchStream(expand_shards(cfg.source, cfg.split), dataset.make_item, collate_fn, batch_size,
+                            num_workers=cfg.num_workers, rank=rank, world_size=world_size, seed=seed,
+                            shuffle_buffer=cfg.shuffle_buffer, resampled=cfg.resampled, columns=columns)

@@ -386,3 +386,14 @@ def read_checkpoint(path, model, extra_modules: dict) -> dict:
         return load_state(path)
     except SafetensorError as err:
         raise ValueError(f"checkpoint {path} is damaged: {err}") from err
+
+
+def rank_data_state(state: dict, rank: int, world: int) -> dict:
+    """This rank's data position from a checkpoint's state (a stream keeps one per rank)."""
+    data = state["data"]
+    if "ranks" not in data:
+        return data
+    if len(data["ranks"]) != world:
+        raise ValueError(f"the checkpoint's data stream positions are for {len(data['ranks'])} processes; "
+                         f"resume a streamed source with the same number of processes (got {world})")
+    return data["ranks"][rank]

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from mmcl.data import EVAL_TEMPLATES, load_eval_dataset, load_source
+from mmcl.data.shards import is_stream_source, read_samples
 from mmcl.eval import embed_images, knn_accuracy
 from mmcl.eval.embed import iter_image_batches
 from mmcl.methods import objective_class
@@ -101,7 +102,12 @@ class Evaluator:
             ds = _subset(ds, ecfg.max_samples, self.cfg.seed)
         self._eval_ds = ds
         if self.kind == "knn":
-            train = load_source(data.source, data.split, seed=self.cfg.seed, image_column=data.image_column)
+            if is_stream_source(data.source, data.streaming):  # a bounded memory bank from the stream
+                train = read_samples(data.source, self.cfg.eval.knn_train_samples or data.eval_max_samples,
+                                     image_column=data.image_column, caption_column=None,
+                                     label_column=data.label_column or "label")
+            else:
+                train = load_source(data.source, data.split, seed=self.cfg.seed, image_column=data.image_column)
             limit = min(len(train), self.cfg.eval.knn_train_samples or len(train))
             self._train_ds = _subset(train, limit, self.cfg.seed)
 

@@ -21,12 +21,15 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import (
-    DistributedDataParallelKwargs, DistributedType, ProjectConfiguration, broadcast_object_list, set_seed,
+    DistributedDataParallelKwargs, DistributedType, ProjectConfiguration, broadcast_object_list, gather_object,
+    set_seed,
 )
 from tqdm.auto import tqdm
 
 from mmcl import distributed
-from mmcl.data import BatchStream, DeviceAugment, build_dataset
+from mmcl.data import BatchStream, DeviceAugment
+from mmcl.data.shards import SKIP_REASONS
+from mmcl.data.stream import build_stream
 from mmcl.methods import Objective, build_objective
 from mmcl.train import checkpoint as ckpt
 from mmcl.train import faults
@@ -50,7 +53,7 @@ class Run:
     model: torch.nn.Module  # as prepared by Accelerate (DDP-wrapped with several processes)
     unwrapped: torch.nn.Module
     objective: Objective
-    stream: BatchStream
+    stream: BatchStream  # or mmcl.data.ShardBatchStream for a streamed source (same interface)
     device_augment: DeviceAugment | None
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
@@ -59,6 +62,7 @@ class Run:
     guard: faults.RunGuard  # stop signals, a lost rank
     step: int = 0
     skipped_images: int = 0
+    skipped: dict = field(default_factory=dict)  # streamed data: {reason: count} on this rank
     nonfinite_steps: int = 0
     last_loss: float = float("nan")
     started: float = 0.0
@@ -188,12 +192,10 @@ def _setup(cfg: Config, closers: list, guard: faults.RunGuard) -> Run:
     model = build_model(cfg)  # converts to SyncBatchNorm before MoCo copies the key encoder
     objective = build_objective(cfg, model)
     aod = cfg.data.augment_on_device
-    dataset, collate_fn = build_dataset(_loader_data_config(cfg, model.processor), model.processor,
-                                        text=objective.needs_text, views=objective.needs_views, seed=cfg.seed,
-                                        device_views=bool(aod))
+    stream = build_stream(_loader_data_config(cfg, model.processor), model.processor, text=objective.needs_text,
+                          views=objective.needs_views, batch_size=t.batch_size, rank=rank, world_size=world,
+                          seed=cfg.seed, device_views=bool(aod))
     device_augment = DeviceAugment(aod, model.processor) if aod else None
-    stream = BatchStream(dataset, collate_fn, t.batch_size, num_workers=cfg.data.num_workers, rank=rank,
-                         world_size=world, seed=cfg.seed)
     closers.append(stream.close)
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, t.max_steps)
@@ -220,9 +222,9 @@ def _resume(run: Run) -> None:
     run.scheduler.load_state_dict(state["scheduler"])
     if acc.scaler is not None and state.get("scaler"):
         acc.scaler.load_state_dict(state["scaler"])
-    run.stream.load_state_dict(state["data"])
-    run.step = int(state["step"])
     rank = acc.process_index
+    run.stream.load_state_dict(ckpt.rank_data_state(state, rank, acc.num_processes))
+    run.step = int(state["step"])
     # Seed first: a rank without its own saved RNG state (the world size grew) still gets a
     # fresh but reproducible stream; a saved state then replaces it.
     set_seed(cfg.seed + 7919 * run.step + rank)
@@ -236,11 +238,14 @@ def _save(run: Run) -> None:
     """Write a checkpoint of the run (with its config): every rank its RNG state; the main process
     the rest, then renames. A failed write on any rank raises CheckpointWriteError on every rank."""
     acc = run.accelerator
+    data = run.stream.state_dict()
+    if getattr(run.stream, "per_rank_state", False):  # a stream's workers hold per-rank positions
+        data = {"ranks": gather_object([data]) if acc.num_processes > 1 else [data]}
     state = None
     if acc.is_main_process:
         scaler = acc.scaler.state_dict() if acc.scaler is not None else None
         state = {"step": run.step, "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
-                 "scaler": scaler, "data": run.stream.state_dict(), "world_size": acc.num_processes}
+                 "scaler": scaler, "data": data, "world_size": acc.num_processes}
     ckpt.save_checkpoint(acc, run.cfg.output_dir, run.step, run.unwrapped, run.objective.state_modules(), state,
                          run.cfg.checkpoint.keep, config=to_dict(run.cfg))
 
@@ -255,6 +260,8 @@ def _next_batches(run: Run, on_batch) -> list[dict]:
         while True:  # a batch whose every image was unreadable is dropped (on all ranks at once)
             batch = run.stream.next()
             run.skipped_images += int(batch.get("num_skipped", 0))
+            for reason, count in batch.pop("skipped", {}).items():
+                run.skipped[reason] = run.skipped.get(reason, 0) + int(count)
             if distributed.all_min(run.objective.batch_size(batch), device) > 0:
                 break
         if on_batch is not None:
@@ -348,6 +355,9 @@ def _log(run: Run, result: StepResult) -> None:
                "epoch": run.stream.epoch,
                "skipped_images": distributed.all_sum(run.skipped_images, run.accelerator.device),
                "nonfinite_steps": run.nonfinite_steps, **result.logs}
+    if run.skipped or getattr(run.stream, "per_rank_state", False):  # a stream counts skips by reason
+        metrics.update({f"skipped/{r}": distributed.all_sum(run.skipped.get(r, 0), run.accelerator.device)
+                        for r in SKIP_REASONS})
     if result.grad_norm is not None:
         metrics["grad_norm"] = result.grad_norm
     run.accelerator.log(metrics, step=run.step)
