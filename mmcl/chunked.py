@@ -39,21 +39,22 @@ def _backward_lse(lse: torch.Tensor) -> torch.Tensor:
     return lse.masked_fill(lse == float("-inf"), float("inf"))
 
 
-def _check_exclude(exclude, rows: int, cols: int, device: torch.device) -> torch.Tensor | None:
-    """Validate an `exclude` argument: None or an integer (rows,) tensor with values in [-1, cols)."""
+def _check_exclude(exclude, rows: int, cols: int, device: torch.device, name: str = "exclude") -> torch.Tensor | None:
+    """Validate an `exclude` argument (or another per-row column index, called `name`): None or
+    an integer (rows,) tensor with values in [-1, cols)."""
     if exclude is None:
         return None
     integer = isinstance(exclude, torch.Tensor) and not (exclude.is_floating_point() or exclude.is_complex()
                                                          or exclude.dtype == torch.bool)
     if not integer:
         got = exclude.dtype if isinstance(exclude, torch.Tensor) else type(exclude).__name__
-        raise TypeError(f"exclude must be None or an integer torch.Tensor of shape ({rows},), got {got}")
+        raise TypeError(f"{name} must be None or an integer torch.Tensor of shape ({rows},), got {got}")
     if exclude.shape != (rows,):
-        raise ValueError(f"exclude must have shape ({rows},) (one column per query row), got {tuple(exclude.shape)}")
+        raise ValueError(f"{name} must have shape ({rows},) (one column per query row), got {tuple(exclude.shape)}")
     if exclude.device != device:
-        raise ValueError(f"exclude is on {exclude.device} but query is on {device}")
+        raise ValueError(f"{name} is on {exclude.device} but query is on {device}")
     if rows and (int(exclude.min()) < -1 or int(exclude.max()) >= cols):
-        raise ValueError(f"exclude values must lie in [-1, {cols}) (-1: exclude nothing), got "
+        raise ValueError(f"{name} values must lie in [-1, {cols}) (-1: none), got "
                          f"[{int(exclude.min())}, {int(exclude.max())}]")
     return exclude.long()
 
@@ -192,3 +193,109 @@ def similarity_lse_chunked(
         exclude = torch.arange(query.shape[0], device=query.device)
     out = _SimilarityLSE.apply(query, key, scale, exclude, bool(columns), block_rows, block_cols)
     return out if columns else (out, None)
+
+
+# --------------------------------------------------------------------------- SigLIP's sigmoid loss
+
+
+def _signed_logits(query, key, scale, bias, positive, r0, c0, block_rows, block_cols, dtype):
+    """(dots, S) of one tile: dots = q·k, S = scale·dots + bias, and the indices (rows, columns
+    within the tile) of the positive pairs that fall in it."""
+    q = query[r0 : r0 + block_rows].to(dtype)
+    k = key[c0 : c0 + block_cols].to(dtype)
+    dots = q @ k.T
+    logits = dots * scale + bias
+    pos = positive[r0 : r0 + q.shape[0]]
+    hit = ((pos >= c0) & (pos < c0 + k.shape[0])).nonzero().squeeze(1)
+    return q, k, dots, logits, (hit, pos[hit] - c0)
+
+
+class _SigmoidPairLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, query, key, scale, bias, positive, block_rows, block_cols):
+        dtype = _compute_dtype(query)
+        s, b = scale.to(dtype), bias.to(dtype)
+        total = torch.zeros((), dtype=dtype, device=query.device)
+        for r0 in range(0, query.shape[0], block_rows):
+            for c0 in range(0, key.shape[0], block_cols):
+                _, _, dots, logits, hit = _signed_logits(query, key, s, b, positive, r0, c0,
+                                                         block_rows, block_cols, dtype)
+                del dots
+                # -log σ(z·S): z = -1 everywhere but the positive pairs (z = +1).
+                logits.neg_()
+                logits[hit] = logits[hit].neg()
+                total -= torch.nn.functional.logsigmoid(logits).sum()
+        ctx.save_for_backward(query, key, scale, bias, positive)
+        ctx.blocks = (block_rows, block_cols)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        query, key, scale, bias, positive = ctx.saved_tensors
+        block_rows, block_cols = ctx.blocks
+        dtype = _compute_dtype(query)
+        s, b = scale.to(dtype), bias.to(dtype)
+        need_q, need_k, need_s, need_b = ctx.needs_input_grad[:4]
+        grad_q = torch.zeros(query.shape, dtype=dtype, device=query.device) if need_q else None
+        grad_k = torch.zeros(key.shape, dtype=dtype, device=key.device) if need_k else None
+        grad_s = torch.zeros((), dtype=dtype, device=query.device)
+        grad_b = torch.zeros((), dtype=dtype, device=query.device)
+        for r0 in range(0, query.shape[0], block_rows):
+            for c0 in range(0, key.shape[0], block_cols):
+                q, k, dots, g, hit = _signed_logits(query, key, s, b, positive, r0, c0,
+                                                    block_rows, block_cols, dtype)
+                # d(-log σ(z·S))/dS = -z·σ(-z·S): σ(S) for negatives, -σ(-S) for positives.
+                positives = g[hit]
+                g.sigmoid_()
+                g[hit] = -torch.sigmoid(-positives)
+                if need_s:
+                    grad_s += torch.dot(g.view(-1), dots.view(-1))
+                del dots
+                if need_b:
+                    grad_b += g.sum()
+                if need_q:
+                    grad_q[r0 : r0 + q.shape[0]].addmm_(g, k)  # times scale once, at the end
+                if need_k:
+                    grad_k[c0 : c0 + k.shape[0]].addmm_(g.T, q)
+        grad_total = grad_total.to(dtype)
+        return (
+            grad_q.mul_(s * grad_total).to(query.dtype) if need_q else None,
+            grad_k.mul_(s * grad_total).to(key.dtype) if need_k else None,
+            (grad_s * grad_total).to(scale.dtype) if need_s else None,
+            (grad_b * grad_total).to(bias.dtype) if need_b else None,
+            None, None, None,
+        )
+
+
+def sigmoid_pair_loss_chunked(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor,
+    positive: torch.Tensor,
+    *,
+    block_rows: int = BLOCK_ROWS,
+    block_cols: int = BLOCK_COLS,
+) -> torch.Tensor:
+    """Σ_ij −log σ(z_ij·(scale·q_i·k_j + bias)), SigLIP's pairwise sigmoid loss summed (not
+    averaged), computed in tiles: z_ij = +1 if j == positive[i], else −1.
+
+    Backward recomputes each tile and forms its gradient G_ij = −z_ij·σ(−z_ij·S_ij) once, for
+    dQ = scale·G·K, dK = scale·Gᵀ·Q, d scale = Σ G ⊙ (Q Kᵀ) and d bias = Σ G. Memory
+    O((B + N)·D + tile) in forward and backward.
+
+    Args:
+        query: (B, D) floating tensor. key: (N, D), same dim.
+        scale: 0-dim tensor, the logit multiplier t > 0; bias: 0-dim tensor b; both may require grad.
+        positive: integer (B,) tensor: the column of row i's positive pair (-1: none).
+        block_rows, block_cols: tile edge lengths.
+
+    Returns:
+        0-dim tensor, fp32 (float64 for float64 inputs), differentiable in query, key, scale, bias.
+    """
+    if block_rows < 1 or block_cols < 1:
+        raise ValueError(f"block sizes must be positive, got {block_rows} x {block_cols}")
+    if positive is None:
+        raise TypeError("positive must be an integer (B,) tensor of column indices, got None")
+    positive = _check_exclude(positive, query.shape[0], key.shape[0], query.device, name="positive")
+    return _SigmoidPairLoss.apply(query, key, scale.reshape(()), bias.reshape(()), positive, block_rows, block_cols)
