@@ -190,3 +190,23 @@ def test_cuda_memory_stays_within_inputs_and_gradients():
     torch.cuda.synchronize()
     extra = torch.cuda.max_memory_allocated() - base
     assert extra <= 2 * 2 * (q.numel() + k.numel()) * q.element_size(), extra
+
+
+@pytest.mark.slow
+def test_bench_kernels_siglip_smoke_mode():
+    """bench/bench_kernels.py --cases siglip end to end on CPU (interpreter, tiny size): the
+    correctness check first, then Triton, naive torch and open_clip's SigLipLoss in both dtypes."""
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, os.path.join(root, "bench", "bench_kernels.py"), "--smoke", "--repeats", "1",
+                           "--cases", "siglip"], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "correctness of triton (siglip, D=32, torch.float32)" in proc.stdout
+    rows = [line.split("|")[1:-1] for line in proc.stdout.splitlines() if line.startswith("| siglip")]
+    got = sorted((r[4].strip(), r[5].strip(), r[11].strip()) for r in rows)
+    assert got == sorted((d, p, "1+3" if p == "triton" else "1+2") for d in ("bfloat16", "float32")
+                         for p in ("triton", "naive", "open_clip")), proc.stdout
