@@ -210,3 +210,38 @@ def test_bench_kernels_siglip_smoke_mode():
     got = sorted((r[4].strip(), r[5].strip(), r[11].strip()) for r in rows)
     assert got == sorted((d, p, "1+3" if p == "triton" else "1+2") for d in ("bfloat16", "float32")
                          for p in ("triton", "naive", "open_clip")), proc.stdout
+
+
+_AOT_SCRIPT = """
+import json, torch
+from mmcl.kernels.aot import compile_for_target
+print(json.dumps(compile_for_target(90, dims=(128, 768), row_dot=False, lse_kernels=False, siglip=True)))
+"""
+
+
+@pytest.mark.slow
+def test_siglip_kernels_compile_for_sm90_without_spills():
+    """Triton's real compiler (sm_90, no GPU needed) with each dtype's launch configuration: both
+    SigLIP kernels compile without register spills, their 16-bit S tiles run on wgmma at least n64
+    wide, the forward's column-tile and D loops are one pipelined loop, and the S→G kernel's loads
+    are async with two CTAs per SM."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", _AOT_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    rows = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert sorted({(r["kernel"], r["dtype"]) for r in rows}) == sorted(
+        (k, d) for k in ("siglip_forward", "sigmoid_grad") for d in ("torch.bfloat16", "torch.float16", "torch.float32"))
+    for row in rows:
+        assert row["registers"] is not None and row["spill_bytes"] == 0 and row["pipelined"], row
+        if row["kernel"] == "siglip_forward":
+            assert row["pipelined_across_tiles"], row
+        else:
+            assert row["ctas_per_sm"] >= 2, row
+        if row["dtype"] != "torch.float32":
+            widths = [int(shape.split("n")[1].split("k")[0]) for shape in row["wgmma"]]
+            assert widths and min(widths) >= 64, row
