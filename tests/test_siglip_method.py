@@ -4,11 +4,14 @@ learns, and the scale and bias through save / load."""
 import contextlib
 import json
 import math
+import os
+import socket
 
 import pytest
 import torch
 import torch.nn.functional as F
-from train_helpers import tiny_overrides, write_tokenizer
+from safetensors.torch import load_file
+from train_helpers import REPO, recipe_overrides, run_python, tiny_overrides, write_tokenizer
 
 from mmcl.methods import METHODS, SigLipObjective, build_objective
 from mmcl.models import DualEncoder
@@ -27,8 +30,7 @@ def sigmoid_loss_float64(image, text, scale, bias):
 
 
 def siglip_overrides(tmp_path, **kw):
-    out = tiny_overrides("clip", tmp_path / "run", write_tokenizer(tmp_path / "tok"), **kw)
-    return [o if o != "mode=clip" else "mode=siglip" for o in out]
+    return tiny_overrides("siglip", tmp_path / "run", write_tokenizer(tmp_path / "tok"), **kw)
 
 
 def _model(tmp_path, **kw):
@@ -142,15 +144,15 @@ def test_softmax_model_gets_a_bias_to_train_with_sigmoid_loss(tmp_path):
 
 @pytest.mark.slow
 def test_siglip_run_learns_and_saves_scale_and_bias(tmp_path):
-    """A short real run: the loss falls, zero-shot beats chance, and the final directory holds
-    the trained scale and bias (not their initial values)."""
-    overrides = siglip_overrides(tmp_path, steps=40, batch=32, samples=320) + [
-        "optim.lr=0.003", "eval.max_samples=100", "train.log_every=5"]
-    result = fit(load_config(None, overrides))
+    """40 steps of the digits recipe (about 20 s): the loss falls, zero-shot on unseen prompt
+    templates is far above chance, and the final directory holds the trained scale and bias."""
+    config = os.path.join(REPO, "recipes", "configs", "siglip_digits.yaml")
+    result = fit(load_config(config, [f"output_dir={tmp_path / 'run'}", "train.max_steps=40", "optim.warmup_steps=5",
+                                      "train.log_every=5", "eval.max_samples=100", "train.progress=false"]))
     logs = [json.loads(line) for line in open(tmp_path / "run" / "logs" / "metrics.jsonl")]
     losses = [r["loss"] for r in logs if "loss" in r]
-    assert sum(losses[-3:]) / 3 < 0.8 * sum(losses[:2]) / 2, losses
-    assert result["zeroshot_top1"] > 0.2, result  # 10 digit classes: chance is 0.1
+    assert len(losses) == 8 and losses[-1] < 0.8 * losses[0], losses
+    assert result["zeroshot_top1"] > 0.5, result  # 10 digit classes: chance is 0.1
 
     back = DualEncoder.from_pretrained(tmp_path / "run" / "final")
     assert back.logit_bias is not None and back.max_scale is None
@@ -178,3 +180,36 @@ def test_siglip_model_save_load_round_trips_scale_and_bias(tmp_path):
     torch.testing.assert_close(b.image_embeds, a.image_embeds, rtol=0, atol=0)
     torch.testing.assert_close(b.text_embeds, a.text_embeds, rtol=0, atol=0)
     assert float(b.logit_bias.detach()) == -7.25
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("accumulate", [1, 2], ids=["ddp", "gradcache"])
+def test_two_process_siglip_run_matches_one_process(accumulate, tmp_path):
+    """2 gloo processes (DDP, or GradCache with micro-batches of 2) on the same global batches of
+    8 as one process: the scale and the bias reach DDP through the model's forward (no parameter
+    outside it, which DDP's unused-parameter search would reject) and every weight agrees."""
+    tok = write_tokenizer(tmp_path / "tok")
+    common = ["eval.enabled=false", "optim.name=sgd", "optim.lr=0.2", "train.max_steps=2", "loss.impl=naive"]
+
+    def overrides(out, batch):
+        return recipe_overrides("siglip", tmp_path / out, tok, batch=batch) + common
+    two = overrides("two", 8 // (2 * accumulate)) + [f"train.accumulate={accumulate}"]
+    r = run_python(["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                    "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
+                    "recipes/train_clip.py", "--config", os.path.join(REPO, "recipes", "configs", "siglip_digits.yaml"),
+                    *two], timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    assert "weights identical on all 2 processes" in r.stdout
+    fit(load_config(os.path.join(REPO, "recipes", "configs", "siglip_digits.yaml"), overrides("one", 8)))
+    a = load_file(str(tmp_path / "two" / "final" / "model.safetensors"))
+    b = load_file(str(tmp_path / "one" / "final" / "model.safetensors"))
+    assert a.keys() == b.keys() and "logit_bias" in b
+    for k in b:
+        assert torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-5), f"{k}: max diff {(a[k] - b[k]).abs().max():.3e}"
+    assert abs(float(a["logit_bias"]) + 10.0) > 1e-4 and abs(float(a["logit_scale.log_scale"]) - math.log(10)) > 1e-4

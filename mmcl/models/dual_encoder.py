@@ -267,7 +267,10 @@ class DualEncoder(nn.Module):
             raise ValueError("pass pixel_values, input_ids or both")
         image = self.encode_image(pixel_values) if pixel_values is not None else None
         text = self.encode_text(input_ids, attention_mask) if input_ids is not None else None
-        return DualEncoderOutput(image, text, self.logit_scale(), self.logit_bias)
+        # The bias leaves through an op, not as the bare leaf: DDP's unused-parameter search
+        # follows the outputs' grad_fn and would otherwise count it unused (then ready twice).
+        bias = self.logit_bias.clone() if self.logit_bias is not None else None
+        return DualEncoderOutput(image, text, self.logit_scale(), bias)
 
     # ------------------------------------------------------------------ training switches
     def lock_image(self, unlocked_layers: int = 0, lock_projection: bool = False) -> None:
