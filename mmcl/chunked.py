@@ -198,33 +198,34 @@ def similarity_lse_chunked(
 # --------------------------------------------------------------------------- SigLIP's sigmoid loss
 
 
-def _signed_logits(query, key, scale, bias, positive, r0, c0, block_rows, block_cols, dtype):
-    """(dots, S) of one tile: dots = q·k, S = scale·dots + bias, and the indices (rows, columns
-    within the tile) of the positive pairs that fall in it."""
+# Softplus is exact to e^-40 relative (below float64's epsilon) where it returns x itself.
+_SOFTPLUS_THRESHOLD = 40.0
+
+
+def _tile(query, key, positive, r0, c0, block_rows, block_cols, dtype):
+    """(q, k, (rows, columns) within the tile of the positive pairs that fall in it)."""
     q = query[r0 : r0 + block_rows].to(dtype)
     k = key[c0 : c0 + block_cols].to(dtype)
-    dots = q @ k.T
-    logits = dots * scale + bias
     pos = positive[r0 : r0 + q.shape[0]]
     hit = ((pos >= c0) & (pos < c0 + k.shape[0])).nonzero().squeeze(1)
-    return q, k, dots, logits, (hit, pos[hit] - c0)
+    return q, k, (hit, pos[hit] - c0)
 
 
 class _SigmoidPairLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, query, key, scale, bias, positive, block_rows, block_cols):
         dtype = _compute_dtype(query)
-        s, b = scale.to(dtype), bias.to(dtype)
+        # Python numbers for the fused tile ops (alpha of addmm); gradients are ours anyway.
+        t, b = float(scale), float(bias)
+        bias_t = torch.tensor(b, dtype=dtype, device=query.device)
         total = torch.zeros((), dtype=dtype, device=query.device)
         for r0 in range(0, query.shape[0], block_rows):
             for c0 in range(0, key.shape[0], block_cols):
-                _, _, dots, logits, hit = _signed_logits(query, key, s, b, positive, r0, c0,
-                                                         block_rows, block_cols, dtype)
-                del dots
-                # -log σ(z·S): z = -1 everywhere but the positive pairs (z = +1).
-                logits.neg_()
+                q, k, hit = _tile(query, key, positive, r0, c0, block_rows, block_cols, dtype)
+                logits = torch.addmm(bias_t, q, k.T, alpha=t)  # S = t·q·k + b in one pass
+                # −log σ(z·S) = softplus(−z·S): softplus(S) for negatives, softplus(−S) for positives.
                 logits[hit] = logits[hit].neg()
-                total -= torch.nn.functional.logsigmoid(logits).sum()
+                total += torch.nn.functional.softplus(logits, threshold=_SOFTPLUS_THRESHOLD).sum()
         ctx.save_for_backward(query, key, scale, bias, positive)
         ctx.blocks = (block_rows, block_cols)
         return total
@@ -234,7 +235,8 @@ class _SigmoidPairLoss(torch.autograd.Function):
         query, key, scale, bias, positive = ctx.saved_tensors
         block_rows, block_cols = ctx.blocks
         dtype = _compute_dtype(query)
-        s, b = scale.to(dtype), bias.to(dtype)
+        t, b = float(scale), float(bias)
+        bias_t = torch.tensor(b, dtype=dtype, device=query.device)
         need_q, need_k, need_s, need_b = ctx.needs_input_grad[:4]
         grad_q = torch.zeros(query.shape, dtype=dtype, device=query.device) if need_q else None
         grad_k = torch.zeros(key.shape, dtype=dtype, device=key.device) if need_k else None
@@ -242,25 +244,26 @@ class _SigmoidPairLoss(torch.autograd.Function):
         grad_b = torch.zeros((), dtype=dtype, device=query.device)
         for r0 in range(0, query.shape[0], block_rows):
             for c0 in range(0, key.shape[0], block_cols):
-                q, k, dots, g, hit = _signed_logits(query, key, s, b, positive, r0, c0,
-                                                    block_rows, block_cols, dtype)
-                # d(-log σ(z·S))/dS = -z·σ(-z·S): σ(S) for negatives, -σ(-S) for positives.
+                q, k, hit = _tile(query, key, positive, r0, c0, block_rows, block_cols, dtype)
+                dots = q @ k.T
+                # d(−log σ(z·S))/dS = −z·σ(−z·S): σ(S) for negatives, −σ(−S) for positives.
+                g = torch.add(bias_t, dots, alpha=t)
                 positives = g[hit]
                 g.sigmoid_()
                 g[hit] = -torch.sigmoid(-positives)
-                if need_s:
+                if need_s:  # d S / d t = q·k
                     grad_s += torch.dot(g.view(-1), dots.view(-1))
                 del dots
                 if need_b:
                     grad_b += g.sum()
                 if need_q:
-                    grad_q[r0 : r0 + q.shape[0]].addmm_(g, k)  # times scale once, at the end
+                    grad_q[r0 : r0 + q.shape[0]].addmm_(g, k)  # times t once, at the end
                 if need_k:
                     grad_k[c0 : c0 + k.shape[0]].addmm_(g.T, q)
         grad_total = grad_total.to(dtype)
         return (
-            grad_q.mul_(s * grad_total).to(query.dtype) if need_q else None,
-            grad_k.mul_(s * grad_total).to(key.dtype) if need_k else None,
+            grad_q.mul_(t * grad_total).to(query.dtype) if need_q else None,
+            grad_k.mul_(t * grad_total).to(key.dtype) if need_k else None,
             (grad_s * grad_total).to(scale.dtype) if need_s else None,
             (grad_b * grad_total).to(bias.dtype) if need_b else None,
             None, None, None,
