@@ -160,6 +160,18 @@ def test_export_refuses_what_siglip_model_cannot_hold(tmp_path):
     with pytest.raises(ValueError, match="no projection heads"):
         headed.export_to_transformers(tmp_path / "no")
     assert not (tmp_path / "no").exists()
+    # A new model on SigLIP towers (as a siglip run from tower configs builds it) pads its texts to
+    # full length and exports with projection "none".
+    fresh = DualEncoder.from_towers(towers.image_tower.model.config, towers.text_tower.model.config,
+                                    projection="none", tokenizer=tok_dir, init_logit_bias=-10.0, max_scale=None)
+    assert fresh.processor.pad_to_max_length and headed.processor.pad_to_max_length
+    assert fresh.processor.tokenize(TEXTS)["input_ids"].shape == (4, MAX_LEN)
+    fresh.export_to_transformers(tmp_path / "fresh")
+    hf = SiglipModel.from_pretrained(tmp_path / "fresh").eval()
+    batch = fresh.processor(images=photos(2), text=TEXTS)  # the same inputs to both models
+    with torch.no_grad():
+        want = hf(pixel_values=batch["pixel_values"], input_ids=batch["input_ids"]).logits_per_image
+    torch.testing.assert_close(mmcl_logits(fresh, photos(2), TEXTS), want, rtol=0, atol=1e-5)
     # The same towers without a bias are an ordinary softmax model (VisionTextDualEncoderModel).
     softmax = DualEncoder.from_towers(vit, bert, projection_dim=8, tokenizer=tok_dir)
     assert softmax.logit_bias is None

@@ -120,7 +120,8 @@ class DualEncoder(nn.Module):
         image, text = build_pair(image_tower, text_tower, image_pooling, text_pooling)
         image_proc = _resolve_image_processor(image, image_processor, image_size, image_mean, image_std)
         tok = _resolve_tokenizer(text, tokenizer)
-        processor = DualProcessor(image_proc, tok, getattr(text, "max_length", None) if text is not None else None)
+        processor = DualProcessor(image_proc, tok, getattr(text, "max_length", None) if text is not None else None,
+                                  pad_to_max_length=getattr(text, "pad_to_max_length", False))
         model = cls(image, text, processor, projection_dim=projection_dim, projection=projection,
                     init_temperature=init_temperature, max_scale=max_scale, init_logit_bias=init_logit_bias)
         return model.eval()  # as transformers' from_pretrained: call .train() to train

@@ -83,9 +83,8 @@ def _hf_processor(directory: str, vision_config, text_tower) -> DualProcessor:
         size = getattr(vision_config, "image_size", 224)
         image_processor = TransformImageProcessor(size, (0.5,) * 3, (0.5,) * 3)
     tokenizer = AutoTokenizer.from_pretrained(directory) if has_tokenizer_files(directory) else None
-    # SigLIP's text tower pools its last position: it was trained on texts padded to full length.
-    siglip = text_tower.model.config.model_type == "siglip_text_model"
-    return DualProcessor(image_processor, tokenizer, text_tower.max_length, pad_to_max_length=siglip)
+    return DualProcessor(image_processor, tokenizer, text_tower.max_length,
+                         pad_to_max_length=text_tower.pad_to_max_length)
 
 
 def from_transformers_dir(directory: str, config: dict) -> DualEncoderParts:

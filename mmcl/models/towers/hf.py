@@ -70,6 +70,11 @@ class HFTower(Tower):
         return _from_config(CONFIG_MAPPING[cfg["model_type"]].from_dict(cfg), modality, spec["pooling"])
 
     @property
+    def pad_to_max_length(self) -> bool:
+        """SigLIP's text model pools its last position, so its texts are padded to full length."""
+        return self.modality == "text" and self.model.config.model_type == "siglip_text_model"
+
+    @property
     def required_size(self):
         if self.modality != "image" or self.model.config.model_type not in _FIXED_SIZE_TYPES:
             return None
