@@ -159,6 +159,21 @@ def test_chunked_siglip_saves_no_batch_by_batch_tensor():
     assert max(sizes) >= 300 * 300  # the check can fail: the reference does keep its logits
 
 
+def test_auto_takes_the_chunked_path_above_the_cpu_threshold(monkeypatch):
+    """impl="auto" follows resolve_impl: on CPU the chunked path from AUTO_CHUNKED_MIN_LOGITS on."""
+    import mmcl.losses as losses
+
+    calls = []
+    chunked = losses.sigmoid_pair_loss_chunked
+    monkeypatch.setattr(losses, "sigmoid_pair_loss_chunked", lambda *a, **k: calls.append(a[0].shape) or chunked(*a, **k))
+    img, txt = _features(10), _features(10)
+    small = siglip_loss(img, txt, 5.0, -1.0)
+    assert calls == []
+    monkeypatch.setattr(losses, "AUTO_CHUNKED_MIN_LOGITS", 100)
+    _assert_close(siglip_loss(img, txt, 5.0, -1.0), small, "auto above the threshold")
+    assert calls == [(10, 16)]
+
+
 _T, _B = torch.tensor(10.0), torch.tensor(-10.0)
 _X = torch.randn(4, 8)
 
