@@ -202,27 +202,32 @@ def similarity_lse_chunked(
 _SOFTPLUS_THRESHOLD = 40.0
 
 
-def _tile(query, key, positive, r0, c0, block_rows, block_cols, dtype):
-    """(q, k, (rows, columns) within the tile of the positive pairs that fall in it)."""
-    q = query[r0 : r0 + block_rows].to(dtype)
-    k = key[c0 : c0 + block_cols].to(dtype)
-    pos = positive[r0 : r0 + q.shape[0]]
-    hit = ((pos >= c0) & (pos < c0 + k.shape[0])).nonzero().squeeze(1)
-    return q, k, (hit, pos[hit] - c0)
+def _augmented(query, key, t: float, b: float, dtype):
+    """(Q' (B, D+1), K' (N, D+1)) = ([t·Q, b], [K, 1]): Q' K'ᵀ = t·Q Kᵀ + b, so the logits come
+    out of one matmul, and G K' carries G's row sums (d bias) in its last column."""
+    q = torch.cat([query.to(dtype) * t, query.new_full((query.shape[0], 1), b, dtype=dtype)], 1)
+    k = torch.cat([key.to(dtype), key.new_ones((key.shape[0], 1), dtype=dtype)], 1)
+    return q, k
+
+
+def _positives_in_tile(positive, r0, rows, c0, cols):
+    """(rows, columns) within the tile at (r0, c0) of the positive pairs that fall in it."""
+    pos = positive[r0 : r0 + rows]
+    hit = ((pos >= c0) & (pos < c0 + cols)).nonzero().squeeze(1)
+    return hit, pos[hit] - c0
 
 
 class _SigmoidPairLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, query, key, scale, bias, positive, block_rows, block_cols):
         dtype = _compute_dtype(query)
-        # Python numbers for the fused tile ops (alpha of addmm); gradients are ours anyway.
-        t, b = float(scale), float(bias)
-        bias_t = torch.tensor(b, dtype=dtype, device=query.device)
+        # Python numbers are enough here: the gradients are computed by hand in backward.
+        qa, ka = _augmented(query, key, float(scale), float(bias), dtype)
         total = torch.zeros((), dtype=dtype, device=query.device)
         for r0 in range(0, query.shape[0], block_rows):
             for c0 in range(0, key.shape[0], block_cols):
-                q, k, hit = _tile(query, key, positive, r0, c0, block_rows, block_cols, dtype)
-                logits = torch.addmm(bias_t, q, k.T, alpha=t)  # S = t·q·k + b in one pass
+                logits = qa[r0 : r0 + block_rows] @ ka[c0 : c0 + block_cols].T  # S = t·q·k + b
+                hit = _positives_in_tile(positive, r0, logits.shape[0], c0, logits.shape[1])
                 # −log σ(z·S) = softplus(−z·S): softplus(S) for negatives, softplus(−S) for positives.
                 logits[hit] = logits[hit].neg()
                 total += torch.nn.functional.softplus(logits, threshold=_SOFTPLUS_THRESHOLD).sum()
@@ -235,37 +240,35 @@ class _SigmoidPairLoss(torch.autograd.Function):
         query, key, scale, bias, positive = ctx.saved_tensors
         block_rows, block_cols = ctx.blocks
         dtype = _compute_dtype(query)
-        t, b = float(scale), float(bias)
-        bias_t = torch.tensor(b, dtype=dtype, device=query.device)
+        t = float(scale)
+        qa, ka = _augmented(query, key, t, float(bias), dtype)
         need_q, need_k, need_s, need_b = ctx.needs_input_grad[:4]
-        grad_q = torch.zeros(query.shape, dtype=dtype, device=query.device) if need_q else None
+        # G K' = [G K, G·1]: dQ / t, and with it d t = Σ_ij G_ij q_i·k_j = Σ_i q_i·(G K)_i and
+        # d b = Σ_ij G_ij, without a further pass over any tile.
+        acc_q = need_q or need_s or need_b
+        gk_acc = torch.zeros(qa.shape, dtype=dtype, device=query.device) if acc_q else None
         grad_k = torch.zeros(key.shape, dtype=dtype, device=key.device) if need_k else None
-        grad_s = torch.zeros((), dtype=dtype, device=query.device)
-        grad_b = torch.zeros((), dtype=dtype, device=query.device)
         for r0 in range(0, query.shape[0], block_rows):
+            q = query[r0 : r0 + block_rows].to(dtype)
             for c0 in range(0, key.shape[0], block_cols):
-                q, k, hit = _tile(query, key, positive, r0, c0, block_rows, block_cols, dtype)
-                dots = q @ k.T
+                k = ka[c0 : c0 + block_cols]
+                g = qa[r0 : r0 + block_rows] @ k.T  # S, recomputed
+                hit = _positives_in_tile(positive, r0, g.shape[0], c0, g.shape[1])
                 # d(−log σ(z·S))/dS = −z·σ(−z·S): σ(S) for negatives, −σ(−S) for positives.
-                g = torch.add(bias_t, dots, alpha=t)
                 positives = g[hit]
                 g.sigmoid_()
                 g[hit] = -torch.sigmoid(-positives)
-                if need_s:  # d S / d t = q·k
-                    grad_s += torch.dot(g.view(-1), dots.view(-1))
-                del dots
-                if need_b:
-                    grad_b += g.sum()
-                if need_q:
-                    grad_q[r0 : r0 + q.shape[0]].addmm_(g, k)  # times t once, at the end
+                if acc_q:
+                    gk_acc[r0 : r0 + q.shape[0]].addmm_(g, k)
                 if need_k:
-                    grad_k[c0 : c0 + k.shape[0]].addmm_(g.T, q)
-        grad_total = grad_total.to(dtype)
+                    grad_k[c0 : c0 + k.shape[0]].addmm_(g.T, q)  # times t once, at the end
+        up = grad_total.to(dtype)
+        D = query.shape[1]
         return (
-            grad_q.mul_(t * grad_total).to(query.dtype) if need_q else None,
-            grad_k.mul_(t * grad_total).to(key.dtype) if need_k else None,
-            (grad_s * grad_total).to(scale.dtype) if need_s else None,
-            (grad_b * grad_total).to(bias.dtype) if need_b else None,
+            (gk_acc[:, :D] * (t * up)).to(query.dtype) if need_q else None,
+            grad_k.mul_(t * up).to(key.dtype) if need_k else None,
+            (torch.dot(query.to(dtype).reshape(-1), gk_acc[:, :D].reshape(-1)) * up).to(scale.dtype) if need_s else None,
+            (gk_acc[:, D].sum() * up).to(bias.dtype) if need_b else None,
             None, None, None,
         )
 
@@ -283,9 +286,10 @@ def sigmoid_pair_loss_chunked(
     """Σ_ij −log σ(z_ij·(scale·q_i·k_j + bias)), SigLIP's pairwise sigmoid loss summed (not
     averaged), computed in tiles: z_ij = +1 if j == positive[i], else −1.
 
-    Backward recomputes each tile and forms its gradient G_ij = −z_ij·σ(−z_ij·S_ij) once, for
-    dQ = scale·G·K, dK = scale·Gᵀ·Q, d scale = Σ G ⊙ (Q Kᵀ) and d bias = Σ G. Memory
-    O((B + N)·D + tile) in forward and backward.
+    Each tile of S = scale·Q Kᵀ + bias is one matmul of the bias-augmented features. Backward
+    recomputes each tile and forms its gradient G_ij = −z_ij·σ(−z_ij·S_ij) once, for
+    dQ = scale·G·K, dK = scale·Gᵀ·Q, d scale = Σ G ⊙ (Q Kᵀ) = Σ Q ⊙ (G K) and d bias = Σ G
+    (the last two from the dQ accumulator). Memory O((B + N)·D + tile) in forward and backward.
 
     Args:
         query: (B, D) floating tensor. key: (N, D), same dim.
