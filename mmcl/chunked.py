@@ -198,7 +198,7 @@ def similarity_lse_chunked(
 # --------------------------------------------------------------------------- SigLIP's sigmoid loss
 
 
-# Softplus is exact to e^-40 relative (below float64's epsilon) where it returns x itself.
+# Above this softplus returns x itself, off by at most e^-40 (below float64's resolution there).
 _SOFTPLUS_THRESHOLD = 40.0
 
 
