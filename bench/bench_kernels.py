@@ -6,11 +6,13 @@ Cases (forward + backward of a loss over the features, requires_grad):
 - queue: MoCo, 256 queries against a detached 65,536-key queue at D=128 (row lse only).
 - local: a rank's 4,096 local rows against 65,536 gathered columns at D=768, row and column
   lse, gradients for both (the block each rank computes under gather).
+- siglip: SigLIP's sigmoid loss, B=N in --siglip-sizes (default 16,384, 65,536, 262,144) at
+  --dim, with learnable scale and bias (open_clip's SigLipLoss as a third contender).
 
 Each in bf16 and fp32 (--dtypes). Per row: forward, backward and full time (medians), peak
 memory above the inputs, the matmul passes of 2·B·N·D the implementation performs and its
 TFLOP/s on those, and the floor-normalised TFLOP/s: the floor's FLOPs over the time, with a
-floor of 4 passes (8·B·N·D) for clip and local (forward, recomputation, dQ, dK) and 3 passes
+floor of 4 passes (8·B·N·D) for clip, local and siglip (forward, recomputation, dQ, dK) and 3 passes
 (6·B·N·D) for the queue (no dK). Both are compared with a plain matmul measured in the same run.
 Out-of-memory is reported as "OOM". The table is printed and appended to bench/RESULTS.md with
 the date and the device.
@@ -42,19 +44,20 @@ VARIANTS = {
     "no-split": dict(FWD_SPLITS=1),          # the forward without column splits
     "rows-1cta": dict(fwd_rows_maxnreg=None),  # the row-only forward without its 128-register cap
 }
-FLOOR_PASSES = {"clip": 4, "local": 4, "queue": 3}
+FLOOR_PASSES = {"clip": 4, "local": 4, "queue": 3, "siglip": 4}
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--cases", nargs="+", default=["clip", "queue", "local"], choices=sorted(FLOOR_PASSES))
+    p.add_argument("--cases", nargs="+", default=["clip", "queue", "local", "siglip"], choices=sorted(FLOOR_PASSES))
     p.add_argument("--sizes", type=int, nargs="+", default=[16384, 65536, 262144], help="B = N of the clip case")
+    p.add_argument("--siglip-sizes", type=int, nargs="+", default=[16384, 65536, 262144], help="B = N of siglip")
     p.add_argument("--dim", type=int, default=768, help="D of the clip and local cases")
     p.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"], choices=["bfloat16", "float32"])
     p.add_argument("--fp32-max-size", type=int, default=65536,
                    help="largest clip B=N timed in fp32 (IEEE fp32 dots run on FMAs: slow)")
     p.add_argument("--providers", nargs="+", default=["triton", "naive", "open_clip"],
-                   choices=["triton", "naive", "open_clip"], help="open_clip: its ClipLoss, clip case only")
+                   choices=["triton", "naive", "open_clip"], help="open_clip: its ClipLoss (clip) or SigLipLoss (siglip)")
     p.add_argument("--variants", nargs="*", default=[], choices=sorted(VARIANTS),
                    help="also time the kernels with these launch settings, as providers triton:<variant>")
     p.add_argument("--repeats", type=int, default=5, help="timed repeats per measurement (median reported)")
@@ -73,16 +76,25 @@ if ARGS.smoke:
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from mmcl.kernels import row_dot, similarity_lse  # noqa: E402
-from mmcl.losses import clip_loss  # noqa: E402
+from mmcl.kernels import row_dot, sigmoid_pair_loss, similarity_lse  # noqa: E402
+from mmcl.losses import clip_loss, siglip_loss  # noqa: E402
 
 
 # --------------------------------------------------------------------------- the contenders
 
 
+def _bias(q):
+    """SigLIP's bias at its initial value, learnable (a fresh leaf per call)."""
+    return torch.full((), -10.0, device=q.device, dtype=torch.promote_types(q.dtype, torch.float32),
+                      requires_grad=True)
+
+
 def naive_loss(kind, q, k, scale):
-    """Straightforward torch: materialised logits in the inputs' dtype, fp32 softmax."""
-    logits = (scale * q @ k.T).float()
+    """Straightforward torch: materialised logits in the inputs' dtype, fp32 softmax (sigmoid)."""
+    logits = (scale * q @ k.T).to(torch.promote_types(q.dtype, torch.float32))
+    if kind == "siglip":
+        signs = 2 * torch.eye(q.shape[0], device=q.device, dtype=logits.dtype) - 1
+        return -F.logsigmoid(signs * (logits + _bias(q))).sum() / q.shape[0]
     if kind == "clip":
         labels = torch.arange(q.shape[0], device=q.device)
         return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
@@ -91,7 +103,13 @@ def naive_loss(kind, q, k, scale):
 
 
 def kernel_loss(kind, q, k, scale, block_sizes=None):
-    """The same losses from the kernels; clip without block_sizes is clip_loss(impl="triton")."""
+    """The same losses from the kernels; clip (siglip) without block_sizes is clip_loss
+    (siglip_loss) with impl="triton"."""
+    if kind == "siglip":
+        if not block_sizes:
+            return siglip_loss(q, k, scale, _bias(q), impl="triton")
+        positive = torch.arange(q.shape[0], device=q.device)
+        return sigmoid_pair_loss(q, k, scale, _bias(q), positive, block_sizes=block_sizes) / q.shape[0]
     if kind == "clip" and not block_sizes:
         return clip_loss(q, k, scale, impl="triton")
     rows, cols = similarity_lse(q, k, scale, columns=kind != "queue", block_sizes=block_sizes)
@@ -107,8 +125,11 @@ def make_loss(provider, kind):
     if provider.startswith("triton"):
         overrides = VARIANTS[provider.split(":", 1)[1]] if ":" in provider else None
         return lambda q, k, s: kernel_loss(kind, q, k, s, overrides)
-    from open_clip.loss import ClipLoss
+    from open_clip.loss import ClipLoss, SigLipLoss
 
+    if kind == "siglip":
+        open_clip_siglip = SigLipLoss()
+        return lambda q, k, s: open_clip_siglip(q, k, s, _bias(q))
     open_clip_loss = ClipLoss()
     return lambda q, k, s: open_clip_loss(q, k, s)
 
@@ -119,6 +140,8 @@ def matmul_passes(provider, kind):
         return 1, 2 if kind == "queue" else 3
     if provider == "naive":  # logits; dQ (and dK) from the stored logits' gradient
         return 1, 1 if kind == "queue" else 2
+    if kind == "siglip":  # open_clip's SigLipLoss: one logit matrix
+        return 1, 2
     return 2, 4  # open_clip computes image@text.T and text@image.T separately
 
 
@@ -216,7 +239,7 @@ def check_correctness(provider, kind, D, dtype, device) -> float:
     """Largest relative error of a kernel provider's loss and gradients against float64 naive
     torch, at a small size: timings of a wrong kernel are worth nothing, so the run stops."""
     B, N = (97, 131) if device.type == "cpu" else (1031, 2053)
-    N = B if kind == "clip" else N
+    N = B if kind in ("clip", "siglip") else N
     results = []
     for name, cast in ((provider, lambda t: t), ("naive", lambda t: t.double())):
         q, k = (cast(t).detach().requires_grad_(t.requires_grad) for t in make_inputs(kind, B, N, D, dtype, device, 1))
@@ -235,11 +258,14 @@ def cases(args):
     for name in args.dtypes:
         dtype = getattr(torch, name)
         if args.smoke:
-            sizes = {"clip": [(97, 97, 32)], "queue": [(16, 131, 32)], "local": [(40, 97, 32)]}
+            sizes = {"clip": [(97, 97, 32)], "queue": [(16, 131, 32)], "local": [(40, 97, 32)],
+                     "siglip": [(97, 97, 32)]}
         else:
-            clip_sizes = [b for b in args.sizes if dtype != torch.float32 or b <= args.fp32_max_size]
-            sizes = {"clip": [(b, b, args.dim) for b in clip_sizes], "queue": [(256, 65536, 128)],
-                     "local": [(4096, 65536, args.dim)]}
+            def square(batches):
+                return [(b, b, args.dim) for b in batches if dtype != torch.float32 or b <= args.fp32_max_size]
+
+            sizes = {"clip": square(args.sizes), "queue": [(256, 65536, 128)], "local": [(4096, 65536, args.dim)],
+                     "siglip": square(args.siglip_sizes)}
         out += [(kind, B, N, D, dtype) for kind in args.cases for B, N, D in sizes[kind]]
     return out
 
@@ -271,7 +297,7 @@ def run(args) -> list[str]:
             lines.append(row)
         io_bytes = (2 * B * D + (2 if kind != "queue" else 1) * N * D) * torch.finfo(dtype).bits // 8
         for provider in providers:
-            if provider == "open_clip" and kind != "clip":
+            if provider == "open_clip" and kind not in ("clip", "siglip"):
                 continue
             try:
                 r = measure(provider, kind, B, N, D, dtype, device, clock, args)
@@ -314,9 +340,9 @@ def main(argv=None) -> int:
 
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     title = (f"\n## {stamp} — {torch.cuda.get_device_name()}, torch {torch.__version__}, "
-             f"triton {triton.__version__}, similarity-softmax losses (fwd+bwd)\n\n")
+             f"triton {triton.__version__}, similarity-softmax and sigmoid losses (fwd+bwd)\n\n")
     note = ("\npasses: matmul passes of 2·B·N·D done (forward+backward); TFLOP/s counts those passes. "
-            "floor TFLOP/s: 4 passes (clip, local) or 3 (queue) over the time, whatever the implementation "
+            "floor TFLOP/s: 4 passes (clip, local, siglip) or 3 (queue) over the time, whatever the implementation "
             "does; its % is of the plain matmul in the same dtype measured in this run. extra: peak memory "
             "allocated during fwd+bwd above the inputs (gradients included); in+grad: bytes of the inputs "
             "and their gradients. Times are medians.\n")

@@ -13,6 +13,7 @@
 #
 #   bash bench/gpu_session.sh kernels                  # CUDA tests + bench_kernels, <= 9 min (expect ~5)
 #   MOCO_MINUTES=3 bash bench/gpu_session.sh moco      # MoCo v2, 3 min of training + kNN/probe, <= 6 min
+#   bash bench/gpu_session.sh siglip                   # SigLIP kernels: CUDA tests + bench, <= 6 min
 #
 # and before lending a GPU, on the CPU machine: `bash bench/gpu_session.sh dry` (the same setup;
 # the tests collect, bench_kernels runs tiny through the interpreter and exits 2 without CUDA).
@@ -79,7 +80,7 @@ if [[ "$PART" == dry ]]; then
     # The CPU dry run: the same setup, then what can run without a GPU. The tests must collect,
     # the benchmark runs tiny through the interpreter and, without --smoke, exits 2 (no CUDA).
     step dry_collect 120 python3 -m pytest -q -p no:cacheprovider --collect-only tests/test_kernels.py \
-        tests/test_gpu_augment.py
+        tests/test_kernels_siglip.py tests/test_gpu_augment.py
     step dry_bench_smoke 240 python3 bench/bench_kernels.py --smoke --repeats 1 --cases clip queue \
         --dtypes bfloat16 --variants no-split
     echo "=== dry_bench_no_cuda: expecting exit 2"
@@ -94,11 +95,16 @@ fi
 if [[ "$PART" == all || "$PART" == kernels ]]; then
     step tests 170 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_gpu_augment.py
     # CLIP at B=N 16k/64k/262k (fp32 up to 64k), the MoCo queue and a rank's local block, bf16 and fp32.
-    step bench_kernels 270 python3 bench/bench_kernels.py --repeats 3 --max-seconds 8
+    step bench_kernels 270 python3 bench/bench_kernels.py --cases clip queue local --repeats 3 --max-seconds 8
     # The launch settings a measurement should decide: forward tile, S→G tile, G chunk rows, column splits.
     step bench_variants 110 python3 bench/bench_kernels.py --cases clip queue --sizes 65536 --dtypes bfloat16 \
         --providers triton --variants fwd-128x64 fwd-64x128-w4 grad-128x128 chunk-4096 no-split rows-1cta \
         --repeats 3 --max-seconds 3
+fi
+if [[ "$PART" == all || "$PART" == siglip ]]; then
+    step siglip_tests 120 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_siglip.py
+    # SigLIP's sigmoid loss at B=N 16k/64k/262k, D=768, bf16: Triton, naive torch, open_clip's SigLipLoss.
+    step bench_siglip 220 python3 bench/bench_kernels.py --cases siglip --dtypes bfloat16 --repeats 3 --max-seconds 8
 fi
 if [[ "$PART" == all || "$PART" == moco ]]; then
     if [[ -f .device_data/cifar10/train.parquet ]]; then

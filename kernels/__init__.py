@@ -3,6 +3,8 @@
 `similarity_lse` (kernels/lse.py): row (and column) logsumexps of `scale * Q @ K.T`,
 differentiable in Q, K and scale, without storing the (B, N) logits; the contract of
 `mmcl.chunked.similarity_lse_chunked`. `row_dot` (kernels/dot.py): the positive logits.
+`sigmoid_pair_loss` (kernels/siglip.py): SigLIP's summed sigmoid loss on the same tiles, the
+contract of `mmcl.chunked.sigmoid_pair_loss_chunked`.
 `is_available` is the one place that decides whether the kernels can run on a device.
 """
 from __future__ import annotations
@@ -16,6 +18,7 @@ try:
     from mmcl.kernels._common import interpreted
     from mmcl.kernels.dot import row_dot
     from mmcl.kernels.lse import similarity_lse
+    from mmcl.kernels.siglip import sigmoid_pair_loss
     _IMPORT_ERROR = None
 except Exception as exc:  # triton missing or broken: report it through is_available
     _IMPORT_ERROR = exc
@@ -23,9 +26,9 @@ except Exception as exc:  # triton missing or broken: report it through is_avail
     def _unavailable(*args, **kwargs):
         raise ValueError(f"the Triton kernels are unavailable: triton is not importable ({_IMPORT_ERROR})")
 
-    similarity_lse = row_dot = _unavailable
+    similarity_lse = row_dot = sigmoid_pair_loss = _unavailable
 
-__all__ = ["is_available", "similarity_lse", "row_dot"]
+__all__ = ["is_available", "similarity_lse", "row_dot", "sigmoid_pair_loss"]
 
 
 def is_available(device) -> tuple[bool, str]:

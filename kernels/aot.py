@@ -1,4 +1,4 @@
-"""Compile the similarity-logsumexp kernels for a GPU architecture without a GPU.
+"""Compile the similarity-logsumexp (and SigLIP) kernels for a GPU architecture without a GPU.
 
 Triton's interpreter (how CI runs the kernels on CPU) never lowers them to PTX, so it cannot see
 errors that only compilation finds (e.g. a non-constexpr global read inside a kernel), register
@@ -8,7 +8,7 @@ bundled `ptxas -v`, and reports per kernel variant: registers, spill bytes, shar
 wgmma shapes of the dots (from the PTX), CTAs per SM, and whether the main loop is pipelined.
 It needs triton with its NVIDIA backend, no driver; run it where TRITON_INTERPRET is unset:
 
-    python -m mmcl.kernels.aot [arch]        # one JSON line per (dtype, D, kernel variant)
+    python -m mmcl.kernels.aot [arch]        # one JSON line per (dtype, D, kernel variant), SigLIP's too
 
 D is a runtime argument: every D with the same launch configuration runs the same binary, so
 each distinct configuration is compiled once and reported for every D that uses it.
@@ -84,7 +84,7 @@ def _compile(kernel, dtype, constexprs, num_warps, num_stages, arch, maxnreg=Non
             signature[p.name] = "constexpr"
             if not p.is_constexpr:
                 constexprs[p.name] = 1
-        elif p.name == "excl_ptr":
+        elif p.name in ("excl_ptr", "pos_ptr"):
             signature[p.name] = "*i64"
         elif p.name.endswith("_ptr"):
             signature[p.name] = _PTR_TYPES[dtype] if p.name in _FEATURE_PTRS else "*fp32"
@@ -141,14 +141,30 @@ def _lse_variants(lse, dtype, dim):
                cfg["bwd_num_warps"], cfg["bwd_num_stages"], None)
 
 
+def _siglip_variants(siglip, lse, dtype, dim):
+    """The SigLIP kernels as `_lse_variants` yields them: its forward (per-row sums over the
+    similarity forward's tiles) and its S→G kernel (G, d scale and d bias from one tile)."""
+    cfg = lse.default_block_sizes(dim, dtype, interpreted=False)
+    common = dict(PRECISION=lse._precision(dtype), DOT_FP32=False, BLOCK_D=cfg["BLOCK_D"])
+    yield ("siglip_forward", "siglip", siglip._sigmoid_fwd_kernel,
+           dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], FLATTEN=cfg["FLATTEN"], **common),
+           cfg["num_warps"], cfg["num_stages"], None)
+    yield ("sigmoid_grad", "siglip", siglip._sigmoid_grad_kernel,
+           dict(WRITE_G=True, WRITE_DSCALE=True, WRITE_DBIAS=True, BLOCK_M=cfg["BWD_BLOCK_M"],
+                BLOCK_N=cfg["BWD_BLOCK_N"], **common),
+           cfg["bwd_num_warps"], cfg["bwd_num_stages"], None)
+
+
 def compile_for_target(arch: int = 90, dtypes=(torch.bfloat16, torch.float16, torch.float32), dims=DIMS,
-                       row_dot: bool = True):
+                       row_dot: bool = True, lse_kernels: bool = True, siglip: bool = False):
     """Compile every kernel variant the launchers use for each dtype and feature dim, for sm_`arch`.
 
     Returns a list of dicts: kernel, variant, dtype, dim (None for the D-independent row-dot
     kernels), registers, spill_bytes, shared_bytes, wgmma (shapes such as "m64n128k16"),
     ctas_per_sm, num_warps, num_stages, maxnreg (the register cap passed to ptxas, if any), pipelined and pipelined_across_tiles (see `_pipelining`;
     the second only for the forward: the S→G kernel owns one tile and has a D loop only).
+    `lse_kernels`, `row_dot` and `siglip` choose the kernel families (SigLIP's forward and
+    S→G kernel: kernel "siglip_forward" and "sigmoid_grad").
     """
     import importlib
 
@@ -156,12 +172,15 @@ def compile_for_target(arch: int = 90, dtypes=(torch.bfloat16, torch.float16, to
 
     lse = importlib.import_module("mmcl.kernels.lse")
     dot = importlib.import_module("mmcl.kernels.dot")
+    sig = importlib.import_module("mmcl.kernels.siglip")
     if interpreted():
         raise RuntimeError("compile_for_target needs TRITON_INTERPRET unset when triton is first imported")
     results, cache = [], {}
     for dtype in dtypes:
         for dim in dims:
-            for kname, variant, kernel, flags, warps, stages, maxnreg in _lse_variants(lse, dtype, dim):
+            variants = [*(_lse_variants(lse, dtype, dim) if lse_kernels else ()),
+                        *(_siglip_variants(sig, lse, dtype, dim) if siglip else ())]
+            for kname, variant, kernel, flags, warps, stages, maxnreg in variants:
                 key = (kname, dtype, tuple(sorted(flags.items())), warps, stages, maxnreg)
                 if key not in cache:
                     cache[key] = _compile(kernel, dtype, flags, warps, stages, arch, maxnreg)
@@ -180,5 +199,5 @@ if __name__ == "__main__":
     import json
     import sys
 
-    for row in compile_for_target(int(sys.argv[1]) if len(sys.argv) > 1 else 90):
+    for row in compile_for_target(int(sys.argv[1]) if len(sys.argv) > 1 else 90, siglip=True):
         print(json.dumps(row))

@@ -1,7 +1,7 @@
 """mmcl: contrastive representation learning with images and text."""
 from __future__ import annotations
 
-from mmcl.losses import LogitScale, clip_loss, info_nce, nt_xent, supcon_loss
+from mmcl.losses import LogitScale, clip_loss, info_nce, nt_xent, siglip_loss, supcon_loss
 
 __version__ = "0.1.0"
 
@@ -13,7 +13,7 @@ _LAZY = {
     "ZeroShotClassifier": "mmcl.zeroshot",
 }
 
-__all__ = ["clip_loss", "info_nce", "nt_xent", "supcon_loss", "LogitScale", *_LAZY]
+__all__ = ["clip_loss", "siglip_loss", "info_nce", "nt_xent", "supcon_loss", "LogitScale", *_LAZY]
 
 
 def __getattr__(name: str):

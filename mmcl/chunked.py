@@ -39,21 +39,22 @@ def _backward_lse(lse: torch.Tensor) -> torch.Tensor:
     return lse.masked_fill(lse == float("-inf"), float("inf"))
 
 
-def _check_exclude(exclude, rows: int, cols: int, device: torch.device) -> torch.Tensor | None:
-    """Validate an `exclude` argument: None or an integer (rows,) tensor with values in [-1, cols)."""
+def _check_exclude(exclude, rows: int, cols: int, device: torch.device, name: str = "exclude") -> torch.Tensor | None:
+    """Validate an `exclude` argument (or another per-row column index, called `name`): None or
+    an integer (rows,) tensor with values in [-1, cols)."""
     if exclude is None:
         return None
     integer = isinstance(exclude, torch.Tensor) and not (exclude.is_floating_point() or exclude.is_complex()
                                                          or exclude.dtype == torch.bool)
     if not integer:
         got = exclude.dtype if isinstance(exclude, torch.Tensor) else type(exclude).__name__
-        raise TypeError(f"exclude must be None or an integer torch.Tensor of shape ({rows},), got {got}")
+        raise TypeError(f"{name} must be None or an integer torch.Tensor of shape ({rows},), got {got}")
     if exclude.shape != (rows,):
-        raise ValueError(f"exclude must have shape ({rows},) (one column per query row), got {tuple(exclude.shape)}")
+        raise ValueError(f"{name} must have shape ({rows},) (one column per query row), got {tuple(exclude.shape)}")
     if exclude.device != device:
-        raise ValueError(f"exclude is on {exclude.device} but query is on {device}")
+        raise ValueError(f"{name} is on {exclude.device} but query is on {device}")
     if rows and (int(exclude.min()) < -1 or int(exclude.max()) >= cols):
-        raise ValueError(f"exclude values must lie in [-1, {cols}) (-1: exclude nothing), got "
+        raise ValueError(f"{name} values must lie in [-1, {cols}) (-1: none), got "
                          f"[{int(exclude.min())}, {int(exclude.max())}]")
     return exclude.long()
 
@@ -192,3 +193,116 @@ def similarity_lse_chunked(
         exclude = torch.arange(query.shape[0], device=query.device)
     out = _SimilarityLSE.apply(query, key, scale, exclude, bool(columns), block_rows, block_cols)
     return out if columns else (out, None)
+
+
+# --------------------------------------------------------------------------- SigLIP's sigmoid loss
+
+
+# Above this softplus returns x itself, off by at most e^-40 (below float64's resolution there).
+_SOFTPLUS_THRESHOLD = 40.0
+
+
+def _augmented(query, key, t: float, b: float, dtype):
+    """(Q' (B, D+1), K' (N, D+1)) = ([t·Q, b], [K, 1]): Q' K'ᵀ = t·Q Kᵀ + b, so the logits come
+    out of one matmul, and G K' carries G's row sums (d bias) in its last column."""
+    q = torch.cat([query.to(dtype) * t, query.new_full((query.shape[0], 1), b, dtype=dtype)], 1)
+    k = torch.cat([key.to(dtype), key.new_ones((key.shape[0], 1), dtype=dtype)], 1)
+    return q, k
+
+
+def _positives_in_tile(positive, r0, rows, c0, cols):
+    """(rows, columns) within the tile at (r0, c0) of the positive pairs that fall in it."""
+    pos = positive[r0 : r0 + rows]
+    hit = ((pos >= c0) & (pos < c0 + cols)).nonzero().squeeze(1)
+    return hit, pos[hit] - c0
+
+
+class _SigmoidPairLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, query, key, scale, bias, positive, block_rows, block_cols):
+        dtype = _compute_dtype(query)
+        # Python numbers are enough here: the gradients are computed by hand in backward.
+        qa, ka = _augmented(query, key, float(scale), float(bias), dtype)
+        total = torch.zeros((), dtype=dtype, device=query.device)
+        for r0 in range(0, query.shape[0], block_rows):
+            for c0 in range(0, key.shape[0], block_cols):
+                logits = qa[r0 : r0 + block_rows] @ ka[c0 : c0 + block_cols].T  # S = t·q·k + b
+                hit = _positives_in_tile(positive, r0, logits.shape[0], c0, logits.shape[1])
+                # −log σ(z·S) = softplus(−z·S): softplus(S) for negatives, softplus(−S) for positives.
+                logits[hit] = logits[hit].neg()
+                total += torch.nn.functional.softplus(logits, threshold=_SOFTPLUS_THRESHOLD).sum()
+        ctx.save_for_backward(query, key, scale, bias, positive)
+        ctx.blocks = (block_rows, block_cols)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        query, key, scale, bias, positive = ctx.saved_tensors
+        block_rows, block_cols = ctx.blocks
+        dtype = _compute_dtype(query)
+        t = float(scale)
+        qa, ka = _augmented(query, key, t, float(bias), dtype)
+        need_q, need_k, need_s, need_b = ctx.needs_input_grad[:4]
+        # G K' = [G K, G·1]: dQ / t, and with it d t = Σ_ij G_ij q_i·k_j = Σ_i q_i·(G K)_i and
+        # d b = Σ_ij G_ij, without a further pass over any tile.
+        acc_q = need_q or need_s or need_b
+        gk_acc = torch.zeros(qa.shape, dtype=dtype, device=query.device) if acc_q else None
+        grad_k = torch.zeros(key.shape, dtype=dtype, device=key.device) if need_k else None
+        for r0 in range(0, query.shape[0], block_rows):
+            q = query[r0 : r0 + block_rows].to(dtype)
+            for c0 in range(0, key.shape[0], block_cols):
+                k = ka[c0 : c0 + block_cols]
+                g = qa[r0 : r0 + block_rows] @ k.T  # S, recomputed
+                hit = _positives_in_tile(positive, r0, g.shape[0], c0, g.shape[1])
+                # d(−log σ(z·S))/dS = −z·σ(−z·S): σ(S) for negatives, −σ(−S) for positives.
+                positives = g[hit]
+                g.sigmoid_()
+                g[hit] = -torch.sigmoid(-positives)
+                if acc_q:
+                    gk_acc[r0 : r0 + q.shape[0]].addmm_(g, k)
+                if need_k:
+                    grad_k[c0 : c0 + k.shape[0]].addmm_(g.T, q)  # times t once, at the end
+        up = grad_total.to(dtype)
+        D = query.shape[1]
+        return (
+            (gk_acc[:, :D] * (t * up)).to(query.dtype) if need_q else None,
+            grad_k.mul_(t * up).to(key.dtype) if need_k else None,
+            (torch.dot(query.to(dtype).reshape(-1), gk_acc[:, :D].reshape(-1)) * up).to(scale.dtype) if need_s else None,
+            (gk_acc[:, D].sum() * up).to(bias.dtype) if need_b else None,
+            None, None, None,
+        )
+
+
+def sigmoid_pair_loss_chunked(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor,
+    positive: torch.Tensor,
+    *,
+    block_rows: int = BLOCK_ROWS,
+    block_cols: int = BLOCK_COLS,
+) -> torch.Tensor:
+    """Σ_ij −log σ(z_ij·(scale·q_i·k_j + bias)), SigLIP's pairwise sigmoid loss summed (not
+    averaged), computed in tiles: z_ij = +1 if j == positive[i], else −1.
+
+    Each tile of S = scale·Q Kᵀ + bias is one matmul of the bias-augmented features. Backward
+    recomputes each tile and forms its gradient G_ij = −z_ij·σ(−z_ij·S_ij) once, for
+    dQ = scale·G·K, dK = scale·Gᵀ·Q, d scale = Σ G ⊙ (Q Kᵀ) = Σ Q ⊙ (G K) and d bias = Σ G
+    (the last two from the dQ accumulator). Memory O((B + N)·D + tile) in forward and backward.
+
+    Args:
+        query: (B, D) floating tensor. key: (N, D), same dim.
+        scale: 0-dim tensor, the logit multiplier t > 0; bias: 0-dim tensor b; both may require grad.
+        positive: integer (B,) tensor: the column of row i's positive pair (-1: none).
+        block_rows, block_cols: tile edge lengths.
+
+    Returns:
+        0-dim tensor, fp32 (float64 for float64 inputs), differentiable in query, key, scale, bias.
+    """
+    if block_rows < 1 or block_cols < 1:
+        raise ValueError(f"block sizes must be positive, got {block_rows} x {block_cols}")
+    if positive is None:
+        raise TypeError("positive must be an integer (B,) tensor of column indices, got None")
+    positive = _check_exclude(positive, query.shape[0], key.shape[0], query.device, name="positive")
+    return _SigmoidPairLoss.apply(query, key, scale.reshape(()), bias.reshape(()), positive, block_rows, block_cols)

@@ -1,5 +1,5 @@
-"""Contrastive losses: CLIP's symmetric InfoNCE, InfoNCE with a MoCo queue, SimCLR's NT-Xent
-and supervised contrastive (SupCon).
+"""Contrastive losses: CLIP's symmetric InfoNCE, SigLIP's pairwise sigmoid loss, InfoNCE with a
+MoCo queue, SimCLR's NT-Xent and supervised contrastive (SupCon).
 
 Every loss takes features as given (normalise them first for cosine similarities; the towers'
 `encode_*` do by default) and returns a scalar tensor. Each has one plain-torch reference that
@@ -7,7 +7,7 @@ materialises the logits (`impl="naive"`); the large-negative paths (`"chunked"` 
 `"triton"` on GPUs) compute only row/column logsumexps of `scale * Q @ K.T` and the positive
 logits, so nothing of size B×N is stored. `impl="auto"` follows `resolve_impl`.
 
-With `gather=True` (clip_loss, nt_xent, supcon_loss) a loss is that of the global batch, but each
+With `gather=True` (clip_loss, siglip_loss, nt_xent, supcon_loss) a loss is that of the global batch, but each
 rank computes only its own rows against all ranks' columns: B_local × B_global logits per rank
 (4 passes over them, with or without local_loss). Besides the gathered column features, only
 O(B_global) column statistics and those features' gradients (reduce-scattered to their owners)
@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mmcl import distributed, kernels
-from mmcl.chunked import similarity_lse_chunked
+from mmcl.chunked import sigmoid_pair_loss_chunked, similarity_lse_chunked
 
 IMPLS = ("auto", "naive", "chunked", "triton")
 # Above this many logits "auto" stops materialising them on CPU (4096 x 4096 fp32 = 64 MiB).
@@ -32,7 +32,7 @@ AUTO_CHUNKED_MIN_LOGITS = 4096 * 4096
 # On CUDA "auto" materialises fp32 logits up to this size (16,384 x 16,384), Triton above it.
 AUTO_NAIVE_MAX_LOGIT_BYTES = 1 << 30
 
-__all__ = ["clip_loss", "info_nce", "nt_xent", "supcon_loss", "LogitScale", "resolve_impl", "IMPLS"]
+__all__ = ["clip_loss", "siglip_loss", "info_nce", "nt_xent", "supcon_loss", "LogitScale", "resolve_impl", "IMPLS"]
 
 
 # --------------------------------------------------------------------------- validation
@@ -82,6 +82,24 @@ def _positive_scalar(name: str, value, like: torch.Tensor) -> torch.Tensor:
         raise TypeError(f"{name} must be a float or a 0-dim tensor, got {type(value).__name__}")
     if not math.isfinite(v) or v <= 0:
         raise ValueError(f"{name} must be finite and > 0, got {v}")
+    return tensor
+
+
+def _finite_scalar(name: str, value, like: torch.Tensor) -> torch.Tensor:
+    """A 0-dim tensor on `like`'s device; raises unless it is one finite number."""
+    if isinstance(value, bool) or not isinstance(value, (numbers.Real, torch.Tensor)):
+        raise TypeError(f"{name} must be a float or a 0-dim tensor, got {type(value).__name__}")
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"{name} must be a scalar, got a tensor of shape {tuple(value.shape)}")
+        if not value.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point scalar, got dtype {value.dtype}")
+        v, tensor = float(value.detach()), value.reshape(()).to(like.device)
+    else:
+        v = float(value)
+        tensor = torch.tensor(v, dtype=torch.promote_types(like.dtype, torch.float32), device=like.device)
+    if not math.isfinite(v):
+        raise ValueError(f"{name} must be finite, got {v}")
     return tensor
 
 
@@ -237,6 +255,64 @@ def _clip_loss_reference(images, texts, scale, logit_bias):
         logits_per_image = logits_per_image + logit_bias
     labels = torch.arange(images.shape[0], device=images.device)
     return 0.5 * (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_image.T, labels))
+
+
+# --------------------------------------------------------------------------- SigLIP
+
+
+def siglip_loss(
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    logit_scale,
+    logit_bias,
+    *,
+    gather: bool = False,
+    impl: str = "auto",
+) -> torch.Tensor:
+    """SigLIP's pairwise sigmoid loss (Zhai et al. 2023).
+
+    `L = −(1/B) Σ_i Σ_j log σ(z_ij · (t · x_i·y_j + b))` with t = `logit_scale`, b = `logit_bias`,
+    z_ij = +1 when text j is image i's pair and −1 otherwise, B the number of images (of the
+    global batch under `gather`), as in the paper, open_clip and transformers' SiglipModel.
+
+    Args:
+        image_features: (B, D). text_features: (B, D); row i of each is a pair.
+        logit_scale: the multiplier t, a float or 0-dim tensor > 0 (may require grad; SigLIP
+            learns log t). logit_bias: b, a finite float or 0-dim tensor (may require grad).
+        gather: in a torch.distributed run, the loss of the global batch (ranks may hold
+            different B): each rank computes its B images against all ranks' texts, the
+            positive of its image i at the text's global index; the texts' gradients are
+            reduce-scattered to their owners. The value is the global loss on every rank; the
+            DDP-averaged gradients are its gradients.
+        impl: "auto" | "naive" | "chunked" | "triton" (see `resolve_impl`). "chunked" and
+            "triton" never hold the (B, N) logits, in forward or backward.
+
+    Returns:
+        Scalar loss (fp32, or float64 for float64 inputs).
+    """
+    _check_pair("image_features", image_features, "text_features", text_features)
+    scale = _positive_scalar("logit_scale", logit_scale, image_features)
+    bias = _finite_scalar("logit_bias", logit_bias, image_features)
+    gathered = gather and distributed.is_distributed()
+    all_texts, offset = distributed.gather_with_grad(text_features) if gathered else (text_features, 0)
+    B, N = image_features.shape[0], all_texts.shape[0]
+    impl = resolve_impl(impl, image_features.device, B * N, image_features.dtype)
+    positive = torch.arange(offset, offset + B, device=image_features.device)
+    if impl == "naive":
+        rank_sum = _siglip_sum_reference(image_features, all_texts, scale, bias, positive)
+    elif impl == "chunked":
+        rank_sum = sigmoid_pair_loss_chunked(image_features, all_texts, scale, bias, positive)
+    else:
+        rank_sum = kernels.sigmoid_pair_loss(image_features, all_texts, scale, bias, positive)
+    return _mean_over_ranks(rank_sum, N, gathered, local_loss=False)
+
+
+def _siglip_sum_reference(images, texts, scale, bias, positive):
+    """Σ_ij −log σ(z_ij·S_ij) from the materialised (B, N) logits S (fp32 or wider)."""
+    logits = _logits(images, texts, scale) + bias
+    signs = torch.full_like(logits, -1.0)
+    signs[torch.arange(images.shape[0], device=images.device), positive] = 1.0
+    return -F.logsigmoid(signs * logits).sum()
 
 
 # --------------------------------------------------------------------------- InfoNCE / MoCo

@@ -20,7 +20,7 @@ from mmcl.train.checkpoint import latest_checkpoint, load_state, save_state
 @pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(REPO, "recipes", "configs", "*.yaml"))))
 def test_every_recipe_config_loads(path):
     cfg = load_config(path)
-    assert cfg.mode in ("clip", "simclr", "moco", "clip+simclr") and cfg.train.max_steps >= 1
+    assert cfg.mode in ("clip", "simclr", "moco", "clip+simclr", "siglip") and cfg.train.max_steps >= 1
 
 
 def test_overrides_are_yaml_scalars_and_nested():

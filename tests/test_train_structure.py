@@ -104,7 +104,7 @@ def test_rules_across_sections_name_both_keys():
 
 
 def test_registry_classes_describe_themselves():
-    assert set(METHODS) == {"clip", "simclr", "moco", "clip+simclr"}
+    assert set(METHODS) == {"clip", "simclr", "moco", "clip+simclr", "siglip"}
     for mode, cls in METHODS.items():
         assert issubclass(cls, Objective) and cls.name == mode and objective_class(mode) is cls
         assert cls.batch_keys and cls.eval_kind in ("zeroshot", "knn")

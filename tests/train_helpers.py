@@ -34,9 +34,9 @@ def tiny_overrides(mode: str, output_dir, tokenizer_dir, *, steps: int = 3, batc
            "model.projection_dim=16", "data.image_size=16", f"train.batch_size={batch}", f"train.max_steps={steps}",
            "train.log_every=1", f"data.max_samples={samples}", "eval.max_samples=30", "train.progress=false",
            "optim.warmup_steps=1", "seed=3", "eval.knn_train_samples=200"]
-    if mode in ("clip", "clip+simclr"):
+    if mode in ("clip", "clip+simclr", "siglip"):
         out += [f"model.text_tower_config={BERT % (vocab_size(), dropout)}", f"model.tokenizer={tokenizer_dir}"]
-    if mode != "clip":
+    if mode not in ("clip", "siglip"):
         out += ["data.augment=simclr"]
     if mode == "moco":
         out += ["moco.queue_size=24", "model.projection=mlp"]

@@ -4,6 +4,11 @@ CLIP's procedure (Radford et al., 2021): each class name is put into every templ
 embedded and L2-normalised, averaged per class and renormalised. An image is then classified by
 softmax(logit_scale * cos(image, class)). With one template "{}" this is exactly the model's own
 image-text softmax over the class names.
+
+A sigmoid model (SigLIP: one with a `logit_bias`) scores each class on its own:
+σ(logit_scale * cos(image, class) + logit_bias) is the probability that the image matches that
+class's prompts, independently of the other classes (as transformers' zero-shot pipeline does
+for SigLIP), so a row need not sum to 1. Top-1 / top-5 rank the same logits either way.
 """
 from __future__ import annotations
 
@@ -101,7 +106,7 @@ class ZeroShotClassifier:
 
     Args:
         model: an `mmcl.DualEncoder` (anything with `encode_image`, `encode_text`, `logit_scale()`
-            and a `processor`).
+            and a `processor`; a `logit_bias` that is not None makes it a sigmoid model).
         class_names: C class names, e.g. ["cat", "dog"]; label i of a dataset means class_names[i].
         templates: prompts with "{}" for the class name; None -> DEFAULT_TEMPLATES; the strings
             "imagenet" (CLIP's 80), "default" or "none" (the bare class name) pick a built-in set.
@@ -123,8 +128,14 @@ class ZeroShotClassifier:
     def num_classes(self) -> int:
         return len(self.class_names)
 
+    @property
+    def sigmoid(self) -> bool:
+        """True for a sigmoid (SigLIP) model: `predict` gives independent per-class probabilities."""
+        return getattr(self.model, "logit_bias", None) is not None
+
     def logits(self, images, *, image_column: str = "image") -> torch.Tensor:
-        """(N, C) logits, logit_scale * cos(image, class), float32 on CPU.
+        """(N, C) logits, logit_scale * cos(image, class) (+ logit_bias for a sigmoid model),
+        float32 on CPU.
 
         `images`: PIL images, file paths, uint8 arrays, a float pixel tensor (N, 3, H, W) from
         `model.processor`, or a `datasets.Dataset` with an `image_column`.
@@ -134,11 +145,14 @@ class ZeroShotClassifier:
         )
         with torch.inference_mode():
             scale = self.model.logit_scale().detach().float().cpu()
-        return scale * feats @ self.class_embeddings.T
+            bias = self.model.logit_bias.detach().float().cpu() if self.sigmoid else 0.0
+        return scale * feats @ self.class_embeddings.T + bias
 
     def predict(self, images, *, image_column: str = "image") -> torch.Tensor:
-        """(N, C) class probabilities (softmax over the C classes) for N images; see `logits`."""
-        return self.logits(images, image_column=image_column).softmax(dim=-1)
+        """(N, C) class probabilities for N images: softmax over the C classes, or for a
+        sigmoid model σ(logit) of each class independently; see `logits`."""
+        logits = self.logits(images, image_column=image_column)
+        return logits.sigmoid() if self.sigmoid else logits.softmax(dim=-1)
 
     def evaluate(
         self, dataset, image_column: str = "image", label_column: str = "label", *, return_predictions: bool = False

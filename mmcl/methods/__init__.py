@@ -11,6 +11,7 @@ from mmcl.methods.base import EVAL_KINDS, LossConfig, Objective
 from mmcl.methods.clip import ClipObjective
 from mmcl.methods.clip_simclr import ClipSimCLRObjective
 from mmcl.methods.moco import FeatureQueue, MoCoConfig, MoCoObjective, MomentumEncoder
+from mmcl.methods.siglip import SigLipObjective
 from mmcl.methods.simclr import SimCLRObjective
 
 METHODS: dict[str, type[Objective]] = {
@@ -18,6 +19,7 @@ METHODS: dict[str, type[Objective]] = {
     "simclr": SimCLRObjective,
     "moco": MoCoObjective,
     "clip+simclr": ClipSimCLRObjective,
+    "siglip": SigLipObjective,
 }
 MODES = tuple(METHODS)
 
@@ -36,5 +38,5 @@ def build_objective(config, model) -> Objective:
 
 
 __all__ = ["Objective", "LossConfig", "MoCoConfig", "MomentumEncoder", "FeatureQueue", "ClipObjective",
-           "ClipSimCLRObjective", "SimCLRObjective", "MoCoObjective", "METHODS", "MODES", "EVAL_KINDS",
+           "ClipSimCLRObjective", "SimCLRObjective", "MoCoObjective", "SigLipObjective", "METHODS", "MODES", "EVAL_KINDS",
            "objective_class", "build_objective"]

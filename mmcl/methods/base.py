@@ -8,6 +8,9 @@ instead of comparing mode strings:
     needs_text           the model needs a text tower and the batches captions
     needs_views          the batches hold two augmented views (view1, view2)
     eval_kind            "zeroshot" (image-text: zero-shot, or retrieval without labels) | "knn"
+    init_temperature     1 / the logit scale a new model starts from (model.init_temperature: null)
+    max_scale            the logit scale's clamp (None: unclamped)
+    init_logit_bias      the logit bias a new model starts from (None: no bias; SigLIP: -10)
 
     embed(model, batch)             -> dict of (B, P) tensors with gradient (+ "scale" for CLIP)
     key_embeds(batch)               -> dict of (B, P) tensors without gradient (MoCo's keys), or {}
@@ -59,6 +62,9 @@ class Objective:
     needs_text: ClassVar[bool] = False
     needs_views: ClassVar[bool] = False
     eval_kind: ClassVar[str] = "knn"
+    init_temperature: ClassVar[float] = 0.07
+    max_scale: ClassVar[float | None] = 100.0
+    init_logit_bias: ClassVar[float | None] = None
 
     def __init__(self, cfg, model=None):
         """cfg: the whole mmcl.train.Config (loss section, method section, train.max_steps)."""

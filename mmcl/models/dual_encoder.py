@@ -1,8 +1,10 @@
 """DualEncoder: an image tower and an optional text tower, each with a projection head into a
-shared embedding space, and one learnable logit scale (CLIP's 1 / temperature)."""
+shared embedding space, one learnable logit scale (CLIP's 1 / temperature) and, for models
+trained with the pairwise sigmoid loss (SigLIP), a learnable logit bias."""
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass
 
@@ -25,11 +27,13 @@ PROJECTIONS = ("linear", "mlp", "none")
 
 @dataclass
 class DualEncoderOutput:
-    """image_embeds (B, P) or None, text_embeds (B, P) or None, logit_scale: 0-dim multiplier."""
+    """image_embeds (B, P) or None, text_embeds (B, P) or None, logit_scale: 0-dim multiplier,
+    logit_bias: 0-dim bias of a sigmoid (SigLIP) model, None for softmax (CLIP) models."""
 
     image_embeds: torch.Tensor | None
     text_embeds: torch.Tensor | None
     logit_scale: torch.Tensor
+    logit_bias: torch.Tensor | None = None
 
 
 def make_projection(kind: str, in_dim: int, out_dim: int) -> nn.Module:
@@ -45,15 +49,21 @@ def make_projection(kind: str, in_dim: int, out_dim: int) -> nn.Module:
 
 
 class DualEncoder(nn.Module):
-    """Two towers + projection heads + LogitScale. Build with `from_towers` or `from_pretrained`.
+    """Two towers + projection heads + LogitScale (+ a logit bias for sigmoid models). Build with
+    `from_towers` or `from_pretrained`.
 
     encode_image (B, 3, H, W) -> (B, P); encode_text (B, L) ids -> (B, P); forward -> both.
+    max_scale=None leaves the logit scale unclamped (SigLIP). init_logit_bias=None (CLIP) gives
+    no bias parameter at all, so a CLIP model's state dict and config do not change; a float
+    makes the model a sigmoid model (`logit_bias`, zero-shot gives sigmoid probabilities).
     """
 
     def __init__(self, image_tower: Tower, text_tower: Tower | None, processor: DualProcessor, *,
                  projection_dim: int = 512, projection: str = "linear", init_temperature: float = 0.07,
-                 max_scale: float = 100.0):
+                 max_scale: float | None = 100.0, init_logit_bias: float | None = None):
         super().__init__()
+        if max_scale is not None and not (isinstance(max_scale, (int, float)) and max_scale > 0):
+            raise ValueError(f"max_scale must be a number > 0 or None (no clamp), got {max_scale!r}")
         if projection not in PROJECTIONS:
             raise ValueError(f"projection must be one of {PROJECTIONS}, got {projection!r}")
         if projection == "none":
@@ -71,18 +81,34 @@ class DualEncoder(nn.Module):
         self.text_projection = (
             make_projection(projection, text_tower.output_dim, projection_dim) if text_tower is not None else None
         )
-        self.logit_scale = LogitScale(init_temperature, max_scale=max_scale)
+        self.logit_scale = LogitScale(init_temperature, max_scale=math.inf if max_scale is None else max_scale)
+        self.register_parameter("logit_bias", None)
+        self.init_logit_bias = None
+        if init_logit_bias is not None:
+            self.add_logit_bias(init_logit_bias)
         self.processor = processor
         self.projection, self.projection_dim = projection, projection_dim
-        self.init_temperature, self.max_scale = float(init_temperature), float(max_scale)
+        self.init_temperature = float(init_temperature)
+        self.max_scale = None if max_scale is None else float(max_scale)
         self._fully_locked: set[str] = set()
 
     # ------------------------------------------------------------------ construction
+    def add_logit_bias(self, init: float) -> None:
+        """Give the model a learnable logit bias starting at `init` (SigLIP: -10), making it a
+        sigmoid model; used when training a softmax (CLIP) checkpoint with the sigmoid loss."""
+        if self.logit_bias is not None:
+            raise ValueError("this DualEncoder already has a logit bias")
+        if isinstance(init, bool) or not isinstance(init, (int, float)) or not math.isfinite(init):
+            raise ValueError(f"init_logit_bias must be a finite number, got {init!r}")
+        self.logit_bias = nn.Parameter(torch.tensor(float(init), device=self.logit_scale.log_scale.device))
+        self.init_logit_bias = float(init)
+
     @classmethod
     def from_towers(cls, image_tower, text_tower=None, *, projection_dim: int = 512, projection: str = "linear",
-                    init_temperature: float = 0.07, image_pooling: str = "auto", text_pooling: str = "auto",
+                    init_temperature: float = 0.07, max_scale: float | None = 100.0,
+                    init_logit_bias: float | None = None, image_pooling: str = "auto", text_pooling: str = "auto",
                     tokenizer=None, image_processor=None, image_size=None, image_mean=None, image_std=None):
-        """A new model from tower specs (heads and logit scale freshly initialised).
+        """A new model from tower specs (heads, logit scale and bias freshly initialised).
 
         A tower is a transformers directory or hub id, a transformers PretrainedConfig (random
         init), "open_clip:NAME[:CHECKPOINT]", "timm:NAME[:WEIGHTS]" or "torchvision:NAME[:WEIGHTS]"
@@ -95,14 +121,15 @@ class DualEncoder(nn.Module):
         image, text = build_pair(image_tower, text_tower, image_pooling, text_pooling)
         image_proc = _resolve_image_processor(image, image_processor, image_size, image_mean, image_std)
         tok = _resolve_tokenizer(text, tokenizer)
-        processor = DualProcessor(image_proc, tok, getattr(text, "max_length", None) if text is not None else None)
+        processor = DualProcessor(image_proc, tok, getattr(text, "max_length", None) if text is not None else None,
+                                  pad_to_max_length=getattr(text, "pad_to_max_length", False))
         model = cls(image, text, processor, projection_dim=projection_dim, projection=projection,
-                    init_temperature=init_temperature)
+                    init_temperature=init_temperature, max_scale=max_scale, init_logit_bias=init_logit_bias)
         return model.eval()  # as transformers' from_pretrained: call .train() to train
 
     @classmethod
     def from_pretrained(cls, path_or_spec: str) -> "DualEncoder":
-        """Load an mmcl directory (save_pretrained), a transformers CLIPModel or
+        """Load an mmcl directory (save_pretrained), a transformers CLIPModel, SiglipModel or
         VisionTextDualEncoderModel directory (or cached hub id), or an open_clip model:
         "open_clip:NAME[:CHECKPOINT]" or a directory with open_clip_config.json (then the heads
         are identities and the logit scale is open_clip's)."""
@@ -122,15 +149,19 @@ class DualEncoder(nn.Module):
 
     @classmethod
     def _from_parts(cls, parts: hf_interop.DualEncoderParts) -> "DualEncoder":
+        sigmoid = parts.logit_bias is not None
         model = cls(parts.image_tower, parts.text_tower, parts.processor, projection_dim=parts.projection_dim,
                     projection=parts.projection, init_temperature=1.0 / parts.scale,
-                    max_scale=max(100.0, parts.scale))
+                    max_scale=None if sigmoid else max(100.0, parts.scale),
+                    init_logit_bias=float(parts.logit_bias) if sigmoid else None)
         with torch.no_grad():
             if parts.image_head is not None:
                 model.image_projection.weight.copy_(parts.image_head)
             if parts.text_head is not None:
                 model.text_projection.weight.copy_(parts.text_head)
             model.logit_scale.log_scale.copy_(parts.log_scale)
+            if sigmoid:
+                model.logit_bias.copy_(parts.logit_bias)
         return model.eval()
 
     @classmethod
@@ -141,7 +172,7 @@ class DualEncoder(nn.Module):
         text = from_saved(config["text_tower"], "text") if config.get("text_tower") else None
         model = cls(image, text, DualProcessor.from_pretrained(directory), projection_dim=config["projection_dim"],
                     projection=config["projection"], init_temperature=config["init_temperature"],
-                    max_scale=config.get("max_scale", 100.0))
+                    max_scale=config.get("max_scale", 100.0), init_logit_bias=config.get("init_logit_bias"))
         weights = os.path.join(directory, WEIGHTS_FILE)
         if not os.path.isfile(weights):
             raise ValueError(f"{directory!r} has no {WEIGHTS_FILE}")
@@ -161,19 +192,23 @@ class DualEncoder(nn.Module):
 
     def config(self) -> dict:
         """JSON-serialisable description that rebuilds this architecture."""
-        return {
+        config = {
             "mmcl_model_type": "dual_encoder", "mmcl_version": mmcl.__version__,
             "image_tower": self.image_tower.spec(),
             "text_tower": self.text_tower.spec() if self.text_tower is not None else None,
             "projection": self.projection, "projection_dim": self.projection_dim,
             "init_temperature": self.init_temperature, "max_scale": self.max_scale,
         }
+        if self.logit_bias is not None:  # only sigmoid models carry the key
+            config["init_logit_bias"] = self.init_logit_bias
+        return config
 
     def export_to_transformers(self, directory: str) -> None:
-        """Write a transformers model directory (VisionTextDualEncoderModel, or CLIPModel when both
-        towers are CLIP's) with its processor files; transformers' zero-shot pipeline loads it.
-        Raises ValueError for what transformers cannot express (non-transformers towers, "mlp"
-        heads, towers not pooled by pooler_output, image-only models)."""
+        """Write a transformers model directory (VisionTextDualEncoderModel, CLIPModel when both
+        towers are CLIP's, SiglipModel for a sigmoid model whose towers are both SigLIP's) with
+        its processor files; transformers' zero-shot pipeline loads it. Raises ValueError for what
+        transformers cannot express (non-transformers towers, "mlp" heads, towers not pooled by
+        pooler_output, image-only models, a sigmoid model without SigLIP towers)."""
         hf_interop.export_to_transformers(self, directory)
 
     # ------------------------------------------------------------------ encoding
@@ -232,12 +267,15 @@ class DualEncoder(nn.Module):
         return F.normalize(x, dim=-1) if normalize else x
 
     def forward(self, pixel_values=None, input_ids=None, attention_mask=None) -> DualEncoderOutput:
-        """Embeddings of whichever inputs are given, and the logit scale (multiplier)."""
+        """Embeddings of whichever inputs are given, the logit scale (multiplier) and bias."""
         if pixel_values is None and input_ids is None:
             raise ValueError("pass pixel_values, input_ids or both")
         image = self.encode_image(pixel_values) if pixel_values is not None else None
         text = self.encode_text(input_ids, attention_mask) if input_ids is not None else None
-        return DualEncoderOutput(image, text, self.logit_scale())
+        # The bias leaves through an op, not as the bare leaf: DDP's unused-parameter search
+        # follows the outputs' grad_fn and would otherwise count it unused (then ready twice).
+        bias = self.logit_bias.clone() if self.logit_bias is not None else None
+        return DualEncoderOutput(image, text, self.logit_scale(), bias)
 
     # ------------------------------------------------------------------ training switches
     def lock_image(self, unlocked_layers: int = 0, lock_projection: bool = False) -> None:

@@ -106,12 +106,16 @@ class DualProcessor:
     image_size (H, W), image_mean / image_std (3 floats each);
     preprocess_images(list of PIL) -> (B, 3, H, W); tokenize(list of str) -> {"input_ids": (B, L),
     "attention_mask": (B, L)}; __call__(images=..., text=...) -> both.
+    pad_to_max_length: pad every text to the maximum length instead of the batch's longest
+    (SigLIP's text tower pools its last position, so it sees the padding it was trained with).
     """
 
-    def __init__(self, image_processor, tokenizer=None, text_max_length: int | None = None):
+    def __init__(self, image_processor, tokenizer=None, text_max_length: int | None = None,
+                 pad_to_max_length: bool = False):
         self.image_processor = image_processor
         self.tokenizer = tokenizer
         self.text_max_length = text_max_length
+        self.pad_to_max_length = bool(pad_to_max_length)
 
     # ------------------------------------------------------------------ images
     @property
@@ -150,7 +154,8 @@ class DualProcessor:
     # ------------------------------------------------------------------ text
     def tokenize(self, texts, max_length: int | None = None) -> dict[str, torch.Tensor]:
         """List of strings → {"input_ids": (B, L) long, "attention_mask": (B, L) long}, padded to
-        the longest text and truncated to max_length (default: what the text tower accepts)."""
+        the longest text (to max_length with pad_to_max_length) and truncated to max_length
+        (default: what the text tower accepts)."""
         if self.tokenizer is None:
             raise ValueError(
                 "this model's processor has no tokenizer (image-only model, or a text tower built from a "
@@ -166,8 +171,12 @@ class DualProcessor:
             return self.tokenizer(texts, max_length=limit)
         if limit is None:
             limit = min(getattr(self.tokenizer, "model_max_length", 512), 512)
-        enc = self.tokenizer(texts, padding=True, truncation=True, max_length=limit, return_tensors="pt")
-        return {"input_ids": enc["input_ids"].long(), "attention_mask": enc["attention_mask"].long()}
+        padding = "max_length" if self.pad_to_max_length else True
+        enc = self.tokenizer(texts, padding=padding, truncation=True, max_length=limit, return_tensors="pt")
+        ids = enc["input_ids"].long()
+        # A tokenizer without an attention mask (SigLIP's) means every position is attended.
+        mask = enc["attention_mask"].long() if "attention_mask" in enc else torch.ones_like(ids)
+        return {"input_ids": ids, "attention_mask": mask}
 
     def __call__(self, images=None, text=None, max_length: int | None = None) -> dict:
         if images is None and text is None:
@@ -183,6 +192,8 @@ class DualProcessor:
     def save_pretrained(self, directory: str) -> None:
         os.makedirs(directory, exist_ok=True)
         meta = {"text_max_length": self.text_max_length}
+        if self.pad_to_max_length:
+            meta["pad_to_max_length"] = True
         if self._is_transforms:
             meta["image"] = self.image_processor.to_json()
         else:
@@ -222,4 +233,4 @@ class DualProcessor:
                 tokenizer = AutoTokenizer.from_pretrained(directory)
             else:
                 tokenizer = OpenCLIPTokenizer(meta["text"]["context_length"])
-        return cls(image_processor, tokenizer, meta.get("text_max_length"))
+        return cls(image_processor, tokenizer, meta.get("text_max_length"), meta.get("pad_to_max_length", False))

@@ -52,7 +52,7 @@ class ModelConfig:
     image_std: list | None = None
     projection_dim: int = 512
     projection: str = "linear"  # one of mmcl.models.dual_encoder.PROJECTIONS
-    init_temperature: float = 0.07
+    init_temperature: float | None = None  # None: the method's own (CLIP 0.07; SigLIP 0.1, i.e. t' = log 10)
     lock_image: bool = False
     lock_image_unlocked_layers: int = 0
     lock_text: bool = False
@@ -129,10 +129,14 @@ def build_model(cfg):
                            ("image_std", m.image_std)):
             if value is not None:
                 kwargs[key] = tuple(value) if isinstance(value, list) else value
+        temperature = m.init_temperature if m.init_temperature is not None else method.init_temperature
         model = DualEncoder.from_towers(image, text, projection_dim=m.projection_dim, projection=m.projection,
-                                        init_temperature=m.init_temperature, **kwargs)
+                                        init_temperature=temperature, max_scale=method.max_scale,
+                                        init_logit_bias=method.init_logit_bias, **kwargs)
     if method.needs_text and not model.has_text_tower:
         raise ValueError(f"mode {method.name!r} needs a text tower, but the model has none")
+    if method.init_logit_bias is not None and model.logit_bias is None:
+        model.add_logit_bias(method.init_logit_bias)  # a softmax checkpoint trained with a sigmoid loss
     if m.lock_image:
         model.lock_image(unlocked_layers=m.lock_image_unlocked_layers)
     if m.lock_text and model.has_text_tower:

@@ -46,7 +46,9 @@ class HFTower(Tower):
         if pooling not in POOLINGS[1:]:
             raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
         cfg = model.config
-        super().__init__(model, modality, getattr(cfg, "hidden_size", None) or cfg.hidden_sizes[-1],
+        # SigLIP's text model ends in its own linear head (hidden_size -> projection_size).
+        width = getattr(cfg, "projection_size", None) if cfg.model_type == "siglip_text_model" else None
+        super().__init__(model, modality, width or getattr(cfg, "hidden_size", None) or cfg.hidden_sizes[-1],
                          getattr(cfg, "num_channels", 3))
         self.pooling = pooling
         self.source_dir = source_dir  # where its tokenizer / image processor files may be
@@ -66,6 +68,11 @@ class HFTower(Tower):
 
         cfg = spec["config"]
         return _from_config(CONFIG_MAPPING[cfg["model_type"]].from_dict(cfg), modality, spec["pooling"])
+
+    @property
+    def pad_to_max_length(self) -> bool:
+        """SigLIP's text model pools its last position, so its texts are padded to full length."""
+        return self.modality == "text" and self.model.config.model_type == "siglip_text_model"
 
     @property
     def required_size(self):
@@ -155,6 +162,8 @@ def _hf_class_for(config, modality: str):
     pairs = {"clip": ("CLIPVisionModel", "CLIPTextModel"), "siglip": ("SiglipVisionModel", "SiglipTextModel")}
     if config.model_type in pairs:
         return getattr(transformers, pairs[config.model_type][modality == "text"])
+    if config.model_type == "siglip_text_model":  # not in AutoModel's table
+        return transformers.SiglipTextModel
     return transformers.AutoModel
 
 
