@@ -14,6 +14,8 @@ instead of comparing mode strings:
     loss(emb, keys, scale)          -> (scalar loss, dict of floats to log)
     after_step(model, keys, step)   after each optimizer step (MoCo: EMA update, enqueue)
     state_modules()                 name -> module saved in checkpoints (MoCo: key encoder, queue)
+    trainable_modules()             name -> module of the method's own whose parameters the optimizer
+                                    trains with the model's (BYOL: the predictor), or {}
 
 `embed` and `loss` are split for GradCache (mmcl.train.gradcache): the towers run per micro-batch,
 the loss once over all micro-batches' embeddings.
@@ -89,6 +91,9 @@ class Objective:
         pass
 
     def state_modules(self) -> dict:
+        return {}
+
+    def trainable_modules(self) -> dict:
         return {}
 
     def to(self, device) -> "Objective":
