@@ -100,12 +100,13 @@ def check_mix(mix_partner, mix_lambda, batch: int, like: torch.Tensor, hard: Har
         if x.shape != (batch,):
             raise ValueError(f"{name} must have shape ({batch},), one entry per row of {rows}, got {tuple(x.shape)}")
     partner = mix_partner.detach().to(like.device, torch.long)
-    lo, hi = torch.aminmax(partner)
-    if lo.item() < 0 or hi.item() >= batch:
-        raise ValueError(f"mix_partner must hold indices in [0, {batch}) of this batch's rows, got values in "
-                         f"[{lo.item()}, {hi.item()}]")
     lam = mix_lambda.detach().to(like.device, torch.promote_types(like.dtype, torch.float32))
-    if not bool(torch.isfinite(lam).all()) or lam.min().item() < 0 or lam.max().item() > 1:
+    bad_partner, bad_lam = torch.stack([((partner < 0) | (partner >= batch)).any(),
+                                        ~((lam >= 0) & (lam <= 1)).all()]).tolist()  # one host sync
+    if bad_partner:
+        raise ValueError(f"mix_partner must hold indices in [0, {batch}) of this batch's rows, got values in "
+                         f"[{partner.min().item()}, {partner.max().item()}]")
+    if bad_lam:  # NaN fails both comparisons
         raise ValueError(f"mix_lambda must hold fractions in [0, 1], got values in "
                          f"[{lam.min().item()}, {lam.max().item()}]")
     return MixTargets(partner, lam)
