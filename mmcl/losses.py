@@ -240,8 +240,11 @@ def clip_loss(
     all_texts, offset = distributed.gather_with_grad(texts) if gathered else (texts, 0)
     B, N = images.shape[0], all_texts.shape[0]
     impl = resolve_impl(impl, images.device, B * N, images.dtype)
-    if hard is not None or mix is not None:
-        sums = _clip_option_sums(images, texts, all_texts, offset, scale, hard, mix, impl, gathered)
+    if hard is not None:
+        sums = _clip_hard_sums(images, texts, all_texts, offset, scale, hard, impl, gathered)
+        return _mean_over_ranks(0.5 * sums, N, gathered, local_loss)
+    if mix is not None:
+        sums = _clip_mixed_sums(images, texts, all_texts, offset, scale, mix, impl, gathered)
         return _mean_over_ranks(0.5 * sums, N, gathered, local_loss)
     if impl == "naive" and not gathered:
         return _clip_loss_reference(images, texts, scale, logit_bias)
@@ -261,40 +264,43 @@ def _clip_loss_reference(images, texts, scale, logit_bias):
     return 0.5 * (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_image.T, labels))
 
 
-def _clip_option_sums(images, texts, all_texts, offset, scale, hard, mix, impl, gathered):
-    """Σ over this rank's pairs of the image→text plus the text→image terms, with the hard-negative
-    estimator (`hard`) or mixed targets (`mix`)."""
+def _clip_hard_sums(images, texts, all_texts, offset, scale, hard, impl, gathered):
+    """Σ over this rank's pairs of both directions' losses with the hard-negative estimator; a
+    pair's negatives are the other texts (for its image) and the other images (for its text)."""
     B, N = images.shape[0], all_texts.shape[0]
-    if hard is not None:
-        loss_options.check_negatives(N - 1, f"the global batch has {N} pair(s)")
+    loss_options.check_negatives(N - 1, f"the global batch has {N} pair(s)")
     positives = scale * _row_dot(images, texts, impl)
     if impl == "naive" and not gathered:
         logits = _logits(images, texts, scale)
-        if mix is not None:
-            y = loss_options.mix_target_matrix(torch.arange(B, device=images.device), mix.partner, mix.lam, B)
-            return (loss_options.soft_cross_entropy(logits, y).sum()
-                    + loss_options.soft_cross_entropy(logits.T, y.T).sum())
         negatives = ~torch.eye(B, dtype=torch.bool, device=images.device)
         log_r = [loss_options.log_reweighted_from_logits(x, negatives, hard.beta) for x in (logits, logits.T)]
-    elif mix is not None:
-        row_lse, col_lse = _lse_function(impl)(images, all_texts, scale, columns=True)
-        if gathered:
-            col_lse = distributed.all_reduce_logsumexp(col_lse)[offset : offset + B]
-        targets = loss_options.mixed_target_logits(
-            positives, scale * _row_dot(images, texts[mix.partner], impl), mix.lam)
-        # Text j's weight Σ_i Y_ij: λ_j from its own image, 1 − λ_i from each image i mixed with it.
-        text_weights = mix.lam.index_add(0, mix.partner, 1.0 - mix.lam)
-        return row_lse.sum() + (text_weights * col_lse).sum() - 2.0 * targets.sum()
     else:
         exclude = torch.arange(offset, offset + B, device=images.device)
         stats = loss_options.negative_logsumexps(_lse_function(impl), images, [(all_texts, exclude)], scale,
                                                  hard.beta, columns=True)
         if gathered:  # this rank's column partials → every image's, then our texts'
             stats = [(r, distributed.all_reduce_logsumexp(c)[offset : offset + B]) for r, c in stats]
-        row_stats, col_stats = zip(*stats)
+        row_stats, col_stats = zip(*stats)  # each: the logsumexps at (1+β)/τ [and β/τ]
         log_r = [loss_options.log_reweighted(s[0], s[1] if len(s) > 1 else None, N - 1)
                  for s in (row_stats, col_stats)]
     return sum(loss_options.hard_negative_rows(positives, r, N - 1, hard.tau_plus, scale).sum() for r in log_r)
+
+
+def _clip_mixed_sums(images, texts, all_texts, offset, scale, mix, impl, gathered):
+    """Σ_ij Y_ij (row_lse_i + col_lse_j − 2·logit_ij) over this rank's images i, Y the i-Mix labels."""
+    B = images.shape[0]
+    if impl == "naive" and not gathered:
+        logits = _logits(images, texts, scale)
+        y = loss_options.mix_target_matrix(torch.arange(B, device=images.device), mix.partner, mix.lam, B)
+        return loss_options.soft_cross_entropy(logits, y).sum() + loss_options.soft_cross_entropy(logits.T, y.T).sum()
+    row_lse, col_lse = _lse_function(impl)(images, all_texts, scale, columns=True)
+    if gathered:
+        col_lse = distributed.all_reduce_logsumexp(col_lse)[offset : offset + B]
+    targets = loss_options.mixed_target_logits(scale * _row_dot(images, texts, impl),
+                                               scale * _row_dot(images, texts[mix.partner], impl), mix.lam)
+    # Text j's weight Σ_i Y_ij: λ_j from its own image, 1 − λ_i from each image i mixed with it.
+    text_weights = mix.lam.index_add(0, mix.partner, 1.0 - mix.lam)
+    return row_lse.sum() + (text_weights * col_lse).sum() - 2.0 * targets.sum()
 
 
 # --------------------------------------------------------------------------- InfoNCE / MoCo
@@ -432,11 +438,11 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature, *, gather: bool = F
     scale = 1.0 / T
     hard = loss_options.check_hard_negatives(hard_negative_beta, debias_tau_plus)
     mix = loss_options.check_mix(mix_partner, mix_lambda, z1.shape[0], z1, hard, "z1 and z2")
-    z = torch.cat([z1, z2])
-    n2 = z.shape[0]
     gathered = gather and distributed.is_distributed()
     if hard is not None:
         return _nt_xent_hard(z1, z2, scale, hard, impl, gathered, local_loss)
+    z = torch.cat([z1, z2])
+    n2 = z.shape[0]
     # Gathered columns are rank-major ([z1_0; z2_0; z1_1; ...]): the logsumexp ignores their order.
     all_z, offset = distributed.gather_with_grad(z) if gathered else (z, 0)
     impl = resolve_impl(impl, z.device, n2 * all_z.shape[0], z.dtype)
