@@ -200,6 +200,27 @@ def test_fp32_at_clip_scale_100_stays_finite_and_accurate():
             _assert_close(g, gr, f"{impl} fp32 gradient", 1e-5 * gr.abs().max().item(), 1e-3)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("impl", ["naive", "chunked"])
+def test_16_bit_features_give_fp32_losses_near_float64(dtype, impl):
+    """16-bit features (the logits widened to fp32 for the estimator) against float64 of the same
+    values: within the 16-bit products' rounding, gradients in the features' dtype and finite."""
+    a, b, queue = (_leaf(n, 16, dtype=dtype) for n in (9, 9, 13))
+    kw = dict(hard_negative_beta=1.0, debias_tau_plus=0.2)
+    up = [x.detach().double().requires_grad_() for x in (a, b)]
+    for name, f in {"info_nce": lambda x, y, **k: info_nce(x, y, 0.2, **k),
+                    "moco": lambda x, y, **k: info_nce(x, y, 0.2, queue=queue.detach().to(x.dtype), **k),
+                    "nt_xent": lambda x, y, **k: nt_xent(x, y, 0.2, **k),
+                    "clip": lambda x, y, **k: clip_loss(x, y, 10.0, **k)}.items():
+        ours, ref = f(a, b, impl=impl, **kw), f(*up, impl="naive", **kw)
+        assert ours.dtype == torch.float32, name
+        grads = torch.autograd.grad(ours, [a, b])
+        assert all(g.dtype == dtype and torch.isfinite(g).all() for g in grads), name
+        _assert_close(ours, ref, f"{name} {dtype} {impl}", 2e-2, 1e-2)
+        for g, gr in zip(grads, torch.autograd.grad(ref, up)):
+            _assert_close(g, gr, f"{name} {dtype} {impl} gradient", 5e-2 * gr.abs().max().item(), 5e-2)
+
+
 @pytest.mark.skipif(not mmcl.kernels.is_available("cpu")[0] and not torch.cuda.is_available(),
                     reason="the Triton kernels need CUDA or TRITON_INTERPRET=1")
 @pytest.mark.parametrize("loss", ["info_nce", "moco", "nt_xent", "clip"])
