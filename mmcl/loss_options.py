@@ -113,6 +113,7 @@ def check_mix(mix_partner, mix_lambda, batch: int, like: torch.Tensor, hard: Har
 
 
 def check_negatives(n: int, what: str) -> None:
+    """Raise ValueError (naming the options and `what`) unless each anchor has n ≥ 1 negatives."""
     if n < 1:
         raise ValueError(f"hard_negative_beta / debias_tau_plus need at least one negative per anchor, but {what}")
 

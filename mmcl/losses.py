@@ -12,6 +12,10 @@ rank computes only its own rows against all ranks' columns: B_local × B_global 
 (4 passes over them, with or without local_loss). Besides the gathered column features, only
 O(B_global) column statistics and those features' gradients (reduce-scattered to their owners)
 cross ranks.
+
+info_nce, nt_xent and clip_loss also take `hard_negative_beta` / `debias_tau_plus` (HCL's
+reweighted, DCL's debiased negatives) and `mix_partner` / `mix_lambda` (i-Mix's soft targets);
+their per-row terms live in `mmcl.loss_options`, on every path and under gather.
 """
 from __future__ import annotations
 
