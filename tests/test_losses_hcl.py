@@ -298,3 +298,23 @@ def test_gathered_options_equal_one_process_on_the_whole_batch(tmp_path):
             tol = 1e-12 if case["dtype"] == "float64" else 1e-5
             label = f"rank {result['rank']}: {case}"
             assert case["loss_err"] < tol and case["grad_err"] < tol, label
+
+
+def test_chunked_options_never_materialise_the_logits(monkeypatch, small_tiles):
+    """With impl="chunked" the options use only the tiled logsumexps and row dots: every helper that
+    builds a (rows, columns) matrix is made to fail, and the losses still match the naive path."""
+    a, b, queue = _leaf(8, 16), _leaf(8, 16), _leaf(11, 16)
+    options = [dict(hard_negative_beta=1.0, debias_tau_plus=0.2),
+               dict(mix_partner=torch.randperm(8), mix_lambda=torch.rand(8, dtype=F64))]
+    calls = [lambda **k: info_nce(a, b, 0.3, **k), lambda **k: info_nce(a, b, 0.3, queue=queue, **k),
+             lambda **k: nt_xent(a, b, 0.3, **k), lambda **k: clip_loss(a, b, 3.0, **k)]
+    expected = [call(impl="naive", **kw) for kw in options for call in calls]
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a (rows, columns) matrix was built")
+
+    for module, name in [(mmcl.losses, "_logits"), (mmcl.losses, "_similarity_lse_naive"),
+                         (loss_options, "mix_target_matrix"), (loss_options, "log_reweighted_from_logits")]:
+        monkeypatch.setattr(module, name, refuse)
+    for (kw, call), ref in zip([(kw, call) for kw in options for call in calls], expected):
+        _assert_close(call(impl="chunked", **kw), ref, f"chunked {sorted(kw)}")
