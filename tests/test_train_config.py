@@ -45,7 +45,7 @@ def test_unknown_key_names_it_and_close_matches():
 
 @pytest.mark.parametrize("override,match", [
     ("train.batch_size=0", "train.batch_size"),
-    ("mode=byol", "mode must be one of"),
+    ("mode=swav", "mode must be one of"),
     ("optim.name=adam", "optim.name"),
     ("train.mixed_precision=fp8", "train.mixed_precision"),
     ("data.augment=strong", "DataConfig.augment"),
