@@ -1,5 +1,6 @@
 """BYOL (mmcl.methods.byol): the loss against its formula, the momentum ramp, the predictor trained
 and checkpointed with the model, and the image-only rule."""
+import json
 import math
 
 import pytest
@@ -90,3 +91,15 @@ def test_byol_fit_trains_and_checkpoints_the_predictor(tmp_path):
     again = load_file(str(tmp_path / "b" / "checkpoints" / "step_00000004" / "extra.safetensors"))
     for k in keys:
         assert torch.allclose(again[k], last[k], atol=1e-5), k
+
+
+@pytest.mark.slow
+def test_byol_predictor_gradients_are_averaged_over_two_processes(tmp_path):
+    from test_distributed import SCRIPTS, accelerate_launch
+
+    out = tmp_path / "byol.json"
+    accelerate_launch(SCRIPTS / "dist_byol.py", str(out))
+    r = json.loads(out.read_text())
+    assert r["own_vs_mean"] > 1e-4 * r["mean_norm"]  # the ranks' own gradients do differ ...
+    assert r["max_err_vs_mean"] <= 1e-5 * max(r["mean_norm"], 1.0)  # ... and each rank holds their mean
+    assert r["ranks_differ"] == 0.0
