@@ -12,6 +12,10 @@ rank computes only its own rows against all ranks' columns: B_local × B_global 
 (4 passes over them, with or without local_loss). Besides the gathered column features, only
 O(B_global) column statistics and those features' gradients (reduce-scattered to their owners)
 cross ranks.
+
+info_nce, nt_xent and clip_loss also take `hard_negative_beta` / `debias_tau_plus` (HCL's
+reweighted, DCL's debiased negatives) and `mix_partner` / `mix_lambda` (i-Mix's soft targets);
+their per-row terms live in `mmcl.loss_options`, on every path and under gather.
 """
 from __future__ import annotations
 
@@ -23,7 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mmcl import distributed, kernels
+from mmcl import distributed, kernels, loss_options
 from mmcl.chunked import sigmoid_pair_loss_chunked, similarity_lse_chunked
 
 IMPLS = ("auto", "naive", "chunked", "triton")
@@ -203,6 +207,10 @@ def clip_loss(
     logit_bias=None,
     gather: bool = False,
     local_loss: bool = False,
+    hard_negative_beta: float = 0.0,
+    debias_tau_plus: float = 0.0,
+    mix_partner: torch.Tensor | None = None,
+    mix_lambda: torch.Tensor | None = None,
     impl: str = "auto",
 ) -> torch.Tensor:
     """CLIP's symmetric InfoNCE.
@@ -225,6 +233,18 @@ def clip_loss(
             times the sum over its pairs; with equal shards the mean over its pairs) instead of
             the global loss. The work and the DDP-averaged gradients are the same either way:
             those of the global loss.
+        hard_negative_beta: β ≥ 0, HCL's reweighting of each direction's negatives (the other
+            pairs' texts for an image, the other images for a text) by e^{β·logit}, normalised to
+            mean 1 (see `mmcl.loss_options`). 0: none.
+        debias_tau_plus: τ⁺ in [0, 1), DCL's positive-class prior; the negatives' term becomes
+            max((R − τ⁺·n·e^{pos}) / (1 − τ⁺), n·e^{−logit_scale}), n = B_global − 1. With both
+            options 0 (the default) the loss is the plain one, computed as without them.
+        mix_partner, mix_lambda: (B,) int64 and (B,) float, for images mixed within this rank's
+            batch (image i keeps the fraction λ_i of its own and takes the rest from image
+            mix_partner[i], a local index): i-Mix's soft labels Y (λ_i on text i, 1 − λ_i on
+            text mix_partner[i]). Image→text is the soft-label cross-entropy of each image row;
+            text→image applies the same Y transposed, Σ_ij Y_ij (col_lse_j − logit_ij). λ = 1 is
+            the plain loss. Not together with the hard-negative options.
         impl: "auto" | "naive" | "chunked" | "triton" (see `resolve_impl`).
 
     Returns:
@@ -234,11 +254,20 @@ def clip_loss(
     scale = _positive_scalar("logit_scale", logit_scale, image_features)
     if logit_bias is not None and not isinstance(logit_bias, (numbers.Real, torch.Tensor)):
         raise TypeError(f"logit_bias must be a float or a 0-dim tensor, got {type(logit_bias).__name__}")
+    hard = loss_options.check_hard_negatives(hard_negative_beta, debias_tau_plus)
+    mix = loss_options.check_mix(mix_partner, mix_lambda, image_features.shape[0], image_features, hard,
+                                 "image_features")
     images, texts = image_features, text_features
     gathered = gather and distributed.is_distributed()
     all_texts, offset = distributed.gather_with_grad(texts) if gathered else (texts, 0)
     B, N = images.shape[0], all_texts.shape[0]
     impl = resolve_impl(impl, images.device, B * N, images.dtype)
+    if hard is not None:
+        sums = _clip_hard_sums(images, texts, all_texts, offset, scale, hard, impl, gathered)
+        return _mean_over_ranks(0.5 * sums, N, gathered, local_loss)
+    if mix is not None:
+        sums = _clip_mixed_sums(images, texts, all_texts, offset, scale, mix, impl, gathered)
+        return _mean_over_ranks(0.5 * sums, N, gathered, local_loss)
     if impl == "naive" and not gathered:
         return _clip_loss_reference(images, texts, scale, logit_bias)
 
@@ -255,6 +284,45 @@ def _clip_loss_reference(images, texts, scale, logit_bias):
         logits_per_image = logits_per_image + logit_bias
     labels = torch.arange(images.shape[0], device=images.device)
     return 0.5 * (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_image.T, labels))
+
+
+def _clip_hard_sums(images, texts, all_texts, offset, scale, hard, impl, gathered):
+    """Σ over this rank's pairs of both directions' losses with the hard-negative estimator; a
+    pair's negatives are the other texts (for its image) and the other images (for its text)."""
+    B, N = images.shape[0], all_texts.shape[0]
+    loss_options.check_negatives(N - 1, f"the global batch has {N} pair(s)")
+    positives = scale * _row_dot(images, texts, impl)
+    if impl == "naive" and not gathered:
+        logits = _logits(images, texts, scale)
+        negatives = ~torch.eye(B, dtype=torch.bool, device=images.device)
+        log_r = [loss_options.log_reweighted_from_logits(x, negatives, hard.beta) for x in (logits, logits.T)]
+    else:
+        exclude = torch.arange(offset, offset + B, device=images.device)
+        stats = loss_options.negative_logsumexps(_lse_function(impl), images, [(all_texts, exclude)], scale,
+                                                 hard.beta, columns=True)
+        if gathered:  # this rank's column partials → every image's, then our texts'
+            stats = [(r, distributed.all_reduce_logsumexp(c)[offset : offset + B]) for r, c in stats]
+        row_stats, col_stats = zip(*stats)  # each: the logsumexps at (1+β)/τ [and β/τ]
+        log_r = [loss_options.log_reweighted(s[0], s[1] if len(s) > 1 else None, N - 1)
+                 for s in (row_stats, col_stats)]
+    return sum(loss_options.hard_negative_rows(positives, r, N - 1, hard.tau_plus, scale).sum() for r in log_r)
+
+
+def _clip_mixed_sums(images, texts, all_texts, offset, scale, mix, impl, gathered):
+    """Σ_ij Y_ij (row_lse_i + col_lse_j − 2·logit_ij) over this rank's images i, Y the i-Mix labels."""
+    B = images.shape[0]
+    if impl == "naive" and not gathered:
+        logits = _logits(images, texts, scale)
+        y = loss_options.mix_target_matrix(torch.arange(B, device=images.device), mix.partner, mix.lam, B)
+        return loss_options.soft_cross_entropy(logits, y).sum() + loss_options.soft_cross_entropy(logits.T, y.T).sum()
+    row_lse, col_lse = _lse_function(impl)(images, all_texts, scale, columns=True)
+    if gathered:
+        col_lse = distributed.all_reduce_logsumexp(col_lse)[offset : offset + B]
+    targets = loss_options.mixed_target_logits(scale * _row_dot(images, texts, impl),
+                                               scale * _row_dot(images, texts[mix.partner], impl), mix.lam)
+    # Text j's weight Σ_i Y_ij: λ_j from its own image, 1 − λ_i from each image i mixed with it.
+    text_weights = mix.lam.index_add(0, mix.partner, 1.0 - mix.lam)
+    return row_lse.sum() + (text_weights * col_lse).sum() - 2.0 * targets.sum()
 
 
 # --------------------------------------------------------------------------- SigLIP
@@ -318,7 +386,8 @@ def _siglip_sum_reference(images, texts, scale, bias, positive):
 # --------------------------------------------------------------------------- InfoNCE / MoCo
 
 
-def info_nce(query: torch.Tensor, key: torch.Tensor, temperature, *, queue=None, impl: str = "auto"):
+def info_nce(query: torch.Tensor, key: torch.Tensor, temperature, *, queue=None, hard_negative_beta: float = 0.0,
+             debias_tau_plus: float = 0.0, mix_partner=None, mix_lambda=None, impl: str = "auto"):
     """InfoNCE with in-batch negatives, or MoCo's queue of negatives.
 
     Without `queue`: logits `query @ key.T / temperature`, the positive of row i is key i.
@@ -329,6 +398,17 @@ def info_nce(query: torch.Tensor, key: torch.Tensor, temperature, *, queue=None,
     Args:
         query: (B, D). key: (B, D). temperature: float or 0-dim tensor > 0.
         queue: optional (K, D) tensor of past keys.
+        hard_negative_beta: β ≥ 0, HCL's reweighting of each row's negatives (the other keys, or
+            the queue) by e^{β·logit}, normalised to mean 1 (see `mmcl.loss_options`). 0: none.
+        debias_tau_plus: τ⁺ in [0, 1), DCL's positive-class prior: the negatives' term becomes
+            max((R − τ⁺·n·e^{pos}) / (1 − τ⁺), n·e^{−1/T}), n = B − 1 (or K). With both options 0
+            (the default) the loss is the plain one, computed as without them.
+        mix_partner, mix_lambda: (B,) int64 and (B,) float: query i mixes sample i (fraction λ_i)
+            with sample mix_partner[i]; i-Mix's soft label puts λ_i on key i and 1 − λ_i on key
+            mix_partner[i]. With a queue the columns are the batch's keys followed by the queue
+            (i-Mix's MoCo form: the partner's key must be a column), so λ = 1 is the
+            cross-entropy of `query @ cat([key, queue]).T / T` with label i; without a queue
+            λ = 1 is the plain loss. Not together with the hard-negative options.
         impl: "auto" | "naive" | "chunked" | "triton" (see `resolve_impl`).
 
     Returns:
@@ -346,9 +426,17 @@ def info_nce(query: torch.Tensor, key: torch.Tensor, temperature, *, queue=None,
         if queue.device != query.device:
             raise ValueError(f"queue is on {queue.device} but query is on {query.device}")
         queue = queue.detach().to(query.dtype)
+    hard = loss_options.check_hard_negatives(hard_negative_beta, debias_tau_plus)
+    mix = loss_options.check_mix(mix_partner, mix_lambda, query.shape[0], query, hard, "query")
     columns = queue if queue is not None else key
+    if mix is not None and queue is not None:
+        columns = torch.cat([key, queue])
     impl = resolve_impl(impl, query.device, query.shape[0] * columns.shape[0], query.dtype)
     positives = scale * _row_dot(query, key, impl)
+    if hard is not None:
+        return _info_nce_hard_rows(query, key, queue, positives, scale, hard, impl).mean()
+    if mix is not None:
+        return _info_nce_mixed_rows(query, key, columns, positives, scale, mix, impl).mean()
 
     if impl == "naive":
         if queue is None:
@@ -366,10 +454,40 @@ def info_nce(query: torch.Tensor, key: torch.Tensor, temperature, *, queue=None,
     return (lse - positives).mean()
 
 
+def _info_nce_hard_rows(query, key, queue, positives, scale, hard, impl):
+    """(B,) per-row losses with the hard-negative estimator over the other keys or the queue."""
+    negatives = queue if queue is not None else key
+    n = negatives.shape[0] - (queue is None)
+    loss_options.check_negatives(n, "the batch has a single row and no queue")
+    if impl == "naive":
+        mask = torch.ones(query.shape[0], negatives.shape[0], dtype=torch.bool, device=query.device)
+        if queue is None:
+            mask.fill_diagonal_(False)
+        log_r = loss_options.log_reweighted_from_logits(_logits(query, negatives, scale), mask, hard.beta)
+    else:
+        exclude = None if queue is not None else torch.arange(query.shape[0], device=query.device)
+        stats = loss_options.negative_logsumexps(_lse_function(impl), query, [(negatives, exclude)], scale, hard.beta)
+        log_r = loss_options.log_reweighted(stats[0][0], stats[1][0] if len(stats) > 1 else None, n)
+    return loss_options.hard_negative_rows(positives, log_r, n, hard.tau_plus, scale)
+
+
+def _info_nce_mixed_rows(query, key, columns, positives, scale, mix, impl):
+    """(B,) per-row soft-label cross-entropies; the batch's keys are columns 0..B-1 of `columns`."""
+    B = query.shape[0]
+    if impl == "naive":
+        y = loss_options.mix_target_matrix(torch.arange(B, device=query.device), mix.partner, mix.lam,
+                                           columns.shape[0])
+        return loss_options.soft_cross_entropy(_logits(query, columns, scale), y)
+    lse, _ = _lse_function(impl)(query, columns, scale)
+    partner_positives = scale * _row_dot(query, key[mix.partner], impl)
+    return lse - loss_options.mixed_target_logits(positives, partner_positives, mix.lam)
+
+
 # --------------------------------------------------------------------------- SimCLR
 
 
 def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature, *, gather: bool = False, local_loss: bool = False,
+            hard_negative_beta: float = 0.0, debias_tau_plus: float = 0.0, mix_partner=None, mix_lambda=None,
             impl: str = "auto") -> torch.Tensor:
     """SimCLR's NT-Xent: 2N anchors, each view's partner is its positive and the other 2N−2
     views are negatives; mean over the 2N anchors.
@@ -383,31 +501,79 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature, *, gather: bool = F
             anchor's own column; the views' gradients are reduce-scattered to their owners.
         local_loss: with `gather`, return this rank's share instead of the global loss (as in
             `clip_loss`; the DDP-averaged gradients are the same).
+        hard_negative_beta: β ≥ 0, HCL's reweighting of each anchor's 2N−2 negatives (neither
+            itself nor its positive) by e^{β·logit}, normalised to mean 1 (see
+            `mmcl.loss_options`). 0: none.
+        debias_tau_plus: τ⁺ in [0, 1), DCL's positive-class prior: the negatives' term becomes
+            max((R − τ⁺·n·e^{pos}) / (1 − τ⁺), n·e^{−1/T}), n = 2·N_global − 2. With both options 0
+            (the default) the loss is the plain one, computed as without them.
+        mix_partner, mix_lambda: (N,) int64 and (N,) float, local indices: both views of sample i
+            are anchors mixing sample i (fraction λ_i) with sample mix_partner[i]; i-Mix's soft
+            label puts λ_i on the anchor's positive (the other view of i) and 1 − λ_i on the other
+            view of mix_partner[i]. λ = 1 is the plain loss. Not with the hard-negative options.
         impl: "auto" | "naive" | "chunked" | "triton" (see `resolve_impl`).
     """
     _check_pair("z1", z1, "z2", z2)
     T = _positive_scalar("temperature", temperature, z1)
     scale = 1.0 / T
+    hard = loss_options.check_hard_negatives(hard_negative_beta, debias_tau_plus)
+    mix = loss_options.check_mix(mix_partner, mix_lambda, z1.shape[0], z1, hard, "z1 and z2")
+    gathered = gather and distributed.is_distributed()
+    if hard is not None:
+        return _nt_xent_hard(z1, z2, scale, hard, impl, gathered, local_loss)
     z = torch.cat([z1, z2])
     n2 = z.shape[0]
-    gathered = gather and distributed.is_distributed()
     # Gathered columns are rank-major ([z1_0; z2_0; z1_1; ...]): the logsumexp ignores their order.
     all_z, offset = distributed.gather_with_grad(z) if gathered else (z, 0)
     impl = resolve_impl(impl, z.device, n2 * all_z.shape[0], z.dtype)
     if impl == "naive" and not gathered:
-        return _nt_xent_reference(z, scale)
+        return _nt_xent_reference(z, scale, mix)
     positives = scale * _row_dot(z, torch.cat([z2, z1]), impl)
+    if mix is not None:  # the other view of each anchor's partner
+        partner_positives = scale * _row_dot(z, torch.cat([z2[mix.partner], z1[mix.partner]]), impl)
+        positives = loss_options.mixed_target_logits(positives, partner_positives, mix.lam.repeat(2))
     exclude = torch.arange(offset, offset + n2, device=z.device) if gathered else None
     lse, _ = _lse_function(impl)(z, all_z, scale, exclude=exclude, mask_diagonal=not gathered)
     return _mean_over_ranks((lse - positives).sum(), all_z.shape[0], gathered, local_loss)
 
 
-def _nt_xent_reference(z, scale):
+def _nt_xent_hard(z1, z2, scale, hard, impl, gathered, local_loss):
+    """NT-Xent with the hard-negative estimator. An anchor's negatives are every view but itself and
+    its positive: one excluded column in each of the view-1 and view-2 blocks of columns."""
+    n = z1.shape[0]
+    z = torch.cat([z1, z2])
+    all_z1, offset = distributed.gather_with_grad(z1) if gathered else (z1, 0)
+    all_z2, _ = distributed.gather_with_grad(z2) if gathered else (z2, 0)
+    n_global = all_z1.shape[0]
+    n_neg = 2 * n_global - 2
+    loss_options.check_negatives(n_neg, f"the global batch has {n_global} sample(s)")
+    impl = resolve_impl(impl, z.device, 2 * n * 2 * n_global, z.dtype)
+    positives = scale * _row_dot(z, torch.cat([z2, z1]), impl)
+    if impl == "naive" and not gathered:
+        own = torch.arange(2 * n, device=z.device)
+        negatives = torch.ones(2 * n, 2 * n, dtype=torch.bool, device=z.device)
+        negatives[own, own] = False
+        negatives[own, (own + n) % (2 * n)] = False
+        log_r = loss_options.log_reweighted_from_logits(_logits(z, z, scale), negatives, hard.beta)
+    else:  # row i of view v: column i of its own view is itself, of the other view its positive
+        exclude = (offset + torch.arange(n, device=z.device)).repeat(2)
+        stats = loss_options.negative_logsumexps(_lse_function(impl), z, [(all_z1, exclude), (all_z2, exclude)],
+                                                 scale, hard.beta)
+        log_r = loss_options.log_reweighted(stats[0][0], stats[1][0] if len(stats) > 1 else None, n_neg)
+    rows = loss_options.hard_negative_rows(positives, log_r, n_neg, hard.tau_plus, scale)
+    return _mean_over_ranks(rows.sum(), 2 * n_global, gathered, local_loss)
+
+
+def _nt_xent_reference(z, scale, mix=None):
     n2 = z.shape[0]
     logits = _logits(z, z, scale)
     logits = logits.masked_fill(torch.eye(n2, dtype=torch.bool, device=z.device), float("-inf"))
     labels = torch.cat([torch.arange(n2 // 2, n2), torch.arange(0, n2 // 2)]).to(z.device)
-    return F.cross_entropy(logits, labels)
+    if mix is None:
+        return F.cross_entropy(logits, labels)
+    partner = torch.cat([mix.partner + n2 // 2, mix.partner])  # the other view of the partner
+    y = loss_options.mix_target_matrix(labels, partner, mix.lam.repeat(2), n2)
+    return loss_options.soft_cross_entropy(logits, y).mean()
 
 
 # --------------------------------------------------------------------------- SupCon

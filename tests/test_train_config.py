@@ -10,6 +10,7 @@ import pytest
 import torch
 from train_helpers import REPO, tiny_overrides, write_tokenizer
 
+from mmcl.methods import METHODS
 from mmcl.train import LARS, JsonlTracker, load_config, lr_factor, param_groups, parse_overrides
 from mmcl.train.checkpoint import latest_checkpoint, load_state, save_state
 
@@ -20,7 +21,7 @@ from mmcl.train.checkpoint import latest_checkpoint, load_state, save_state
 @pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(REPO, "recipes", "configs", "*.yaml"))))
 def test_every_recipe_config_loads(path):
     cfg = load_config(path)
-    assert cfg.mode in ("clip", "simclr", "moco", "clip+simclr", "siglip") and cfg.train.max_steps >= 1
+    assert cfg.mode in METHODS and cfg.train.max_steps >= 1
 
 
 def test_overrides_are_yaml_scalars_and_nested():
@@ -44,7 +45,7 @@ def test_unknown_key_names_it_and_close_matches():
 
 @pytest.mark.parametrize("override,match", [
     ("train.batch_size=0", "train.batch_size"),
-    ("mode=byol", "mode must be one of"),
+    ("mode=swav", "mode must be one of"),
     ("optim.name=adam", "optim.name"),
     ("train.mixed_precision=fp8", "train.mixed_precision"),
     ("data.augment=strong", "DataConfig.augment"),

@@ -96,15 +96,15 @@ def test_rules_across_sections_name_both_keys():
                                     "model.batchnorm.splits=4"])
     with pytest.raises(ValueError, match="image-only mode"):
         load_config(None, TOWERS + ["data.augment=none", "data.augment_on_device=mocov2"])
-    with pytest.raises(ValueError, match="mode must be one of clip, simclr, moco, clip\\+simclr"):
-        load_config(None, TOWERS + ["mode=byol"])
+    with pytest.raises(ValueError, match="mode must be one of clip, simclr, moco, clip\\+simclr, pcl, byol"):
+        load_config(None, TOWERS + ["mode=swav"])
 
 
 # --------------------------------------------------------------------------- methods
 
 
 def test_registry_classes_describe_themselves():
-    assert set(METHODS) == {"clip", "simclr", "moco", "clip+simclr", "siglip"}
+    assert set(METHODS) == {"clip", "simclr", "moco", "clip+simclr", "siglip", "pcl", "byol"}
     for mode, cls in METHODS.items():
         assert issubclass(cls, Objective) and cls.name == mode and objective_class(mode) is cls
         assert cls.batch_keys and cls.eval_kind in ("zeroshot", "knn")
@@ -141,7 +141,9 @@ def test_objective_state_modules_and_device(mode, tmp_path):
     objective = build_objective(cfg, build_model(cfg))
     assert type(objective) is METHODS[mode]
     modules = objective.state_modules()
-    assert set(modules) == ({"key_encoder", "queue"} if mode == "moco" else set())
+    expected = {"moco": {"key_encoder", "queue"}, "pcl": {"key_encoder", "queue", "prototypes"},
+                "byol": {"target_encoder", "predictor"}}
+    assert set(modules) == expected.get(mode, set())
     objective.to(torch.float64)  # nn.Module.to semantics: every state module follows
     for module in modules.values():
         assert all(t.dtype == torch.float64 for t in module.state_dict().values() if t.is_floating_point())

@@ -38,8 +38,12 @@ def tiny_overrides(mode: str, output_dir, tokenizer_dir, *, steps: int = 3, batc
         out += [f"model.text_tower_config={BERT % (vocab_size(), dropout)}", f"model.tokenizer={tokenizer_dir}"]
     if mode not in ("clip", "siglip"):
         out += ["data.augment=simclr"]
-    if mode == "moco":
+    if mode in ("moco", "pcl"):
         out += ["moco.queue_size=24", "model.projection=mlp"]
+    if mode == "pcl":
+        out += ["pcl.num_clusters=[4,6]"]
+    if mode == "byol":
+        out += ["model.projection=mlp", "byol.predictor_hidden=32"]
     return out
 
 

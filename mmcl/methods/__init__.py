@@ -8,9 +8,11 @@ of mmcl asks the objective (or its class) what it needs (mmcl.methods.base.Objec
 from __future__ import annotations
 
 from mmcl.methods.base import EVAL_KINDS, LossConfig, Objective
+from mmcl.methods.byol import BYOLConfig, BYOLObjective
 from mmcl.methods.clip import ClipObjective
 from mmcl.methods.clip_simclr import ClipSimCLRObjective
 from mmcl.methods.moco import FeatureQueue, MoCoConfig, MoCoObjective, MomentumEncoder
+from mmcl.methods.pcl import PCLConfig, PCLObjective
 from mmcl.methods.siglip import SigLipObjective
 from mmcl.methods.simclr import SimCLRObjective
 
@@ -20,6 +22,8 @@ METHODS: dict[str, type[Objective]] = {
     "moco": MoCoObjective,
     "clip+simclr": ClipSimCLRObjective,
     "siglip": SigLipObjective,
+    "pcl": PCLObjective,
+    "byol": BYOLObjective,
 }
 MODES = tuple(METHODS)
 
@@ -38,5 +42,6 @@ def build_objective(config, model) -> Objective:
 
 
 __all__ = ["Objective", "LossConfig", "MoCoConfig", "MomentumEncoder", "FeatureQueue", "ClipObjective",
-           "ClipSimCLRObjective", "SimCLRObjective", "MoCoObjective", "SigLipObjective", "METHODS", "MODES", "EVAL_KINDS",
+           "ClipSimCLRObjective", "SimCLRObjective", "MoCoObjective", "SigLipObjective", "PCLConfig",
+           "PCLObjective", "BYOLConfig", "BYOLObjective", "METHODS", "MODES", "EVAL_KINDS",
            "objective_class", "build_objective"]

@@ -5,11 +5,13 @@ from __future__ import annotations
 import torch
 
 from mmcl.losses import nt_xent
+from mmcl.methods.base import mix_targets
 from mmcl.methods.clip import ClipObjective
 
 
 class ClipSimCLRObjective(ClipObjective):
-    """SLIP-style: CLIP's loss on (image, caption) + `loss.simclr_weight` x NT-Xent on two views."""
+    """SLIP-style: CLIP's loss on (image, caption) + `loss.simclr_weight` x NT-Xent on two views.
+    data.cutmix mixes the views (not pixel_values): i-Mix's targets go to the NT-Xent term."""
 
     name = "clip+simclr"
     batch_keys = ("pixel_values", "input_ids", "attention_mask", "view1", "view2")
@@ -24,8 +26,9 @@ class ClipSimCLRObjective(ClipObjective):
                 "scale": out.logit_scale}
 
     def loss(self, emb: dict, keys: dict, scale):
-        clip, logs = super().loss(emb, keys, scale)
+        clip, logs = super().loss(emb, {}, scale)  # the captions' images are not mixed
         lc = self.loss_cfg
-        ssl = nt_xent(emb["z1"], emb["z2"], lc.simclr_temperature, gather=True, impl=lc.impl)
+        ssl = nt_xent(emb["z1"], emb["z2"], lc.simclr_temperature, gather=True, impl=lc.impl,
+                      **lc.negative_options(), **mix_targets(keys, emb["z1"]))
         logs.update(clip_loss=float(clip.detach()), simclr_loss=float(ssl.detach()))
         return clip + lc.simclr_weight * ssl, logs

@@ -3,6 +3,7 @@
     query  q = f_q(view1)                        the trained model (encoder + MLP head)
     key    k = f_k(shuffle(view2)), unshuffled   f_k: an EMA copy of f_q, no gradient
     loss   InfoNCE(q, k, negatives = queue)      mmcl.losses.info_nce at a fixed temperature
+           (+ loss.hard_negative_beta / debias_tau_plus: HCL / DCL; data.cutmix > 0: i-Mix targets)
     after each optimizer step:  f_k ← m·f_k + (1 − m)·f_q;  enqueue every rank's k
 
 Shuffling BN: the key batch is permuted across all ranks before f_k and put back after it, so a
@@ -20,7 +21,7 @@ import torch.nn as nn
 
 from mmcl import distributed
 from mmcl.losses import info_nce
-from mmcl.methods.base import Objective, require
+from mmcl.methods.base import Objective, mix_keys, mix_targets, require
 
 
 @dataclass
@@ -182,23 +183,27 @@ class MoCoObjective(Objective):
 
     @torch.no_grad()
     def key_embeds(self, batch: dict) -> dict:
-        x = batch["view2"]
+        return {"k": self._keys(batch["view2"]), **mix_keys(batch)}
+
+    def _keys(self, x):
         if not self.moco_cfg.shuffle_bn:
-            return {"k": self.key_encoder(pixel_values=x).image_embeds.float()}
+            return self.key_encoder(pixel_values=x).image_embeds.float()
         if distributed.is_distributed() and not distributed.same_on_all_ranks(x.shape[0], x.device):
             # A rank dropped an unreadable image: a permutation of unequal batches cannot give every
             # rank B rows back, so all ranks skip the shuffle for this batch together.
-            return {"k": self.key_encoder(pixel_values=x).image_embeds.float()}
+            return self.key_encoder(pixel_values=x).image_embeds.float()
         x, unshuffle_index = distributed.shuffle_batch(x)
         k = self.key_encoder(pixel_values=x).image_embeds
-        return {"k": distributed.unshuffle_batch(k, unshuffle_index).float()}
+        return distributed.unshuffle_batch(k, unshuffle_index).float()
 
     def loss(self, emb: dict, keys: dict, scale):
         queue = self.queue.valid_features()
         queue = queue if queue.shape[0] > 0 else None  # before the first enqueue: in-batch negatives
-        T = self.loss_cfg.temperature
+        lc = self.loss_cfg
         k = keys["k"].to(emb["q"].dtype)
-        return info_nce(emb["q"], k, T, queue=queue, impl=self.loss_cfg.impl), {"temperature": T}
+        loss = info_nce(emb["q"], k, lc.temperature, queue=queue, impl=lc.impl, **lc.negative_options(),
+                        **mix_targets(keys, emb["q"]))
+        return loss, {"temperature": lc.temperature}
 
     @torch.no_grad()
     def after_step(self, model, keys: dict, step: int) -> None:

@@ -4,8 +4,8 @@
 
 Each section's dataclass lives beside the code it configures and validates itself (ModelConfig in
 builders.py, DataConfig in mmcl/data/config.py, LossConfig in mmcl/methods/base.py, MoCoConfig in
-mmcl/methods/moco.py, OptimConfig in optim.py, CheckpointConfig in checkpoint.py, EvalConfig in
-evaluation.py); TrainConfig, the loop's own knobs, is here. Override values are parsed as YAML
+mmcl/methods/moco.py, PCLConfig in mmcl/methods/pcl.py, BYOLConfig in mmcl/methods/byol.py, OptimConfig
+in optim.py, CheckpointConfig in checkpoint.py, EvalConfig in evaluation.py); TrainConfig, the loop's own knobs, is here. Override values are parsed as YAML
 scalars (`3e-4` → float, `true` → bool, `[a, b]` → list, `null` → None). An unknown key raises a
 ValueError naming it and the closest valid keys; a renamed key names its new place.
 """
@@ -20,7 +20,9 @@ from pathlib import Path
 import yaml
 
 from mmcl.data.config import DataConfig
-from mmcl.methods import MODES, LossConfig, MoCoConfig, objective_class  # noqa: F401  (MODES re-exported)
+from mmcl.methods import (  # noqa: F401  (MODES re-exported)
+    MODES, BYOLConfig, LossConfig, MoCoConfig, PCLConfig, objective_class,
+)
 from mmcl.train.builders import ModelConfig
 from mmcl.train.checkpoint import CheckpointConfig
 from mmcl.data.augment import DEVICE_PRESETS as DEVICE_AUGMENT_PRESETS
@@ -107,6 +109,8 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     moco: MoCoConfig = field(default_factory=MoCoConfig)
+    pcl: PCLConfig = field(default_factory=PCLConfig)
+    byol: BYOLConfig = field(default_factory=BYOLConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -117,7 +121,8 @@ class Config:
 
 def validate(cfg: Config) -> None:
     """Every section's own checks, the method's checks, then the rules that span sections."""
-    for section in (cfg.model, cfg.data, cfg.loss, cfg.moco, cfg.optim, cfg.train, cfg.checkpoint, cfg.eval):
+    for section in (cfg.model, cfg.data, cfg.loss, cfg.moco, cfg.pcl, cfg.byol, cfg.optim, cfg.train, cfg.checkpoint,
+                    cfg.eval):
         section.validate()
     objective_class(cfg).check_config(cfg)
     splits = cfg.model.batchnorm.splits

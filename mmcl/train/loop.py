@@ -197,14 +197,16 @@ def _setup(cfg: Config, closers: list, guard: faults.RunGuard) -> Run:
                           seed=cfg.seed, device_views=bool(aod))
     device_augment = DeviceAugment(aod, model.processor) if aod else None
     closers.append(stream.close)
-    optimizer = build_optimizer(model, cfg.optim)
+    # The method's own trainable modules (BYOL's predictor) are optimised with the model.
+    trained = torch.nn.ModuleDict({"model": model, **objective.trainable_modules()})
+    optimizer = build_optimizer(trained, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, t.max_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
     objective.to(device)
     return Run(cfg=cfg, accelerator=accelerator, model=model, unwrapped=accelerator.unwrap_model(model),
                objective=objective, stream=stream, device_augment=device_augment, optimizer=optimizer,
                scheduler=scheduler, evaluator=Evaluator(cfg, objective.eval_kind),
-               params=[p for p in model.parameters() if p.requires_grad], guard=guard)
+               params=[p for p in trained.parameters() if p.requires_grad], guard=guard)
 
 
 def _resume(run: Run) -> None:
