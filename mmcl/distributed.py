@@ -209,6 +209,11 @@ def same_on_all_ranks(value: int, device=None) -> bool:
     return low == -neg_high
 
 
+def any_rank(flag: bool, device=None) -> bool:
+    """Whether `flag` is true on any rank (a collective: every rank must call it; one process: `flag`)."""
+    return bool(_reduce_ints([int(flag)], device, dist.ReduceOp.MAX)[0]) if is_distributed() else bool(flag)
+
+
 def broadcast_flag(flag: bool, device=None) -> bool:
     """Rank 0's `flag` on every rank (one process: `flag`)."""
     if not is_distributed():

@@ -10,8 +10,8 @@ from transformers.models.clip.modeling_clip import image_text_contrastive_loss
 
 from mmcl.chunked import similarity_lse_chunked
 import mmcl.kernels
-from mmcl.losses import (AUTO_NAIVE_MAX_LOGIT_BYTES, LogitScale, _similarity_lse_naive, clip_loss, info_nce,
-                         nt_xent, resolve_impl, supcon_loss)
+from mmcl.losses import AUTO_NAIVE_MAX_LOGIT_BYTES, LogitScale, clip_loss, info_nce, nt_xent, resolve_impl, supcon_loss
+from mmcl.losses._common import _similarity_lse_naive
 
 F64 = torch.float64
 

@@ -8,8 +8,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import mmcl.losses
-from mmcl import loss_options
+import mmcl.losses._common
+import mmcl.losses.clip
+import mmcl.losses.siglip
+import mmcl.losses.ssl
+import mmcl.losses.supcon
+from mmcl.losses import options as loss_options
 from mmcl.chunked import similarity_lse_chunked
 from mmcl.losses import clip_loss, info_nce, nt_xent
 
@@ -32,7 +36,7 @@ def _assert_close(actual, expected, what, atol=1e-10, rtol=1e-9):
 @pytest.fixture
 def small_tiles(monkeypatch):
     """The chunked path with tiles of 3 x 5, so every shape here spans uneven tiles."""
-    monkeypatch.setattr(mmcl.losses, "similarity_lse_chunked",
+    monkeypatch.setattr(mmcl.losses._common, "similarity_lse_chunked",
                         functools.partial(similarity_lse_chunked, block_rows=3, block_cols=5))
 
 
@@ -175,9 +179,9 @@ def test_the_estimator_at_zero_options_reduces_to_the_plain_loss(impl):
     scale = torch.tensor(1 / 0.3, dtype=F64)
     for cols in (None, queue):
         positives = scale * (q * k).sum(-1)
-        rows = mmcl.losses._info_nce_hard_rows(q, k, cols, positives, scale, zero, impl)
+        rows = mmcl.losses.ssl._info_nce_hard_rows(q, k, cols, positives, scale, zero, impl)
         _assert_close(rows.mean(), info_nce(q, k, 0.3, queue=cols, impl=impl), "estimator at 0, 0", 1e-12, 1e-12)
-    ours = mmcl.losses._nt_xent_hard(q, k, scale, zero, impl, False, False)
+    ours = mmcl.losses.ssl._nt_xent_hard(q, k, scale, zero, impl, False, False)
     _assert_close(ours, nt_xent(q, k, 0.3, impl=impl), "nt_xent estimator at 0, 0", 1e-12, 1e-12)
 
 
@@ -313,8 +317,9 @@ def test_chunked_options_never_materialise_the_logits(monkeypatch, small_tiles):
     def refuse(*args, **kwargs):
         raise AssertionError("a (rows, columns) matrix was built")
 
-    for module, name in [(mmcl.losses, "_logits"), (mmcl.losses, "_similarity_lse_naive"),
-                         (loss_options, "mix_target_matrix"), (loss_options, "log_reweighted_from_logits")]:
+    loss_modules = [mmcl.losses._common, mmcl.losses.clip, mmcl.losses.siglip, mmcl.losses.ssl, mmcl.losses.supcon]
+    targets = [(m, name) for m in loss_modules for name in ("_logits", "_similarity_lse_naive") if hasattr(m, name)]
+    for module, name in targets + [(loss_options, "mix_target_matrix"), (loss_options, "log_reweighted_from_logits")]:
         monkeypatch.setattr(module, name, refuse)
     for (kw, call), ref in zip([(kw, call) for kw in options for call in calls], expected):
         _assert_close(call(impl="chunked", **kw), ref, f"chunked {sorted(kw)}")

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import mmcl.kernels
-import mmcl.losses
+import mmcl.losses._common
 from mmcl.chunked import similarity_lse_chunked
 from mmcl.losses import clip_loss, info_nce, nt_xent
 
@@ -81,7 +81,7 @@ def clip_reference(img, txt, scale, partner, lam):
 
 @pytest.fixture
 def small_tiles(monkeypatch):
-    monkeypatch.setattr(mmcl.losses, "similarity_lse_chunked",
+    monkeypatch.setattr(mmcl.losses._common, "similarity_lse_chunked",
                         functools.partial(similarity_lse_chunked, block_rows=3, block_cols=5))
 
 

@@ -161,7 +161,8 @@ def test_chunked_siglip_saves_no_batch_by_batch_tensor():
 
 def test_auto_takes_the_chunked_path_above_the_cpu_threshold(monkeypatch):
     """impl="auto" follows resolve_impl: on CPU the chunked path from AUTO_CHUNKED_MIN_LOGITS on."""
-    import mmcl.losses as losses
+    import mmcl.losses._common
+    import mmcl.losses.siglip as losses
 
     calls = []
     chunked = losses.sigmoid_pair_loss_chunked
@@ -169,7 +170,7 @@ def test_auto_takes_the_chunked_path_above_the_cpu_threshold(monkeypatch):
     img, txt = _features(10), _features(10)
     small = siglip_loss(img, txt, 5.0, -1.0)
     assert calls == []
-    monkeypatch.setattr(losses, "AUTO_CHUNKED_MIN_LOGITS", 100)
+    monkeypatch.setattr(mmcl.losses._common, "AUTO_CHUNKED_MIN_LOGITS", 100)
     _assert_close(siglip_loss(img, txt, 5.0, -1.0), small, "auto above the threshold")
     assert calls == [(10, 16)]
 

@@ -96,7 +96,7 @@ def test_rules_across_sections_name_both_keys():
                                     "model.batchnorm.splits=4"])
     with pytest.raises(ValueError, match="image-only mode"):
         load_config(None, TOWERS + ["data.augment=none", "data.augment_on_device=mocov2"])
-    with pytest.raises(ValueError, match="mode must be one of clip, simclr, moco, clip\\+simclr, pcl, byol"):
+    with pytest.raises(ValueError, match="mode must be one of clip, simclr, moco, clip\\+simclr, siglip, pcl, byol"):
         load_config(None, TOWERS + ["mode=swav"])
 
 

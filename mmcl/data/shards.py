@@ -55,7 +55,7 @@ def _as_list(source) -> list[str]:
 
 def is_stream_source(source, streaming: bool = False) -> bool:
     """Whether ``source`` is read as a stream: .tar shards always, data files with ``streaming``."""
-    if source is None:
+    if not isinstance(source, (str, list, tuple)):
         return False
     paths = _as_list(source)
     if not paths or not all(isinstance(p, str) for p in paths):

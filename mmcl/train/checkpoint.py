@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 
+from mmcl import distributed
 from mmcl.train.integrity import MARKER_FORMAT, file_record, read_marker, verify_checkpoint  # noqa: F401 (API)
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -270,8 +271,6 @@ def save_checkpoint(accelerator, output_dir, step: int, model, extra_modules: di
     """Every rank writes its RNG state; the main process writes the rest (`state`, only needed
     there) and renames. A write failing on any rank removes the temporary directory and raises
     CheckpointWriteError on every rank (none is left waiting)."""
-    from mmcl.train.faults import any_rank_failed
-
     main = accelerator.is_main_process
     tmp = temporary_dir(output_dir, step)
     error = None
@@ -280,19 +279,19 @@ def save_checkpoint(accelerator, output_dir, step: int, model, extra_modules: di
             begin_checkpoint(output_dir, step)
         except OSError as err:
             error = _write_failure(err, tmp, step)
-    failed = any_rank_failed(accelerator, error is not None)  # also the barrier: tmp exists for all
+    failed = distributed.any_rank(error is not None, accelerator.device)  # also the barrier: tmp exists for all
     if not failed:
         try:
             save_state(rng_state(), tmp, f"rng_{accelerator.process_index}")
         except OSError as err:
             error = _write_failure(err, tmp, step, remove=False)  # the main process removes it
-        failed = any_rank_failed(accelerator, error is not None)
+        failed = distributed.any_rank(error is not None, accelerator.device)
     if not failed and main:
         try:
             finish_checkpoint(tmp, output_dir, step, model, extra_modules, state, keep, config)
         except CheckpointWriteError as err:
             error = err
-    failed = any_rank_failed(accelerator, error is not None)
+    failed = distributed.any_rank(error is not None, accelerator.device)
     if main and failed:
         shutil.rmtree(tmp, ignore_errors=True)
     if error is not None:

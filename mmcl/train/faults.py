@@ -25,7 +25,11 @@ from datetime import timedelta
 
 import torch
 
-__all__ = ["RunGuard", "RankFailure", "process_group_kwargs", "any_rank_failed", "config_changes",
+from mmcl.train.checkpoint import latest_checkpoint
+from mmcl.train.config import Config, to_dict
+from mmcl.train.saved import upgrade_keys
+
+__all__ = ["RunGuard", "RankFailure", "process_group_kwargs", "config_changes",
            "check_resume_config", "HARMLESS_KEYS"]
 
 STOP_SIGNALS = ("SIGTERM", "SIGUSR1")
@@ -54,17 +58,6 @@ def process_group_kwargs(collective_timeout_s: float):
     if timeout == InitProcessGroupKwargs().timeout:  # Accelerate drops a value equal to its default
         timeout += timedelta(milliseconds=1)  # (then gloo would wait 30 minutes): keep it explicit
     return InitProcessGroupKwargs(timeout=timeout)
-
-
-def any_rank_failed(accelerator, failed: bool) -> bool:
-    """Whether `failed` is true on any rank (a collective: every rank must call it)."""
-    if accelerator.num_processes == 1:
-        return failed
-    import torch.distributed as dist
-
-    flag = torch.tensor([int(failed)], device=accelerator.device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return bool(flag.item())
 
 
 # --------------------------------------------------------------------------- signals and dead ranks
@@ -182,8 +175,6 @@ class RunGuard:
         acc = self.accelerator
         if acc is None or acc.num_processes == 1 or not _is_collective_error(exc):
             return None
-        from mmcl.train.checkpoint import latest_checkpoint
-
         silent = self.silent_ranks() if self._heartbeat is not None else []
         me = acc.process_index
         if self._heartbeat is None:
@@ -241,9 +232,6 @@ def _flat(d: dict, sections: set[str], prefix: str = "") -> dict:
 def _comparable(saved: dict, current: dict) -> tuple[dict, dict]:
     """Both configs flat under today's key names: the stored one's earlier names mapped as the
     saved-config loader maps them, keys it lacks (added since) at today's defaults."""
-    from mmcl.train.config import Config, to_dict
-    from mmcl.train.saved import upgrade_keys
-
     sections = _section_paths(Config())
     defaults = _flat(to_dict(Config()), sections)
     return {**defaults, **upgrade_keys(_flat(saved, sections))}, _flat(current, sections)
