@@ -24,7 +24,8 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
-WHEELS=(datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 open_clip_torch==3.3.0 ftfy==6.3.1 wcwidth==0.9.4)
+WHEELS=(datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 open_clip_torch==3.3.0 ftfy==6.3.1 wcwidth==0.9.4
+        webdataset==1.0.2 braceexpand==0.1.7)
 
 PART="${1:-all}"
 if [[ "$PART" == "--prepare" ]]; then
