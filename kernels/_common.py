@@ -63,3 +63,21 @@ def promote(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
         return a, b
     common = torch.promote_types(a.dtype, b.dtype)
     return a.to(common), b.to(common)
+
+
+def check_column_index(name: str, index, query: torch.Tensor, num_columns: int) -> torch.Tensor:
+    """`index` as a contiguous (B,) int64 tensor of one column per query row (-1 = none), on the
+    query's device, with values in [-1, num_columns); a TypeError/ValueError naming `name` otherwise."""
+    B = query.shape[0]
+    if not isinstance(index, torch.Tensor) or index.dtype != torch.int64:
+        raise TypeError(f"{name} must be an int64 tensor of column indices (-1 = none), got "
+                        f"{index.dtype if isinstance(index, torch.Tensor) else type(index).__name__}")
+    if index.shape != (B,):
+        raise ValueError(f"{name} must have shape ({B},) (one column per query row), got {tuple(index.shape)}")
+    if index.device != query.device:
+        raise ValueError(f"{name} is on {index.device} but query is on {query.device}")
+    lo, hi = torch.aminmax(index)  # one host sync, so that a wrong index fails here
+    if lo.item() < -1 or hi.item() >= num_columns:
+        raise ValueError(f"{name} must hold -1 or column indices in [0, {num_columns}), got values in "
+                         f"[{lo.item()}, {hi.item()}]")
+    return index.contiguous()

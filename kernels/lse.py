@@ -40,7 +40,7 @@ from torch.autograd.function import once_differentiable
 import triton
 import triton.language as tl
 
-from mmcl.kernels._common import check_features, interpreted, on_device, promote
+from mmcl.kernels._common import check_column_index, check_features, interpreted, on_device, promote
 
 __all__ = ["similarity_lse", "default_block_sizes"]
 
@@ -426,18 +426,7 @@ def _check_exclude(exclude, mask_diagonal, query, key):
         return torch.arange(B, device=query.device)
     if exclude is None:
         return None
-    if not isinstance(exclude, torch.Tensor) or exclude.dtype != torch.int64:
-        raise TypeError(f"exclude must be an int64 tensor of column indices (-1 = none), got "
-                        f"{exclude.dtype if isinstance(exclude, torch.Tensor) else type(exclude).__name__}")
-    if exclude.shape != (B,):
-        raise ValueError(f"exclude must have shape ({B},) (one column per query row), got {tuple(exclude.shape)}")
-    if exclude.device != query.device:
-        raise ValueError(f"exclude is on {exclude.device} but query is on {query.device}")
-    lo, hi = torch.aminmax(exclude)  # one host sync, so that a wrong index fails here
-    if lo.item() < -1 or hi.item() >= N:
-        raise ValueError(f"exclude must hold -1 or column indices in [0, {N}), got values in "
-                         f"[{lo.item()}, {hi.item()}]")
-    return exclude.contiguous()
+    return check_column_index("exclude", exclude, query, N)
 
 
 def _block_sizes(dim, dtype, overrides):

@@ -23,7 +23,7 @@ from torch.autograd.function import once_differentiable
 import triton
 import triton.language as tl
 
-from mmcl.kernels._common import check_features, on_device, promote
+from mmcl.kernels._common import check_column_index, check_features, on_device, promote
 from mmcl.kernels.lse import (LOG2E, _block_sizes, _column_splits, _dot_fp32, _grad_chunk_rows, _mm_fp32,
                               _precision, _tile_dots)
 
@@ -211,22 +211,6 @@ def _check_scalar(name, value, device):
         raise ValueError(f"{name} is on {value.device} but query is on {device}")
 
 
-def _check_positive(positive, query, key):
-    B, N = query.shape[0], key.shape[0]
-    if not isinstance(positive, torch.Tensor) or positive.dtype != torch.int64:
-        raise TypeError(f"positive must be an int64 tensor of column indices (-1 = none), got "
-                        f"{positive.dtype if isinstance(positive, torch.Tensor) else type(positive).__name__}")
-    if positive.shape != (B,):
-        raise ValueError(f"positive must have shape ({B},) (one column per query row), got {tuple(positive.shape)}")
-    if positive.device != query.device:
-        raise ValueError(f"positive is on {positive.device} but query is on {query.device}")
-    lo, hi = torch.aminmax(positive)  # one host sync, so that a wrong index fails here
-    if lo.item() < -1 or hi.item() >= N:
-        raise ValueError(f"positive must hold -1 or column indices in [0, {N}), got values in "
-                         f"[{lo.item()}, {hi.item()}]")
-    return positive.contiguous()
-
-
 def sigmoid_pair_loss(query: torch.Tensor, key: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor,
                       positive: torch.Tensor, *, block_sizes: dict | None = None) -> torch.Tensor:
     """Σ_ij −log σ(z_ij·(scale·q_i·k_j + bias)), z_ij = +1 if j == positive[i] else −1, with
@@ -247,7 +231,7 @@ def sigmoid_pair_loss(query: torch.Tensor, key: torch.Tensor, scale: torch.Tenso
     check_features(query, key)
     _check_scalar("scale", scale, query.device)
     _check_scalar("bias", bias, query.device)
-    positive = _check_positive(positive, query, key)
+    positive = check_column_index("positive", positive, query, key.shape[0])
     query, key = promote(query, key)
     cfg = _block_sizes(query.shape[1], query.dtype, block_sizes)
     return _SigmoidPairLoss.apply(query, key, scale, bias, positive, cfg)
