@@ -12,10 +12,10 @@ gradients, as errors relative to the reference's magnitude. Results go to the JS
 """
 import argparse
 import copy
-import json
 
 import torch
 import torch.nn.functional as F
+from _dist_results import write_all_ranks
 from accelerate import Accelerator
 
 from mmcl.losses import clip_loss, nt_xent
@@ -86,14 +86,7 @@ def main() -> None:
                             "grad_err": max((p.grad - g).abs().max().item() / g.abs().max().item()
                                             for p, g in zip(model.parameters(), ref_grads)),
                         })
-    all_results = [None] * world
-    torch.distributed.all_gather_object(all_results, {"rank": rank, "world_size": world, "cases": cases})
-    if accelerator.is_main_process:
-        with open(args.out, "w") as f:
-            json.dump(all_results, f)
-    # Leaving with the process group alive lets gloo's threads abort the interpreter at exit.
-    accelerator.wait_for_everyone()
-    torch.distributed.destroy_process_group()
+    write_all_ranks(accelerator, args.out, {"rank": rank, "world_size": world, "cases": cases})
 
 
 if __name__ == "__main__":

@@ -12,10 +12,10 @@ each parameter's largest gradient entry). They go to the JSON path in argv[1].
 """
 import argparse
 import copy
-import json
 
 import torch
 import torch.nn.functional as F
+from _dist_results import write_all_ranks
 from accelerate import Accelerator
 
 from mmcl import distributed
@@ -121,15 +121,7 @@ def main() -> None:
                                         for p, g in zip(model.parameters(), ref_grads)),
                     })
     print("cases done", rank, flush=True)
-    all_results = [None] * world
-    summary = {"rank": rank, "world_size": world, "cases": cases, "reductions": reduction_errors(rank)}
-    torch.distributed.all_gather_object(all_results, summary)
-    if accelerator.is_main_process:
-        with open(args.out, "w") as f:
-            json.dump(all_results, f)
-    # Leaving with the process group alive lets gloo's threads abort the interpreter at exit.
-    accelerator.wait_for_everyone()
-    torch.distributed.destroy_process_group()
+    write_all_ranks(accelerator, args.out, {"rank": rank, "world_size": world, "cases": cases, "reductions": reduction_errors(rank)})
 
 
 if __name__ == "__main__":

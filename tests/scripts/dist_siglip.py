@@ -11,10 +11,10 @@ relative to the reference's magnitude. They go to the JSON path in argv[1].
 """
 import argparse
 import copy
-import json
 
 import torch
 import torch.nn.functional as F
+from _dist_results import relative_error, write_all_ranks
 from accelerate import Accelerator
 
 from mmcl.losses import siglip_loss
@@ -37,9 +37,6 @@ def loss_of(model, x, t, dtype=torch.float64, **kw):
     a, b, scale, bias = (y.to(dtype) for y in model(x, t))
     return siglip_loss(a, b, scale, bias, **kw)
 
-
-def relative_error(got, want) -> float:
-    return (got - want).abs().max().item() / max(want.abs().max().item(), 1e-300)
 
 
 def main() -> None:
@@ -80,14 +77,7 @@ def main() -> None:
                     "scale_grad_err": relative_error(grads["log_scale"], ref_grads["log_scale"]),
                     "bias_grad_err": relative_error(grads["bias"], ref_grads["bias"]),
                 })
-    all_results = [None] * world
-    torch.distributed.all_gather_object(all_results, {"rank": rank, "world_size": world, "cases": cases})
-    if accelerator.is_main_process:
-        with open(args.out, "w") as f:
-            json.dump(all_results, f)
-    # Leaving with the process group alive lets gloo's threads abort the interpreter at exit.
-    accelerator.wait_for_everyone()
-    torch.distributed.destroy_process_group()
+    write_all_ranks(accelerator, args.out, {"rank": rank, "world_size": world, "cases": cases})
 
 
 if __name__ == "__main__":
