@@ -3,7 +3,6 @@ the estimator written out with exponentials in float64 (values and gradients), o
 import functools
 import math
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -16,21 +15,11 @@ import mmcl.losses.supcon
 from mmcl.losses import options as loss_options
 from mmcl.chunked import similarity_lse_chunked
 from mmcl.losses import clip_loss, info_nce, nt_xent
+from helpers.compare import assert_close, leaf
 
 F64 = torch.float64
 OPTIONS = [(1.0, 0.0), (0.0, 0.1), (0.5, 0.3), (2.0, 0.6)]  # (β, τ⁺)
 
-
-def _leaf(*shape, dtype=F64):
-    return F.normalize(torch.randn(*shape, dtype=F64), dim=-1).to(dtype).requires_grad_()
-
-
-def _assert_close(actual, expected, what, atol=1e-10, rtol=1e-9):
-    actual, expected = torch.as_tensor(actual, dtype=F64), torch.as_tensor(expected, dtype=F64)
-    if not torch.allclose(actual, expected, atol=atol, rtol=rtol):
-        diff = (actual - expected).abs()
-        where = np.unravel_index(int(diff.argmax()), tuple(diff.shape)) if diff.dim() else ()
-        raise AssertionError(f"{what}: max |diff| {diff.max().item():.3e} at {where}")
 
 
 @pytest.fixture
@@ -87,9 +76,9 @@ def clip_reference(img, txt, scale, beta, tau_plus):
 
 
 def _check(ours, reference, leaves, what, atol=1e-10, rtol=1e-9):
-    _assert_close(ours, reference, f"{what}: loss", atol, rtol)
+    assert_close(ours, reference, f"{what}: loss", atol, rtol)
     for i, (g, g_ref) in enumerate(zip(torch.autograd.grad(ours, leaves), torch.autograd.grad(reference, leaves))):
-        _assert_close(g, g_ref, f"{what}: d loss / d input {i}", atol, rtol)
+        assert_close(g, g_ref, f"{what}: d loss / d input {i}", atol, rtol)
 
 
 # ----------------------------------------------------------------------------- float64, naive and chunked
@@ -99,7 +88,7 @@ def _check(ours, reference, leaves, what, atol=1e-10, rtol=1e-9):
 @pytest.mark.parametrize("beta,tau_plus", OPTIONS)
 @pytest.mark.parametrize("batch", [2, 13])
 def test_info_nce_in_batch_matches_the_estimator(batch, beta, tau_plus, impl, small_tiles):
-    q, k = _leaf(batch, 48), _leaf(batch, 48)
+    q, k = leaf(batch, 48), leaf(batch, 48)
     ours = info_nce(q, k, 0.5, hard_negative_beta=beta, debias_tau_plus=tau_plus, impl=impl)
     _check(ours, info_nce_reference(q, k, 0.5, beta, tau_plus), [q, k], f"info_nce B={batch} {impl}")
 
@@ -107,7 +96,7 @@ def test_info_nce_in_batch_matches_the_estimator(batch, beta, tau_plus, impl, sm
 @pytest.mark.parametrize("impl", ["naive", "chunked"])
 @pytest.mark.parametrize("beta,tau_plus", OPTIONS)
 def test_info_nce_queue_matches_the_estimator(beta, tau_plus, impl, small_tiles):
-    q, k, queue = _leaf(7, 32), _leaf(7, 32), _leaf(23, 32)  # queue larger than the batch
+    q, k, queue = leaf(7, 32), leaf(7, 32), leaf(23, 32)  # queue larger than the batch
     ours = info_nce(q, k, 0.2, queue=queue, hard_negative_beta=beta, debias_tau_plus=tau_plus, impl=impl)
     _check(ours, info_nce_reference(q, k, 0.2, beta, tau_plus, queue.detach()), [q, k], f"MoCo {impl}")
 
@@ -116,7 +105,7 @@ def test_info_nce_queue_matches_the_estimator(beta, tau_plus, impl, small_tiles)
 @pytest.mark.parametrize("beta,tau_plus", OPTIONS)
 @pytest.mark.parametrize("batch", [2, 11])
 def test_nt_xent_matches_the_estimator(batch, beta, tau_plus, impl, small_tiles):
-    z1, z2 = _leaf(batch, 48), _leaf(batch, 48)
+    z1, z2 = leaf(batch, 48), leaf(batch, 48)
     ours = nt_xent(z1, z2, 0.5, hard_negative_beta=beta, debias_tau_plus=tau_plus, impl=impl)
     _check(ours, nt_xent_reference(z1, z2, 0.5, beta, tau_plus), [z1, z2], f"nt_xent N={batch} {impl}")
 
@@ -125,7 +114,7 @@ def test_nt_xent_matches_the_estimator(batch, beta, tau_plus, impl, small_tiles)
 @pytest.mark.parametrize("beta,tau_plus", OPTIONS)
 @pytest.mark.parametrize("batch", [2, 17])
 def test_clip_loss_matches_the_estimator_with_a_learned_scale(batch, beta, tau_plus, impl, small_tiles):
-    img, txt = _leaf(batch, 32), _leaf(batch, 32)
+    img, txt = leaf(batch, 32), leaf(batch, 32)
     scale = torch.tensor(2.5, dtype=F64, requires_grad=True)  # the clamp n·e^{−scale} follows it too
     ours = clip_loss(img, txt, scale, hard_negative_beta=beta, debias_tau_plus=tau_plus, impl=impl)
     _check(ours, clip_reference(img, txt, scale, beta, tau_plus), [img, txt, scale], f"clip B={batch} {impl}")
@@ -135,7 +124,7 @@ def test_clip_loss_matches_the_estimator_with_a_learned_scale(batch, beta, tau_p
 def test_the_clamp_is_reached_and_followed(impl, small_tiles):
     """Easy positives (key ≈ query) with a large τ⁺ push (R − τ⁺ n e^p) below the floor on some
     rows and not others; both branches match the estimator, gradients included."""
-    q = _leaf(12, 16)
+    q = leaf(12, 16)
     k = F.normalize(q.detach() + 0.6 * torch.randn(12, 16, dtype=F64), dim=-1).requires_grad_()
     T, beta, tau_plus = 0.5, 0.5, 0.5
     pos = torch.exp((q * k).sum(-1) / T).detach()
@@ -154,7 +143,7 @@ def test_the_clamp_is_reached_and_followed(impl, small_tiles):
 @pytest.mark.parametrize("impl", ["naive", "chunked"])
 def test_zero_options_are_the_plain_loss_bitwise(impl):
     """β = 0, τ⁺ = 0 (the defaults) take the plain code: bitwise the same loss and gradients."""
-    a, b, queue = _leaf(9, 16), _leaf(9, 16), _leaf(20, 16)
+    a, b, queue = leaf(9, 16), leaf(9, 16), leaf(20, 16)
     scale = torch.tensor(3.0, dtype=F64, requires_grad=True)
     calls = {
         "info_nce": lambda **kw: info_nce(a, b, 0.3, impl=impl, **kw),
@@ -174,15 +163,15 @@ def test_zero_options_are_the_plain_loss_bitwise(impl):
 def test_the_estimator_at_zero_options_reduces_to_the_plain_loss(impl):
     """The estimator's own code at β = 0, τ⁺ = 0 equals the plain loss to 1e-12 (float64) for
     normalised features, whose logits never reach the floor n·e^{−1/τ}."""
-    q, k, queue = _leaf(9, 16), _leaf(9, 16), _leaf(20, 16)
+    q, k, queue = leaf(9, 16), leaf(9, 16), leaf(20, 16)
     zero = loss_options.HardNegatives(0.0, 0.0)
     scale = torch.tensor(1 / 0.3, dtype=F64)
     for cols in (None, queue):
         positives = scale * (q * k).sum(-1)
         rows = mmcl.losses.ssl._info_nce_hard_rows(q, k, cols, positives, scale, zero, impl)
-        _assert_close(rows.mean(), info_nce(q, k, 0.3, queue=cols, impl=impl), "estimator at 0, 0", 1e-12, 1e-12)
+        assert_close(rows.mean(), info_nce(q, k, 0.3, queue=cols, impl=impl), "estimator at 0, 0", 1e-12, 1e-12)
     ours = mmcl.losses.ssl._nt_xent_hard(q, k, scale, zero, impl, False, False)
-    _assert_close(ours, nt_xent(q, k, 0.3, impl=impl), "nt_xent estimator at 0, 0", 1e-12, 1e-12)
+    assert_close(ours, nt_xent(q, k, 0.3, impl=impl), "nt_xent estimator at 0, 0", 1e-12, 1e-12)
 
 
 # ----------------------------------------------------------------------------- fp32, large scales, Triton
@@ -191,7 +180,7 @@ def test_the_estimator_at_zero_options_reduces_to_the_plain_loss(impl):
 def test_fp32_at_clip_scale_100_stays_finite_and_accurate():
     """logit_scale 100 with β = 1 puts e^{200} in the written-out formula; the log-space paths stay
     finite in fp32 and within 1e-4 (relative) of float64, gradients included."""
-    img64, txt64 = _leaf(33, 24), _leaf(33, 24)
+    img64, txt64 = leaf(33, 24), leaf(33, 24)
     ref = clip_loss(img64, txt64, 100.0, hard_negative_beta=1.0, debias_tau_plus=0.9, impl="naive")
     g_ref = torch.autograd.grad(ref, [img64, txt64])
     for impl in ("naive", "chunked"):
@@ -199,9 +188,9 @@ def test_fp32_at_clip_scale_100_stays_finite_and_accurate():
         ours = clip_loss(img, txt, 100.0, hard_negative_beta=1.0, debias_tau_plus=0.9, impl=impl)
         grads = torch.autograd.grad(ours, [img, txt])
         assert torch.isfinite(ours) and all(torch.isfinite(g).all() for g in grads), impl
-        _assert_close(ours, ref, f"{impl} fp32 loss", 1e-5, 1e-4)
+        assert_close(ours, ref, f"{impl} fp32 loss", 1e-5, 1e-4)
         for g, gr in zip(grads, g_ref):
-            _assert_close(g, gr, f"{impl} fp32 gradient", 1e-5 * gr.abs().max().item(), 1e-3)
+            assert_close(g, gr, f"{impl} fp32 gradient", 1e-5 * gr.abs().max().item(), 1e-3)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -209,7 +198,7 @@ def test_fp32_at_clip_scale_100_stays_finite_and_accurate():
 def test_16_bit_features_give_fp32_losses_near_float64(dtype, impl):
     """16-bit features (the logits widened to fp32 for the estimator) against float64 of the same
     values: within the 16-bit products' rounding, gradients in the features' dtype and finite."""
-    a, b, queue = (_leaf(n, 16, dtype=dtype) for n in (9, 9, 13))
+    a, b, queue = (leaf(n, 16, dtype=dtype) for n in (9, 9, 13))
     kw = dict(hard_negative_beta=1.0, debias_tau_plus=0.2)
     up = [x.detach().double().requires_grad_() for x in (a, b)]
     for name, f in {"info_nce": lambda x, y, **k: info_nce(x, y, 0.2, **k),
@@ -220,9 +209,9 @@ def test_16_bit_features_give_fp32_losses_near_float64(dtype, impl):
         assert ours.dtype == torch.float32, name
         grads = torch.autograd.grad(ours, [a, b])
         assert all(g.dtype == dtype and torch.isfinite(g).all() for g in grads), name
-        _assert_close(ours, ref, f"{name} {dtype} {impl}", 2e-2, 1e-2)
+        assert_close(ours, ref, f"{name} {dtype} {impl}", 2e-2, 1e-2)
         for g, gr in zip(grads, torch.autograd.grad(ref, up)):
-            _assert_close(g, gr, f"{name} {dtype} {impl} gradient", 5e-2 * gr.abs().max().item(), 5e-2)
+            assert_close(g, gr, f"{name} {dtype} {impl} gradient", 5e-2 * gr.abs().max().item(), 5e-2)
 
 
 @pytest.mark.skipif(not mmcl.kernels.is_available("cpu")[0] and not torch.cuda.is_available(),
@@ -231,7 +220,7 @@ def test_16_bit_features_give_fp32_losses_near_float64(dtype, impl):
 def test_triton_matches_the_estimator(loss):
     """fp32 kernels (interpreted on CPU) at tiny awkward shapes against the float64 formula."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    a, b, queue = (_leaf(n, 20, dtype=torch.float32) for n in (5, 5, 19))
+    a, b, queue = (leaf(n, 20, dtype=torch.float32) for n in (5, 5, 19))
     beta, tau_plus, T = 1.0, 0.2, 0.5
     kw = dict(hard_negative_beta=beta, debias_tau_plus=tau_plus, impl="triton")
     on = [x.detach().to(device).requires_grad_() for x in (a, b, queue)]
@@ -244,10 +233,10 @@ def test_triton_matches_the_estimator(loss):
         ours, ref, leaves = nt_xent(on[0], on[1], T, **kw), nt_xent_reference(a, b, T, beta, tau_plus), [a, b]
     else:
         ours, ref, leaves = clip_loss(on[0], on[1], 1 / T, **kw), clip_reference(a, b, 1 / T, beta, tau_plus), [a, b]
-    _assert_close(ours.cpu(), ref, f"triton {loss} loss", 1e-5, 1e-5)
+    assert_close(ours.cpu(), ref, f"triton {loss} loss", 1e-5, 1e-5)
     grads = torch.autograd.grad(ours, on[: len(leaves)])
     for i, (g, gr) in enumerate(zip(grads, torch.autograd.grad(ref, leaves))):
-        _assert_close(g.cpu(), gr, f"triton {loss} d loss / d input {i}", 1e-5, 1e-4)
+        assert_close(g.cpu(), gr, f"triton {loss} d loss / d input {i}", 1e-5, 1e-4)
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -263,7 +252,7 @@ def test_triton_matches_the_estimator(loss):
     (dict(debias_tau_plus=None), TypeError, "debias_tau_plus must be a float"),
 ])
 def test_bad_options_raise_naming_the_argument(kw, error, match):
-    a, b = _leaf(4, 8), _leaf(4, 8)
+    a, b = leaf(4, 8), leaf(4, 8)
     for call in (lambda: info_nce(a, b, 0.5, **kw), lambda: nt_xent(a, b, 0.5, **kw),
                  lambda: clip_loss(a, b, 2.0, **kw)):
         with pytest.raises(error, match=match):
@@ -271,7 +260,7 @@ def test_bad_options_raise_naming_the_argument(kw, error, match):
 
 
 def test_no_negatives_raises():
-    a, b = _leaf(1, 8), _leaf(1, 8)
+    a, b = leaf(1, 8), leaf(1, 8)
     for call in (lambda: info_nce(a, b, 0.5, hard_negative_beta=1.0),
                  lambda: nt_xent(a, b, 0.5, debias_tau_plus=0.1), lambda: clip_loss(a, b, 2.0, hard_negative_beta=1.0)):
         with pytest.raises(ValueError, match="at least one negative"):
@@ -307,7 +296,7 @@ def test_gathered_options_equal_one_process_on_the_whole_batch(tmp_path):
 def test_chunked_options_never_materialise_the_logits(monkeypatch, small_tiles):
     """With impl="chunked" the options use only the tiled logsumexps and row dots: every helper that
     builds a (rows, columns) matrix is made to fail, and the losses still match the naive path."""
-    a, b, queue = _leaf(8, 16), _leaf(8, 16), _leaf(11, 16)
+    a, b, queue = leaf(8, 16), leaf(8, 16), leaf(11, 16)
     options = [dict(hard_negative_beta=1.0, debias_tau_plus=0.2),
                dict(mix_partner=torch.randperm(8), mix_lambda=torch.rand(8, dtype=F64))]
     calls = [lambda **k: info_nce(a, b, 0.3, **k), lambda **k: info_nce(a, b, 0.3, queue=queue, **k),
@@ -322,4 +311,4 @@ def test_chunked_options_never_materialise_the_logits(monkeypatch, small_tiles):
     for module, name in targets + [(loss_options, "mix_target_matrix"), (loss_options, "log_reweighted_from_logits")]:
         monkeypatch.setattr(module, name, refuse)
     for (kw, call), ref in zip([(kw, call) for kw in options for call in calls], expected):
-        _assert_close(call(impl="chunked", **kw), ref, f"chunked {sorted(kw)}")
+        assert_close(call(impl="chunked", **kw), ref, f"chunked {sorted(kw)}")

@@ -2,7 +2,6 @@
 written out with explicit label matrices in float64 (values and gradients), on every path."""
 import functools
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -11,20 +10,10 @@ import mmcl.kernels
 import mmcl.losses._common
 from mmcl.chunked import similarity_lse_chunked
 from mmcl.losses import clip_loss, info_nce, nt_xent
+from helpers.compare import assert_close, leaf
 
 F64 = torch.float64
 
-
-def _leaf(*shape, dtype=F64):
-    return F.normalize(torch.randn(*shape, dtype=F64), dim=-1).to(dtype).requires_grad_()
-
-
-def _assert_close(actual, expected, what, atol=1e-10, rtol=1e-9):
-    actual, expected = torch.as_tensor(actual, dtype=F64), torch.as_tensor(expected, dtype=F64)
-    if not torch.allclose(actual, expected, atol=atol, rtol=rtol):
-        diff = (actual - expected).abs()
-        where = np.unravel_index(int(diff.argmax()), tuple(diff.shape)) if diff.dim() else ()
-        raise AssertionError(f"{what}: max |diff| {diff.max().item():.3e} at {where}")
 
 
 def _mixing(b, generator=None):
@@ -86,9 +75,9 @@ def small_tiles(monkeypatch):
 
 
 def _check(ours, reference, leaves, what, atol=1e-10, rtol=1e-9):
-    _assert_close(ours, reference, f"{what}: loss", atol, rtol)
+    assert_close(ours, reference, f"{what}: loss", atol, rtol)
     for i, (g, g_ref) in enumerate(zip(torch.autograd.grad(ours, leaves), torch.autograd.grad(reference, leaves))):
-        _assert_close(g, g_ref, f"{what}: d loss / d input {i}", atol, rtol)
+        assert_close(g, g_ref, f"{what}: d loss / d input {i}", atol, rtol)
 
 
 # ----------------------------------------------------------------------------- float64, naive and chunked
@@ -98,8 +87,8 @@ def _check(ours, reference, leaves, what, atol=1e-10, rtol=1e-9):
 @pytest.mark.parametrize("batch", [2, 13])
 @pytest.mark.parametrize("with_queue", [False, True])
 def test_info_nce_matches_the_soft_label_cross_entropy(batch, with_queue, impl, small_tiles):
-    q, k = _leaf(batch, 48), _leaf(batch, 48)
-    queue = _leaf(23, 48).detach() if with_queue else None
+    q, k = leaf(batch, 48), leaf(batch, 48)
+    queue = leaf(23, 48).detach() if with_queue else None
     partner, lam = _mixing(batch)
     ours = info_nce(q, k, 0.3, queue=queue, mix_partner=partner, mix_lambda=lam, impl=impl)
     _check(ours, info_nce_reference(q, k, 0.3, partner, lam, queue), [q, k], f"info_nce B={batch} {impl}")
@@ -108,7 +97,7 @@ def test_info_nce_matches_the_soft_label_cross_entropy(batch, with_queue, impl, 
 @pytest.mark.parametrize("impl", ["naive", "chunked"])
 @pytest.mark.parametrize("batch", [2, 11])
 def test_nt_xent_matches_the_soft_label_cross_entropy(batch, impl, small_tiles):
-    z1, z2 = _leaf(batch, 48), _leaf(batch, 48)
+    z1, z2 = leaf(batch, 48), leaf(batch, 48)
     partner, lam = _mixing(batch)
     ours = nt_xent(z1, z2, 0.5, mix_partner=partner, mix_lambda=lam, impl=impl)
     _check(ours, nt_xent_reference(z1, z2, 0.5, partner, lam), [z1, z2], f"nt_xent N={batch} {impl}")
@@ -117,7 +106,7 @@ def test_nt_xent_matches_the_soft_label_cross_entropy(batch, impl, small_tiles):
 @pytest.mark.parametrize("impl", ["naive", "chunked"])
 @pytest.mark.parametrize("batch", [2, 17])
 def test_clip_loss_mixes_the_text_targets_the_same_way(batch, impl, small_tiles):
-    img, txt = _leaf(batch, 32), _leaf(batch, 32)
+    img, txt = leaf(batch, 32), leaf(batch, 32)
     scale = torch.tensor(4.0, dtype=F64, requires_grad=True)
     partner, lam = _mixing(batch)
     ours = clip_loss(img, txt, scale, mix_partner=partner, mix_lambda=lam, impl=impl)
@@ -128,7 +117,7 @@ def test_clip_loss_mixes_the_text_targets_the_same_way(batch, impl, small_tiles)
 def test_lambda_one_is_the_plain_loss(impl):
     """λ = 1 everywhere (partners arbitrary) gives the plain loss to 1e-12 in float64; with a
     queue, the cross-entropy over the batch's keys followed by the queue (i-Mix's MoCo form)."""
-    a, b, queue = _leaf(9, 16), _leaf(9, 16), _leaf(20, 16).detach()
+    a, b, queue = leaf(9, 16), leaf(9, 16), leaf(20, 16).detach()
     scale = torch.tensor(3.0, dtype=F64, requires_grad=True)
     mix = dict(mix_partner=torch.randperm(9), mix_lambda=torch.ones(9, dtype=F64), impl=impl)
     pairs = {
@@ -139,10 +128,10 @@ def test_lambda_one_is_the_plain_loss(impl):
                  F.cross_entropy(a @ torch.cat([b, queue]).T / 0.3, torch.arange(9))),
     }
     for name, (mixed, plain) in pairs.items():
-        _assert_close(mixed, plain, f"{name} at λ = 1", 1e-12, 1e-12)
+        assert_close(mixed, plain, f"{name} at λ = 1", 1e-12, 1e-12)
         for g, g_plain in zip(torch.autograd.grad(mixed, [a, b], retain_graph=True),
                               torch.autograd.grad(plain, [a, b], retain_graph=True)):
-            _assert_close(g, g_plain, f"{name} gradient at λ = 1", 1e-12, 1e-12)
+            assert_close(g, g_plain, f"{name} gradient at λ = 1", 1e-12, 1e-12)
 
 
 @pytest.mark.skipif(not mmcl.kernels.is_available("cpu")[0] and not torch.cuda.is_available(),
@@ -150,8 +139,8 @@ def test_lambda_one_is_the_plain_loss(impl):
 @pytest.mark.parametrize("loss", ["info_nce", "moco", "nt_xent", "clip"])
 def test_triton_matches_the_soft_label_cross_entropy(loss):
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    a, b = _leaf(5, 20, dtype=torch.float32), _leaf(5, 20, dtype=torch.float32)
-    queue = _leaf(19, 20, dtype=torch.float32).detach()
+    a, b = leaf(5, 20, dtype=torch.float32), leaf(5, 20, dtype=torch.float32)
+    queue = leaf(19, 20, dtype=torch.float32).detach()
     partner, lam = _mixing(5)
     on = [x.detach().to(device).requires_grad_() for x in (a, b)]
     kw = dict(mix_partner=partner.to(device), mix_lambda=lam.float().to(device), impl="triton")
@@ -164,9 +153,9 @@ def test_triton_matches_the_soft_label_cross_entropy(loss):
         ours, ref = nt_xent(*on, T, **kw), nt_xent_reference(a, b, T, partner, lam)
     else:
         ours, ref = clip_loss(*on, 1 / T, **kw), clip_reference(a, b, 1 / T, partner, lam)
-    _assert_close(ours.cpu(), ref, f"triton {loss} loss", 1e-5, 1e-5)
+    assert_close(ours.cpu(), ref, f"triton {loss} loss", 1e-5, 1e-5)
     for i, (g, gr) in enumerate(zip(torch.autograd.grad(ours, on), torch.autograd.grad(ref, [a, b]))):
-        _assert_close(g.cpu(), gr, f"triton {loss} d loss / d input {i}", 1e-5, 1e-4)
+        assert_close(g.cpu(), gr, f"triton {loss} d loss / d input {i}", 1e-5, 1e-4)
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -187,7 +176,7 @@ def test_triton_matches_the_soft_label_cross_entropy(loss):
     (torch.arange(4), torch.tensor([1.0, float("nan"), 1.0, 1.0]), ValueError, "mix_lambda must hold fractions"),
 ])
 def test_bad_mix_arguments_raise_naming_them(partner, lam, error, match):
-    a, b = _leaf(4, 8), _leaf(4, 8)
+    a, b = leaf(4, 8), leaf(4, 8)
     kw = dict(mix_partner=partner, mix_lambda=lam)
     for call in (lambda: info_nce(a, b, 0.5, **kw), lambda: nt_xent(a, b, 0.5, **kw),
                  lambda: clip_loss(a, b, 2.0, **kw)):
@@ -196,6 +185,6 @@ def test_bad_mix_arguments_raise_naming_them(partner, lam, error, match):
 
 
 def test_mix_with_hard_negatives_raises():
-    a, b = _leaf(4, 8), _leaf(4, 8)
+    a, b = leaf(4, 8), leaf(4, 8)
     with pytest.raises(ValueError, match="cannot be combined with hard_negative_beta"):
         nt_xent(a, b, 0.5, mix_partner=torch.arange(4), mix_lambda=torch.ones(4), hard_negative_beta=1.0)
