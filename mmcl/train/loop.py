@@ -213,7 +213,7 @@ def _resume(run: Run) -> None:
     """Load the checkpoint checkpoint.resume names (if any, verified) into the run, after checking
     that the config keeps the run's meaning, and seed each rank."""
     cfg, acc = run.cfg, run.accelerator
-    path = ckpt.resume_path(cfg.checkpoint.resume, cfg.output_dir, verbose=acc.is_main_process)
+    path = ckpt.resume_path(cfg.checkpoint.resume, cfg.output_dir, verbose=acc.is_main_process, accelerator=acc)
     if path is None:
         set_seed(cfg.seed, device_specific=True)  # different dropout / shuffle-BN draws per rank
         return
