@@ -18,16 +18,21 @@ _LAZY = {
     "ZeroShotClassifier": "mmcl.zeroshot",
 }
 
+# Subpackages that `mmcl.NAME` reaches without importing them first.
+_SUBMODULES = ("losses", "chunked", "distributed", "kernels")
+
 __all__ = list(_LAZY)
 
 
 def __getattr__(name: str):
-    if name in _LAZY:
+    if name in _LAZY or name in _SUBMODULES:
         import importlib
 
+        if name in _SUBMODULES:
+            return importlib.import_module(f"mmcl.{name}")
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'mmcl' has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:
-    return sorted({*globals(), *_LAZY})
+    return sorted({*globals(), *_LAZY, *_SUBMODULES})

@@ -208,7 +208,10 @@ for argv in (["--help"], ["zeroshot", "--help"], ["eval", "knn", "--help"], ["em
         except SystemExit as stop:
             codes[" ".join(argv)] = [stop.code, "usage: mmcl" in out.getvalue()]
 heavy = ("torch", "torchvision", "transformers", "datasets", "accelerate", "triton", "open_clip")
-print(json.dumps({"codes": codes, "loaded": sorted({m.split(".")[0] for m in sys.modules} & set(heavy))}))
+loaded = sorted({m.split(".")[0] for m in sys.modules} & set(heavy))
+import mmcl  # the public names and subpackages still load on first use
+public = mmcl.losses.clip_loss is mmcl.clip_loss and callable(mmcl.distributed.any_rank) and "DualEncoder" in dir(mmcl)
+print(json.dumps({"codes": codes, "loaded": loaded, "public": public}))
 """
 
 
@@ -220,6 +223,7 @@ def test_help_loads_the_parser_only():
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["codes"] and all(v == [0, True] for v in report["codes"].values()), report["codes"]
     assert report["loaded"] == [], f"`mmcl --help` imported {report['loaded']}"
+    assert report["public"]
     for cmd in ([sys.executable, "-m", "mmcl", "--help"], [str(MMCL), "eval", "--help"]):
         if Path(cmd[0]).exists():
             shown = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
