@@ -9,7 +9,8 @@
     mmcl checkpoint verify RUN_DIR
 
 Errors a user can fix (a bad path, an empty label list, an unreadable image) print one line and
-exit with status 2; set MMCL_DEBUG=1 to see the traceback instead.
+exit with status 2; set MMCL_DEBUG=1 to see the traceback instead. Each command imports
+what it uses (torch, transformers, datasets) when it runs: `mmcl --help` loads the parser only.
 """
 from __future__ import annotations
 
@@ -18,22 +19,7 @@ import os
 import sys
 from pathlib import Path
 
-import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
-import torch
-import transformers
-
 from mmcl.cli_parser import build_parser
-from mmcl.data.digits import EVAL_TEMPLATES
-from mmcl.data.images import load_image
-from mmcl.data.sources import class_names_of, holdout_split, load_splits, pick_split, subsample
-from mmcl.eval import embed_images, embed_texts, knn_predict, linear_probe_predict
-from mmcl.eval.plots import plot_confusion_matrix, plot_similarity
-from mmcl.eval.retrieval import evaluate, flatten_captions
-from mmcl.eval.zeroshot import TEMPLATE_SETS, ZeroShotClassifier
-from mmcl.models import DualEncoder
-from mmcl.search import EmbeddingIndex, build_index
 
 
 class UsageError(Exception):
@@ -44,6 +30,11 @@ class UsageError(Exception):
 
 
 def _load_model(args):
+    import torch
+    import transformers
+
+    from mmcl.models import DualEncoder
+
     path = Path(args.model)
     if not path.is_dir():
         raise UsageError(f"--model {args.model}: no such directory (give a model saved with save_pretrained)")
@@ -71,6 +62,9 @@ def _class_names(value: str | None) -> list[str]:
 
 
 def _templates(value: str):
+    from mmcl.data.digits import EVAL_TEMPLATES
+    from mmcl.eval.zeroshot import TEMPLATE_SETS
+
     if value in TEMPLATE_SETS:
         return value
     if value == "digits":  # the demo's held-out prompts, disjoint from its training captions
@@ -90,12 +84,16 @@ def _read_text(path: str, what: str) -> str:
 
 def _check_files(paths: list[str]) -> None:
     """Fail before the (slow) model load when an image file is missing or not an image."""
+    from mmcl.data.images import load_image
+
     for p in paths:
         load_image(p)  # ValueError "image file not found: ..." / "cannot read image ...: ..."
 
 
 def _dataset(args):
     """The --split of --data (--max-samples random rows of it)."""
+    from mmcl.data.sources import load_splits, pick_split, subsample
+
     if not args.data:
         raise UsageError("--data is required")
     splits = load_splits(args.data, image_column=args.image_column)
@@ -115,6 +113,8 @@ def _print_metrics(metrics: dict, as_json: bool, title: str) -> None:
 
 
 def cmd_zeroshot(args) -> None:
+    from mmcl.eval.zeroshot import ZeroShotClassifier
+
     names, templates = _class_names(args.labels), _templates(args.templates)
     _check_files(args.images)
     if args.top < 1:
@@ -154,6 +154,10 @@ def cmd_eval(args) -> None:
 
 
 def _eval_zeroshot(model, args):
+    from mmcl.data.sources import class_names_of
+    from mmcl.eval.plots import plot_confusion_matrix
+    from mmcl.eval.zeroshot import ZeroShotClassifier
+
     ds = _dataset(args)
     if args.label_column not in ds.column_names:
         raise UsageError(f"--label-column {args.label_column!r} is not in the data; columns: {ds.column_names}")
@@ -168,6 +172,10 @@ def _eval_zeroshot(model, args):
 
 
 def _eval_retrieval(model, args):
+    from mmcl.data.images import load_image
+    from mmcl.eval.plots import plot_similarity
+    from mmcl.eval.retrieval import evaluate
+
     ds = _dataset(args)
     res = evaluate(model, ds, image_column=args.image_column, caption_column=args.caption_column,
                    batch_size=args.batch_size, progress=not args.quiet, return_similarity=True)
@@ -185,6 +193,12 @@ def _eval_retrieval(model, args):
 
 
 def _eval_features(model, args):
+    import torch
+
+    from mmcl.data.sources import class_names_of, holdout_split, load_splits, pick_split, subsample
+    from mmcl.eval import embed_images, knn_predict, linear_probe_predict
+    from mmcl.eval.plots import plot_confusion_matrix
+
     splits = load_splits(args.data, image_column=args.image_column)
     test_split = pick_split(splits, args.split)
     train_source = args.train_data or args.data
@@ -217,6 +231,13 @@ def _eval_features(model, args):
 
 
 def cmd_embed(args) -> None:
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from mmcl.eval import embed_images, embed_texts
+    from mmcl.eval.retrieval import flatten_captions
+
     out = Path(args.out)
     if out.suffix not in (".npy", ".parquet"):
         raise UsageError(f"--out {args.out}: the file name must end in .npy or .parquet")
@@ -275,6 +296,11 @@ def cmd_shards(args) -> None:
 
 
 def cmd_index(args) -> None:
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from mmcl.search import build_index
+
     path = Path(args.embeddings)
     if not path.is_file():
         raise UsageError(f"--embeddings {args.embeddings}: file not found")
@@ -294,6 +320,11 @@ def cmd_index(args) -> None:
 
 
 def cmd_search(args) -> None:
+    import torch
+
+    from mmcl.eval import embed_images, embed_texts
+    from mmcl.search import EmbeddingIndex
+
     if not args.text and not args.image:
         raise UsageError("give at least one query with --text or --image")
     _check_files(args.image)

@@ -193,6 +193,43 @@ def test_help_lists_the_commands(capsys):
     assert "--temperature" in capsys.readouterr().out
 
 
+# Builds the parser and prints every command's help in a fresh interpreter, then reports which
+# heavy packages got loaded on the way.
+_HELP_IMPORTS = """
+import contextlib, io, json, sys
+from mmcl.cli import main
+codes = {}
+for argv in (["--help"], ["zeroshot", "--help"], ["eval", "knn", "--help"], ["embed", "--help"],
+             ["export", "--help"], ["shards", "--help"], ["index", "--help"], ["search", "--help"],
+             ["checkpoint", "verify", "--help"]):
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        try:
+            main(argv)
+        except SystemExit as stop:
+            codes[" ".join(argv)] = [stop.code, "usage: mmcl" in out.getvalue()]
+heavy = ("torch", "torchvision", "transformers", "datasets", "accelerate", "triton", "open_clip")
+loaded = sorted({m.split(".")[0] for m in sys.modules} & set(heavy))
+import mmcl  # the public names and subpackages still load on first use
+public = mmcl.losses.clip_loss is mmcl.clip_loss and callable(mmcl.distributed.any_rank) and "DualEncoder" in dir(mmcl)
+print(json.dumps({"codes": codes, "loaded": loaded, "public": public}))
+"""
+
+
+@pytest.mark.slow  # fresh interpreters
+def test_help_loads_the_parser_only():
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    result = subprocess.run([sys.executable, "-c", _HELP_IMPORTS], capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["codes"] and all(v == [0, True] for v in report["codes"].values()), report["codes"]
+    assert report["loaded"] == [], f"`mmcl --help` imported {report['loaded']}"
+    assert report["public"]
+    for cmd in ([sys.executable, "-m", "mmcl", "--help"], [str(MMCL), "eval", "--help"]):
+        if Path(cmd[0]).exists():
+            shown = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+            assert shown.returncode == 0 and shown.stdout.startswith("usage: mmcl"), shown
+
+
 def test_checkpoint_verify_command(tmp_path, capsys):
     """`mmcl checkpoint verify` on a run directory, its checkpoints/ folder and one step_* directory:
     intact ones are ok (status 0); one changed byte (same size) makes that checkpoint DAMAGED and the

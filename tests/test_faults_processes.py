@@ -1,6 +1,6 @@
 """Faults that need real processes: a SIGTERM from outside (as a scheduler sends it), a rank
-SIGKILLed in a 2-process gloo `accelerate launch`, and a checkpoint whose stored config uses the
-key names of the code that wrote it."""
+SIGKILLed in a 2-process gloo `accelerate launch`, a checkpoint whose stored config uses the
+key names of the code that wrote it, and which processes hash a checkpoint on resume."""
 import json
 import os
 import signal
@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from helpers.launch import launch_command
+from helpers.launch import SCRIPTS, accelerate_launch, launch_command
 from train_helpers import REPO, tiny_overrides, write_tokenizer
 
 from mmcl.train import checkpoint as ckpt
@@ -123,6 +123,39 @@ def test_signal_to_one_rank_then_a_killed_rank_then_an_exact_resume(tmp_path):
     assert f"resumed from {ckpt.checkpoint_dir(cut, 2)} at step 2" in out, out
     differ = _same_final_weights(full, cut)
     assert not differ, f"weights differ after the stop, the lost rank and the resume: {differ[:5]}"
+
+
+@pytest.mark.slow
+def test_resume_hashes_once_per_machine_and_every_process_agrees(tmp_path):
+    """2 processes (gloo) resume from checkpoints of steps 2 and 4. On one machine only its local
+    main process (rank 0) hashes step 4 and both resume from it. As two machines (each rank its
+    machine's local main process) whose second copy of step 4 reads differently, both ranks hash,
+    both fall back to step 2 and an explicit resume from step 4 is refused on both, each naming what
+    it knows; ranks that list different checkpoints are refused on both."""
+    out, result = tmp_path / "run", tmp_path / "result.json"
+    accelerate_launch(SCRIPTS / "dist_resume_verify.py", str(out), str(result), env={"PYTHONPATH": REPO})
+    rank0, rank1 = json.loads(result.read_text())
+    step_2, step_4 = ckpt.checkpoint_dir(out, 2), ckpt.checkpoint_dir(out, 4)
+    files_4 = sorted(f"{step_4.name}/{name}" for name in ckpt.read_marker(step_4)["files"])
+    files_2 = sorted(f"{step_2.name}/{name}" for name in ckpt.read_marker(step_2)["files"])
+    assert "model.safetensors" in ckpt.read_marker(step_4)["files"]
+    for case in ("one_machine", "one_machine_explicit"):
+        assert rank0[case]["path"] == rank1[case]["path"] == step_4.name, (rank0[case], rank1[case])
+        assert rank0[case]["hashed"] == files_4 and rank1[case]["hashed"] == [], case
+
+    for r in (rank0, rank1):
+        assert r["two_machines"]["path"] == step_2.name, r["two_machines"]
+        assert r["two_machines"]["hashed"] == sorted(files_4 + files_2)
+    assert (f"checkpoint {step_4} is damaged: {step_4.name} is damaged as another machine reads it"
+            in rank0["two_machines"]["printed"]) and "resuming from step_00000002 instead" in rank0["two_machines"]["printed"]
+    own = "model.safetensors does not match its recorded sha256"
+    assert f"process 1: checkpoint {step_4} is damaged as this machine reads it: {own}" in rank1["two_machines"]["printed"]
+    refused = rank0["two_machines_explicit"].get("error", ""), rank1["two_machines_explicit"].get("error", "")
+    assert "is damaged: step_00000004 is damaged as another machine reads it" in refused[0], refused
+    assert f"is damaged: {own}" in refused[1], refused
+
+    assert "processes of this run see different checkpoints" in rank0["different_listing"]
+    assert "processes of this run see different checkpoints" in rank1["different_listing"]
 
 
 STORED_CONFIG_COMMIT = "a80476193def983ef0994fe4ea06e563f2008480"  # checkpoints store their config, old key names

@@ -1,7 +1,9 @@
 """transformers' SiglipModel in mmcl: a tiny SiglipConfig saved with its processor loads through
 DualEncoder.from_pretrained and reproduces SiglipModel's logits_per_image; the export writes a
 SiglipModel whose zero-shot pipeline gives mmcl's sigmoid probabilities; what SiglipModel
-cannot hold is refused with the reason."""
+cannot hold is refused with the reason. An open_clip SigLIP-style model (init_logit_bias) keeps
+its bias: logits, loss gradients and zero-shot probabilities match open_clip's own."""
+import json
 import math
 
 import numpy as np
@@ -179,3 +181,79 @@ def test_export_refuses_what_siglip_model_cannot_hold(tmp_path):
     probs = classifier.predict(torch.randn(3, 3, 30, 30))
     assert not classifier.sigmoid
     torch.testing.assert_close(probs.sum(-1), torch.ones(3))
+
+
+# A tiny open_clip SigLIP-style config: a learned logit bias, a text transformer without causal
+# mask pooled at its last position (open_clip's SigLIP text tower), odd widths.
+TINY_OPEN_CLIP_SIGLIP = {
+    "embed_dim": 12, "init_logit_bias": -10, "custom_text": True,
+    "vision_cfg": {"image_size": 24, "layers": 1, "width": 20, "head_width": 10, "patch_size": 8},
+    "text_cfg": {"context_length": 10, "vocab_size": 49408, "width": 20, "heads": 2, "layers": 1,
+                 "no_causal_mask": True, "pool_type": "last", "proj_bias": True},
+}
+
+
+def test_open_clip_siglip_model_keeps_its_logit_bias(tmp_path):
+    import open_clip
+    from open_clip.loss import SigLipLoss
+    from safetensors.torch import save_file
+
+    import mmcl
+
+    (tmp_path / "mmcl-tiny-sigmoid.json").write_text(json.dumps(TINY_OPEN_CLIP_SIGLIP))
+    open_clip.add_model_config(tmp_path / "mmcl-tiny-sigmoid.json")
+    torch.manual_seed(0)
+    reference = open_clip.create_model("mmcl-tiny-sigmoid", pretrained=None).eval()
+    with torch.no_grad():  # away from the initial values, so a reset to them shows
+        reference.logit_scale.fill_(1.7)
+        reference.logit_bias.fill_(-3.4)
+    save_file(reference.state_dict(), str(tmp_path / "tiny.safetensors"))
+    model = DualEncoder.from_pretrained(f"open_clip:mmcl-tiny-sigmoid:{tmp_path / 'tiny.safetensors'}")
+    assert model.logit_bias is not None and model.max_scale is None
+    assert float(model.logit_bias.detach()) == pytest.approx(-3.4, rel=1e-6)
+    # The same checkpoint as an open_clip model directory (open_clip's published layout).
+    (tmp_path / "oc").mkdir()
+    (tmp_path / "oc" / "open_clip_config.json").write_text(json.dumps({"model_cfg": TINY_OPEN_CLIP_SIGLIP}))
+    save_file(reference.state_dict(), str(tmp_path / "oc" / "open_clip_model.safetensors"))
+    assert float(DualEncoder.from_pretrained(tmp_path / "oc").logit_bias.detach()) == pytest.approx(-3.4, rel=1e-6)
+
+    texts = ["a photo of a cat", "a dog", "two words", "the tree", "a ship"]
+    ids = model.processor.tokenize(texts)["input_ids"]
+    assert torch.equal(ids, open_clip.get_tokenizer("mmcl-tiny-sigmoid")(texts))
+    pixels = torch.randn(3, 3, 24, 24)
+    want, _ = reference.get_logits(pixels, ids)  # exp(logit_scale) * cos + logit_bias
+    assert want.std() > 1e-3
+    with torch.no_grad():
+        out = model(pixel_values=pixels, input_ids=ids)
+        torch.testing.assert_close(out.logit_scale * out.image_embeds @ out.text_embeds.T + out.logit_bias,
+                                   want.detach(), rtol=0, atol=1e-5)
+
+    # The sigmoid loss of the first 3 pairs: same value and gradients (bias, log scale, a tower
+    # weight) as open_clip's SigLipLoss on open_clip's model.
+    model.zero_grad()
+    out = model(pixel_values=pixels, input_ids=ids[:3])
+    loss = mmcl.siglip_loss(out.image_embeds, out.text_embeds, out.logit_scale, out.logit_bias, impl="naive")
+    loss.backward()
+    ref_loss = SigLipLoss()(*reference(pixels, ids[:3]))
+    ref_loss.backward()
+    torch.testing.assert_close(loss.detach(), ref_loss.detach(), rtol=1e-5, atol=1e-6)
+    pairs = [(model.logit_bias, reference.logit_bias), (model.logit_scale.log_scale, reference.logit_scale),
+             (model.image_tower.model.proj, reference.visual.proj)]
+    for ours, theirs in pairs:
+        torch.testing.assert_close(ours.grad.reshape(-1), theirs.grad.reshape(-1), rtol=1e-4, atol=1e-6)
+
+    # Zero-shot gives σ(logit) per class, not a softmax over the classes.
+    classifier = ZeroShotClassifier(model, ["cat", "dog", "ship"], templates="none", progress=False)
+    assert classifier.sigmoid
+    with torch.no_grad():
+        ref_probs = reference.get_logits(pixels, open_clip.get_tokenizer("mmcl-tiny-sigmoid")(["cat", "dog", "ship"]))[0]
+    torch.testing.assert_close(classifier.predict(pixels), ref_probs.sigmoid(), rtol=0, atol=1e-6)
+
+    # mmcl's save / load keeps the bias (and the unclamped scale).
+    model.save_pretrained(tmp_path / "mmcl")
+    back = DualEncoder.from_pretrained(tmp_path / "mmcl")
+    assert float(back.logit_bias.detach()) == float(model.logit_bias.detach()) and back.max_scale is None
+    with torch.no_grad():
+        out = back(pixel_values=pixels, input_ids=ids)
+        torch.testing.assert_close(out.logit_scale * out.image_embeds @ out.text_embeds.T + out.logit_bias,
+                                   want.detach(), rtol=0, atol=1e-5)

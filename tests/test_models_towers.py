@@ -51,6 +51,7 @@ def test_open_clip_towers_match_open_clip(tiny_open_clip, tmp_path):
         torch.testing.assert_close(model.encode_image(pixels), reference.encode_image(pixels, normalize=True))
         torch.testing.assert_close(model.encode_text(**batch), reference.encode_text(batch["input_ids"], normalize=True))
         torch.testing.assert_close(model.logit_scale(), reference.logit_scale.exp())
+    assert model.logit_bias is None  # a softmax (CLIP) open_clip model gets no bias
 
     # The same model as an open_clip directory (the layout open_clip publishes), with its own
     # preprocessing numbers.

@@ -132,7 +132,7 @@ class DualEncoder(nn.Module):
         """Load an mmcl directory (save_pretrained), a transformers CLIPModel, SiglipModel or
         VisionTextDualEncoderModel directory (or cached hub id), or an open_clip model:
         "open_clip:NAME[:CHECKPOINT]" or a directory with open_clip_config.json (then the heads
-        are identities and the logit scale is open_clip's)."""
+        are identities and the logit scale, and a SigLIP-style model's logit bias, are open_clip's)."""
         if isinstance(path_or_spec, os.PathLike):
             path_or_spec = os.fspath(path_or_spec)
         if not isinstance(path_or_spec, str):

@@ -142,18 +142,18 @@ def is_open_clip_dir(directory: str) -> bool:
 
 def from_open_clip(spec: str) -> DualEncoderParts:
     """Both towers of one open_clip model ("open_clip:NAME[:CKPT]" or an open_clip model
-    directory), with open_clip's own heads inside them (mmcl heads are identities) and its
-    logit scale."""
+    directory), with open_clip's own heads inside them (mmcl heads are identities), its logit
+    scale and, for a SigLIP-style model (built with init_logit_bias), its logit bias."""
     if os.path.isdir(spec):
-        image, text, scale = open_clip_towers_from_dir(spec)
+        image, text, scale, bias = open_clip_towers_from_dir(spec)
     else:
         _, name, ckpt = parse(spec, "image")
-        image, text, scale = open_clip_towers_from_cfg(name, None, ckpt)
+        image, text, scale, bias = open_clip_towers_from_cfg(name, None, ckpt)
     cfg = image.image_processing()
     processor = DualProcessor(TransformImageProcessor(cfg["size"], cfg["mean"], cfg["std"], 1.0, cfg["interpolation"]),
                               open_clip_tokenizer_for(image.model_cfg), text.max_length)
     return DualEncoderParts(image, text, processor, projection="none", projection_dim=image.output_dim,
-                            scale=scale, log_scale=torch.tensor(math.log(scale)))
+                            scale=scale, log_scale=torch.tensor(math.log(scale)), logit_bias=bias)
 
 
 def _export_problems(model) -> list[str]:

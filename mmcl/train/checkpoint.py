@@ -37,6 +37,7 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 
 from mmcl import distributed
 from mmcl.train.integrity import MARKER_FORMAT, file_record, read_marker, verify_checkpoint  # noqa: F401 (API)
+from mmcl.train.integrity import same_checkpoints_on_ranks, verify_checkpoint_on_ranks
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
@@ -307,36 +308,42 @@ def save_checkpoint(accelerator, output_dir, step: int, model, extra_modules: di
 _warned_unverified: set = set()
 
 
-def resume_path(resume, output_dir, verbose: bool = True) -> Path | None:
+def resume_path(resume, output_dir, verbose: bool = True, accelerator=None) -> Path | None:
     """The checkpoint a run resumes from, verified.
 
     Args:
         resume: None (start fresh), "auto" (the newest intact checkpoint in output_dir, None if there
             is none) or a checkpoint directory.
         verbose: print what was skipped (the main process; the others stay quiet).
+        accelerator: in a multi-process run, every process calls this with its Accelerator; then
+            only each machine's local main process hashes the files (`verify_checkpoint_on_ranks`)
+            and all processes return the same path or raise the same error.
     Raises:
         ValueError: `resume` names a directory that is not an intact checkpoint, or every
             checkpoint in output_dir is damaged.
     """
     if resume is None:
         return None
+    verify = verify_checkpoint if accelerator is None else lambda p: verify_checkpoint_on_ranks(p, accelerator)
     if resume != "auto":
         path = Path(resume)
+        problems, verified = verify(path)
         if not (path / "COMPLETE").is_file():
             raise ValueError(f"checkpoint.resume={resume!r} is not a complete checkpoint directory "
                              "(use 'auto' or a step_* dir)")
-        problems, verified = verify_checkpoint(path)
         if problems:
             raise ValueError(f"checkpoint.resume={resume!r} is damaged: {'; '.join(problems)} "
                              "(checkpoint.resume=auto picks the newest intact checkpoint)")
         _note_unverified(path, verified, verbose)
         return path
     found = list_checkpoints(output_dir)
+    if accelerator is not None:
+        same_checkpoints_on_ranks(found, accelerator)
     if not found:
         return None
     damaged = []
     for path in reversed(found):
-        problems, verified = verify_checkpoint(path)
+        problems, verified = verify(path)
         if not problems:
             if damaged and verbose:
                 redone = _step(damaged[0][0]) - _step(path)

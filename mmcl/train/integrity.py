@@ -5,6 +5,10 @@
 `verify_checkpoint` compares a directory with its marker. A marker that is a bare step number
 (written before checksums existed) cannot be verified; then the safetensors headers are checked
 against the file sizes, which catches a truncated file but not changed bytes.
+
+In a multi-process run `verify_checkpoint_on_ranks` reads the files once per machine: each
+machine's local main process hashes its own copy and the verdicts are combined, so a checkpoint
+damaged as any machine reads it counts as damaged on all of them.
 """
 from __future__ import annotations
 
@@ -12,6 +16,8 @@ import hashlib
 import json
 import struct
 from pathlib import Path
+
+from mmcl import distributed
 
 MARKER_FORMAT = "mmcl-checkpoint/1"
 
@@ -89,3 +95,44 @@ def verify_checkpoint(path) -> tuple[list[str], bool]:
         elif found["sha256"] != record["sha256"]:
             problems.append(f"{name} does not match its recorded sha256 (its bytes changed)")
     return problems, True
+
+
+# --------------------------------------------------------------------------- across processes
+
+
+def verify_checkpoint_on_ranks(path, accelerator) -> tuple[list[str], bool]:
+    """`verify_checkpoint` for a multi-process run; a collective, so every process calls it.
+
+    Only each machine's local main process (accelerator.is_local_main_process) reads and hashes
+    `path`, on its machine's file system; the others wait. Every process returns the same verdict:
+    damaged if any machine found a problem (the problems are this machine's, or one line saying
+    another machine found them; that machine prints its own), verified only if every machine
+    checked the checksums.
+    """
+    problems, verified = [], True
+    if accelerator.is_local_main_process:
+        try:
+            problems, verified = verify_checkpoint(path)
+        except OSError as err:  # unreadable here: damaged for this machine, and no process is left waiting
+            problems, verified = [f"{Path(path).name} cannot be read: {err}"], False
+        if problems and not accelerator.is_main_process:
+            print(f"mmcl: process {accelerator.process_index}: checkpoint {path} is damaged as this machine "
+                  f"reads it: {'; '.join(problems)}", flush=True)
+    damaged = distributed.any_rank(bool(problems), accelerator.device)
+    unverified = distributed.any_rank(not verified, accelerator.device)
+    if damaged and not problems:
+        problems = [f"{Path(path).name} is damaged as another machine reads it (that machine's log names the files)"]
+    return problems, not unverified
+
+
+def same_checkpoints_on_ranks(paths: list[Path], accelerator) -> None:
+    """Raise ValueError unless every process lists the same checkpoint steps (a collective), so
+    that all of them verify the same candidates in the same order."""
+    steps = [int(p.name.split("_")[-1]) for p in paths]
+    device = accelerator.device
+    if not (distributed.same_on_all_ranks(len(steps), device)
+            and distributed.same_on_all_ranks(sum(s * (i + 1) for i, s in enumerate(steps)), device)):
+        parent = paths[0].parent if paths else "the checkpoints folder"
+        raise ValueError(f"the processes of this run see different checkpoints in {parent} (this one: "
+                         f"{[p.name for p in paths]}); checkpoint.resume needs output_dir on a file system "
+                         "that every machine shares")

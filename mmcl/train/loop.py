@@ -21,10 +21,8 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import (
-    DistributedDataParallelKwargs, DistributedType, ProjectConfiguration, broadcast_object_list, gather_object,
-    set_seed,
+    DistributedDataParallelKwargs, DistributedType, ProjectConfiguration, gather_object, set_seed,
 )
-from tqdm.auto import tqdm
 
 from mmcl import distributed
 from mmcl.data import BatchStream, DeviceAugment
@@ -39,7 +37,7 @@ from mmcl.train.evaluation import Evaluator, print_report
 from mmcl.train.gradcache import cached_step, plain_step
 from mmcl.train.optim import build_optimizer, build_scheduler
 from mmcl.train.saved import flat_dict
-from mmcl.train.trackers import build_trackers
+from mmcl.train.trackers import Progress, build_trackers, log_evaluation
 
 __all__ = ["fit"]
 
@@ -66,12 +64,9 @@ class Run:
     nonfinite_steps: int = 0
     last_loss: float = float("nan")
     started: float = 0.0
-    window_start: float = 0.0
-    window_samples: int = 0
     stopped_early: bool = False
     stop_signal: str | None = None  # the signal that stopped the run after run.step
-    pbar: tqdm | None = None
-    metrics: dict = field(default_factory=dict)
+    progress: Progress | None = None  # the bar and the throughput window
 
 
 @dataclass
@@ -130,9 +125,9 @@ def _fit(cfg: Config, on_batch, on_step_end, closers: list, guard: faults.RunGua
     run = _setup(cfg, closers, guard)
     _resume(run)
     run.accelerator.init_trackers("mmcl", config=flat_dict(cfg))
-    run.pbar = tqdm(total=cfg.train.max_steps, initial=run.step, desc=f"mmcl {run.objective.name}",
-                    disable=not (run.accelerator.is_local_main_process and cfg.train.progress), dynamic_ncols=True)
-    run.started = run.window_start = time.perf_counter()
+    run.progress = Progress(run.accelerator, cfg.train.max_steps, run.step, f"mmcl {run.objective.name}",
+                            show=cfg.train.progress)
+    run.started = time.perf_counter()
     run.model.train()
     while run.step < cfg.train.max_steps:
         batches = _next_batches(run, on_batch)
@@ -213,7 +208,7 @@ def _resume(run: Run) -> None:
     """Load the checkpoint checkpoint.resume names (if any, verified) into the run, after checking
     that the config keeps the run's meaning, and seed each rank."""
     cfg, acc = run.cfg, run.accelerator
-    path = ckpt.resume_path(cfg.checkpoint.resume, cfg.output_dir, verbose=acc.is_main_process)
+    path = ckpt.resume_path(cfg.checkpoint.resume, cfg.output_dir, verbose=acc.is_main_process, accelerator=acc)
     if path is None:
         set_seed(cfg.seed, device_specific=True)  # different dropout / shuffle-BN draws per rank
         return
@@ -307,7 +302,7 @@ def _skip_nonfinite(run: Run, loss_value: float, grad_norm) -> None:
     run.optimizer.zero_grad(set_to_none=True)
     step = run.step + 1
     if not run.cfg.train.skip_nonfinite:
-        run.pbar.close()
+        run.progress.close()
         run.accelerator.end_training()
         raise FloatingPointError(
             f"non-finite loss ({loss_value}) or gradient norm ({grad_norm}) at step {step}; "
@@ -321,12 +316,11 @@ def _end_step(run: Run, result: StepResult, on_step_end) -> bool:
     """Everything after an optimizer step: log, evaluate, checkpoint, callback, stop signal, time
     limit. Returns True when training stops before train.max_steps."""
     cfg, t, step = run.cfg, run.cfg.train, run.step
-    run.window_samples += result.samples * run.accelerator.num_processes
-    run.pbar.update(1)
+    run.progress.step_done(result.samples * run.accelerator.num_processes)
     if step % t.log_every == 0 or step == t.max_steps:
         _log(run, result)
     if t.eval_every and step % t.eval_every == 0 and step < t.max_steps:
-        _log_eval(run)
+        log_evaluation(run.accelerator, run.evaluator, run.unwrapped, step)
     saved = bool(cfg.checkpoint.every and step % cfg.checkpoint.every == 0)
     if saved:
         _save(run)
@@ -351,20 +345,14 @@ def _end_step(run: Run, result: StepResult, on_step_end) -> bool:
 
 
 def _log(run: Run, result: StepResult) -> None:
-    now = time.perf_counter()
-    metrics = {"loss": result.loss, "lr": result.lr,
-               "samples_per_s": run.window_samples / max(now - run.window_start, 1e-9),
-               "epoch": run.stream.epoch,
-               "skipped_images": distributed.all_sum(run.skipped_images, run.accelerator.device),
-               "nonfinite_steps": run.nonfinite_steps, **result.logs}
+    device = run.accelerator.device
+    values = {"epoch": run.stream.epoch, "skipped_images": distributed.all_sum(run.skipped_images, device),
+              "nonfinite_steps": run.nonfinite_steps, **result.logs}
     if run.skipped or getattr(run.stream, "per_rank_state", False):  # a stream counts skips by reason
-        metrics.update({f"skipped/{r}": distributed.all_sum(run.skipped.get(r, 0), run.accelerator.device)
-                        for r in SKIP_REASONS})
+        values.update({f"skipped/{r}": distributed.all_sum(run.skipped.get(r, 0), device) for r in SKIP_REASONS})
     if result.grad_norm is not None:
-        metrics["grad_norm"] = result.grad_norm
-    run.accelerator.log(metrics, step=run.step)
-    run.pbar.set_postfix(loss=f"{result.loss:.4f}", lr=f"{result.lr:.2e}")
-    run.window_start, run.window_samples, run.metrics = now, 0, metrics
+        values["grad_norm"] = result.grad_norm
+    run.progress.log(run.step, result.loss, result.lr, values)
 
 
 def _out_of_time(run: Run) -> bool:
@@ -376,18 +364,6 @@ def _out_of_time(run: Run) -> bool:
     return distributed.broadcast_flag(over, run.accelerator.device)
 
 
-def _log_eval(run: Run) -> dict:
-    """Evaluate on the main process (the others wait), log, and return the metrics everywhere."""
-    acc = run.accelerator
-    box = [run.evaluator(run.unwrapped) if acc.is_main_process else None]
-    if acc.num_processes > 1:
-        broadcast_object_list(box, from_process=0)
-    result = box[0] or {}
-    if result:
-        acc.log({f"eval/{k}": v for k, v in result.items()}, step=run.step)
-    return result
-
-
 # --------------------------------------------------------------------------- the end
 
 
@@ -395,7 +371,7 @@ def _finish(run: Run) -> dict:
     """Final evaluation, the saved model and the report; after a stop signal only the result
     (the checkpoint is written: no final evaluation or model)."""
     acc = run.accelerator
-    run.pbar.close()
+    run.progress.close()
     run.stream.close()
     if run.stop_signal:
         acc.end_training()
@@ -409,7 +385,7 @@ def _finish(run: Run) -> dict:
         results["ranks_agree"] = distributed.parameters_agree(run.unwrapped, acc.device)
         if acc.is_main_process:
             print(f"mmcl: weights identical on all {acc.num_processes} processes")
-    results.update(_log_eval(run))
+    results.update(log_evaluation(acc, run.evaluator, run.unwrapped, run.step))
     final_dir = Path(run.cfg.output_dir) / "final"
     if acc.is_main_process:
         run.unwrapped.save_pretrained(str(final_dir))

@@ -1,4 +1,6 @@
-"""Accelerate trackers: a JSON-lines file tracker, and the default tracker list."""
+"""Accelerate trackers (a JSON-lines file tracker, the default tracker list) and what a training
+run logs to them: `Progress` (the progress bar, the training metrics and their throughput) and
+`log_evaluation` (the held-out metrics)."""
 from __future__ import annotations
 
 import importlib.util
@@ -8,6 +10,8 @@ import os
 import time
 
 from accelerate.tracking import GeneralTracker
+from accelerate.utils import broadcast_object_list
+from tqdm.auto import tqdm
 
 TRACKERS = ("tensorboard", "jsonl", "wandb")
 
@@ -75,3 +79,47 @@ def build_trackers(names, logging_dir: str, run_name: str = "mmcl") -> list:
         else:
             raise ValueError(f"train.trackers: unknown tracker {name!r} ({', '.join(TRACKERS)})")
     return out
+
+
+# --------------------------------------------------------------------------- what a run logs
+
+
+class Progress:
+    """A run's progress bar and the throughput window between two logged steps; the bar shows on
+    each machine's local main process when `show`."""
+
+    def __init__(self, accelerator, total: int, initial: int, desc: str, show: bool):
+        self.accelerator = accelerator
+        self.bar = tqdm(total=total, initial=initial, desc=desc,
+                        disable=not (accelerator.is_local_main_process and show), dynamic_ncols=True)
+        self.window_start, self.window_samples = time.perf_counter(), 0
+
+    def step_done(self, samples: int) -> None:
+        """One optimizer step is done; it trained on `samples` (all processes together)."""
+        self.window_samples += samples
+        self.bar.update(1)
+
+    def log(self, step: int, loss: float, lr: float, values: dict) -> None:
+        """Log loss, lr, samples_per_s since the previous log and `values` at `step`; show loss and
+        lr on the bar."""
+        now = time.perf_counter()
+        metrics = {"loss": loss, "lr": lr,
+                   "samples_per_s": self.window_samples / max(now - self.window_start, 1e-9), **values}
+        self.accelerator.log(metrics, step=step)
+        self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+        self.window_start, self.window_samples = now, 0
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def log_evaluation(accelerator, evaluator, model, step: int) -> dict:
+    """Evaluate `model` with `evaluator` on the main process (the others wait), log the metrics as
+    eval/NAME at `step`, and return them on every process ({} when there is nothing to evaluate)."""
+    box = [evaluator(model) if accelerator.is_main_process else None]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(box, from_process=0)
+    result = box[0] or {}
+    if result:
+        accelerator.log({f"eval/{k}": v for k, v in result.items()}, step=step)
+    return result

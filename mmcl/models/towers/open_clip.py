@@ -45,12 +45,12 @@ class OpenCLIPTower(Tower):
 
     @classmethod
     def from_saved(cls, spec, modality):
-        image, text, _ = open_clip_towers_from_cfg(spec["name"], spec["model_cfg"], None)
+        image, text, *_ = open_clip_towers_from_cfg(spec["name"], spec["model_cfg"], None)
         return image if modality == "image" else text
 
     @classmethod
     def pair_from_spec(cls, name, weights, image_pooling="auto", text_pooling="auto"):
-        image, text, _ = open_clip_towers_from_cfg(name, None, weights)
+        image, text, *_ = open_clip_towers_from_cfg(name, None, weights)
         return image, text
 
     @property
@@ -129,9 +129,9 @@ def _load_checkpoint(model: nn.Module, path: str) -> None:
 
 
 def open_clip_towers_from_dir(directory: str):
-    """(image tower, text tower, logit_scale multiplier) of an open_clip model directory
-    (open_clip_config.json + open_clip_model.safetensors, the layout open_clip publishes on the
-    Hugging Face hub)."""
+    """(image tower, text tower, logit_scale multiplier, logit bias) of an open_clip model
+    directory (open_clip_config.json + open_clip_model.safetensors, the layout open_clip publishes
+    on the Hugging Face hub); see `open_clip_towers_from_cfg` for the bias."""
     import open_clip
 
     with open(os.path.join(directory, "open_clip_config.json")) as f:
@@ -147,8 +147,10 @@ def open_clip_towers_from_dir(directory: str):
 
 
 def open_clip_towers_from_cfg(name: str, model_cfg: dict | None, checkpoint: str | None):
-    """(image tower, text tower, logit_scale multiplier) of one open_clip model: the model named
-    `name` (or described by `model_cfg`), with the weights of `checkpoint` if given."""
+    """(image tower, text tower, logit_scale multiplier, logit bias) of one open_clip model: the
+    model named `name` (or described by `model_cfg`), with the weights of `checkpoint` if given.
+    The bias is a 0-dim tensor for a sigmoid (SigLIP) model, one whose config sets
+    init_logit_bias, and None for a softmax (CLIP) model."""
     if checkpoint and not os.path.isfile(checkpoint):
         raise ValueError(f"open_clip checkpoint {checkpoint!r} (of model {name!r}) does not exist")
     model, cfg = _create(name, model_cfg)
@@ -161,7 +163,9 @@ def _split(model, name: str, cfg: dict, checkpoint: str | None):
     model = model.float()
     image = OpenCLIPTower(model.visual, "image", name, cfg)
     text = OpenCLIPTower(model.text, "text", name, cfg)
-    return image, text, float(model.logit_scale.detach().exp().reshape(-1)[0])
+    bias = getattr(model, "logit_bias", None)  # a parameter of SigLIP-style models only
+    bias = None if bias is None else bias.detach().reshape(-1)[0].clone()
+    return image, text, float(model.logit_scale.detach().exp().reshape(-1)[0]), bias
 
 
 class OpenCLIPTokenizer:
