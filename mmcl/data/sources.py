@@ -10,10 +10,13 @@ becomes a ``datasets.Image``, so every source's image column yields images the s
 Training, the training evaluator and the command line all read sources through this module.
 Webdataset shards (a brace pattern, glob or list of ``.tar`` paths) are streamed in training
 (``mmcl.data.stream.build_stream``); read here they give their first ``max_samples`` samples.
+With ``data.streaming`` every other source is streamed too: data files through datasets'
+streaming reader, the rest as row ranges of the split this module loads (mmcl.data.ranges).
 """
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import datasets
@@ -28,6 +31,8 @@ __all__ = ["load_splits", "load_source", "pick_split", "subsample", "holdout_spl
 FILE_BUILDERS = {".parquet": "parquet", ".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json"}
 # Files ``save_to_disk`` leaves in a Dataset (state.json, dataset_info.json) or DatasetDict directory.
 _SAVED_MARKERS = ("dataset_dict.json", "dataset_info.json", "state.json")
+# A datasets (hub) name: "name" or "namespace/name".
+_DATASET_NAME = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
 # Which split to take when several exist and none is named, in order of preference.
 _SPLIT_PREFERENCE = ("test", "validation", "valid", "val", "train")
 
@@ -67,6 +72,12 @@ def load_source(source: str, split: str | None = None, *, seed: int = 0, image_c
         try:  # only the asked split is loaded from the cache
             ds = datasets.load_dataset(source, split=split)
         except Exception as err:  # the hub is offline here: say what was tried and why it failed
+            try:  # a cached name without that split: pick_split names the splits it has
+                cached = dict(datasets.load_dataset(source))
+            except Exception:
+                cached = None
+            if cached is not None:
+                pick_split(cached, split, what=f"source {source!r}: split")
             raise ValueError(_not_cached(source, err) + f" (split {split!r})") from err
         return subsample(ds, max_samples)
     splits = load_splits(source, seed=seed, image_column=image_column)
@@ -123,8 +134,8 @@ def load_eval_dataset(cfg, *, seed: int = 0):
     """The held-out ``datasets.Dataset`` of a ``DataConfig`` (eval_source / eval_split), or None.
 
     With ``cfg.source == "digits"`` and no ``eval_source``, the digits' test split is used, so the
-    demo evaluates on digits never seen in training. A streamed ``eval_source`` (shards, or data
-    files with ``cfg.streaming``) gives its first ``cfg.eval_max_samples`` samples.
+    demo evaluates on digits never seen in training. A streamed ``eval_source`` (shards, or with
+    ``cfg.streaming`` any source) gives at most ``cfg.eval_max_samples`` samples (``read_samples``).
     """
     source = cfg.eval_source or ("digits" if cfg.source == "digits" else None)
     if source is None:
@@ -132,19 +143,21 @@ def load_eval_dataset(cfg, *, seed: int = 0):
     if is_stream_source(source, cfg.streaming):
         return read_samples(source, cfg.eval_max_samples, image_column=cfg.image_column,
                             caption_column=cfg.caption_column, label_column=cfg.label_column or "label",
-                            split=cfg.eval_split)
+                            split=cfg.eval_split, seed=seed)
     ds = load_source(source, cfg.eval_split, seed=seed, image_column=cfg.image_column)
     check_columns(ds, image_column=cfg.image_column, caption_column=None, label_column=None)
     return ds
 
 
-def check_columns(ds, *, image_column: str, caption_column: str | None, label_column: str | None) -> None:
-    """Raise ValueError naming a missing column and listing the ones that exist."""
+def check_columns(ds, *, image_column: str, caption_column: str | None, label_column: str | None,
+                  prefix: str = "", what: str = "the dataset") -> None:
+    """Raise ValueError naming a missing column (``prefix`` + its role, e.g. "data.caption_column")
+    and listing the ones that exist in ``what``."""
     available = list(ds.column_names)
     for role, name in (("image_column", image_column), ("caption_column", caption_column),
                        ("label_column", label_column)):
         if name is not None and name not in available:
-            raise ValueError(f"{role}={name!r} is not a column of the dataset; available columns: {available}")
+            raise ValueError(f"{prefix}{role}={name!r} is not a column of {what}; available columns: {available}")
 
 
 def undecoded(ds, image_column: str):
@@ -204,10 +217,12 @@ def _resolved_images(ds, image_column: str, base_dir: str):
 
 
 def _is_dataset_name(source: str) -> bool:
-    """Neither "digits", an existing path, nor something that looks like one (a datasets name)."""
+    """Neither "digits", an existing path, nor a data file's name, and shaped like a datasets name
+    ("name" or "namespace/name")."""
     path = Path(source).expanduser()
-    return not (source == "digits" or path.exists() or os.sep in source or source.startswith(".")
-                or path.suffix.lower() in FILE_BUILDERS)
+    if source == "digits" or path.exists() or path.suffix.lower() in FILE_BUILDERS:
+        return False
+    return _DATASET_NAME.fullmatch(source) is not None
 
 
 def _not_cached(source: str, err: Exception) -> str:

@@ -105,7 +105,8 @@ class Evaluator:
             if is_stream_source(data.source, data.streaming):  # a bounded memory bank from the stream
                 train = read_samples(data.source, self.cfg.eval.knn_train_samples or data.eval_max_samples,
                                      image_column=data.image_column, caption_column=None,
-                                     label_column=data.label_column or "label")
+                                     label_column=data.label_column or "label", split=data.split,
+                                     seed=self.cfg.seed)
             else:
                 train = load_source(data.source, data.split, seed=self.cfg.seed, image_column=data.image_column)
             limit = min(len(train), self.cfg.eval.knn_train_samples or len(train))
