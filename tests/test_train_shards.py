@@ -1,6 +1,7 @@
 """Training on streamed webdataset shards: exact resume after SIGKILL (one process with 2 workers,
 and 2 processes x 2 workers through `accelerate launch`), every mode and evaluator on shards, bad
-data skipped and logged by reason. Shards and references come from tests/test_data_shards.py."""
+data skipped and logged by reason; an image folder streamed as row ranges (data.streaming=true).
+Shards and references come from tests/test_data_shards.py and tests/test_data_stream_sources.py."""
 import json
 import math
 import os
