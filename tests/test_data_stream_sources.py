@@ -14,8 +14,8 @@ import torch
 from test_data_shards import NUMBERS, pairs, png, processor, reference_rows  # noqa: F401
 
 from mmcl.data import DataConfig, load_eval_dataset, load_source
-from mmcl.data.ranges import row_ranges
-from mmcl.data.shards import RowRange, expand_shards, worker_shards
+from mmcl.data.ranges import RowRange, expand_ranges, row_ranges
+from mmcl.data.shards import worker_shards
 from mmcl.data.stream import ShardBatchStream, build_stream
 from mmcl.train import checkpoint as ckpt
 
@@ -211,7 +211,7 @@ def test_save_to_disk_directory_streams_as_row_ranges_and_old_positions_are_refu
     for another shard count, or without one (the arrow files were the shards), is refused."""
     ds = pairs(9)
     ds.save_to_disk(str(tmp_path / "saved"), num_shards=3)
-    shards = expand_shards(str(tmp_path / "saved"), "train")
+    shards = expand_ranges(str(tmp_path / "saved"), "train")
     assert shards == [RowRange(str(tmp_path / "saved"), "train", i, i + 1) for i in range(9)]
     cfg = DataConfig(source=str(tmp_path / "saved"), streaming=True, shuffle_buffer=1, label_column="label",
                      num_workers=2)

@@ -12,7 +12,9 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["RANGE_ROWS", "RANGE_COUNT", "RowRange", "row_ranges", "finite_rows", "range_rows", "source_name"]
+from mmcl.data.sources import load_source, undecoded
+
+__all__ = ["RANGE_ROWS", "RANGE_COUNT", "RowRange", "row_ranges", "expand_ranges", "finite_rows", "source_name"]
 
 # The row-range rule of a finite source (module docstring): at most this many rows per range, and
 # this many ranges until the ranges reach that size.
@@ -38,6 +40,20 @@ class RowRange:
     def __str__(self) -> str:
         return f"{self.source} (split {self.split}) rows {self.start}..{self.stop - 1}"
 
+    def rows(self, start: int = 0, columns: tuple = ()):
+        """Rows ``(row number in the range, row)`` from ``start`` on: ``{column: value or None,
+        "__key__": "<source name>/<row index>"}`` for each named column, fetched a few at a time."""
+        ds = finite_rows(self.source, self.split, seed=self.seed, image_column=self.image_column)
+        wanted = [c for c in dict.fromkeys(columns) if c]
+        ds, name = ds.select_columns([c for c in wanted if c in ds.column_names]), source_name(self.source)
+        for a in range(self.start + start, self.stop, _FETCH_ROWS):
+            b = min(a + _FETCH_ROWS, self.stop)
+            chunk = ds[a:b]
+            for i in range(b - a):
+                row = {c: chunk[c][i] if c in chunk else None for c in wanted}
+                row["__key__"] = f"{name}/{a + i}"
+                yield a + i - self.start, row
+
 
 def row_ranges(num_rows: int) -> list[tuple[int, int]]:
     """The ``(start, stop)`` row ranges of a finite source of ``num_rows`` rows (module docstring)."""
@@ -55,32 +71,26 @@ def finite_rows(source: str, split: str | None, *, seed: int = 0, image_column: 
     Raises:
         ValueError: from ``load_source``: no such path, a name not in the cache, no such split.
     """
-    from mmcl.data import sources  # sources imports this module
-
     path = Path(source).expanduser()
     key = (source, split, int(seed), image_column, path.stat().st_mtime_ns if path.exists() else None)
     if key not in _LOADED:
-        ds = sources.load_source(source, split, seed=seed, image_column=image_column)
-        _LOADED[key] = sources.undecoded(ds, image_column)
+        _LOADED[key] = undecoded(load_source(source, split, seed=seed, image_column=image_column), image_column)
     return _LOADED[key]
+
+
+def expand_ranges(source: str, split: str | None, *, seed: int = 0, image_column: str = "image") -> list[RowRange]:
+    """The ``RowRange`` shards of a finite source's ``split`` (module docstring: the rule), (N,).
+
+    Raises:
+        ValueError: the source cannot be loaded (see ``finite_rows``) or its split has no rows.
+    """
+    ds = finite_rows(source, split, seed=seed, image_column=image_column)
+    if len(ds) == 0:
+        raise ValueError(f"data source {source!r} (split {split!r}) has no rows")
+    return [RowRange(source, split, a, b, int(seed), image_column) for a, b in row_ranges(len(ds))]
 
 
 def source_name(source: str) -> str:
     """The name in a finite source's sample keys: a path's last part, else the source itself."""
     path = Path(source).expanduser()
     return path.resolve().name if path.exists() else source
-
-
-def range_rows(shard: RowRange, start: int, columns: tuple):
-    """Rows ``(row number in the range, row)`` of a RowRange, fetched a few at a time."""
-    ds = finite_rows(shard.source, shard.split, seed=shard.seed, image_column=shard.image_column)
-    wanted = [c for c in dict.fromkeys(columns) if c]
-    present = [c for c in wanted if c in ds.column_names]
-    ds, name = ds.select_columns(present), source_name(shard.source)
-    for a in range(shard.start + start, shard.stop, _FETCH_ROWS):
-        b = min(a + _FETCH_ROWS, shard.stop)
-        chunk = ds[a:b]
-        for i in range(b - a):
-            row = {c: chunk[c][i] if c in chunk else None for c in wanted}
-            row["__key__"] = f"{name}/{a + i}"
-            yield a + i - shard.start, row

@@ -3,8 +3,8 @@
 A *shard* is one unit read from its start: a ``.tar`` in img2dataset's layout (members
 ``KEY.jpg|jpeg|png|webp`` with ``KEY.txt`` and/or ``KEY.json``, grouped into samples by
 webdataset's own tar iterators), or, with ``data.streaming``, one parquet / CSV / JSON / arrow file
-read through ``datasets.load_dataset(..., streaming=True)``, or a ``RowRange`` of a *finite source*:
-any other source mmcl.data.sources reads ("digits", an image folder, a ``save_to_disk`` directory,
+read through ``datasets.load_dataset(..., streaming=True)``, or a ``RowRange`` (mmcl.data.ranges)
+of a *finite source*: any other source mmcl.data.sources reads ("digits", an image folder, a ``save_to_disk`` directory,
 a datasets name in the local cache). A finite source is loaded once per process by
 ``sources.load_source`` (memory-mapped arrow, images left undecoded) and cut into contiguous row
 ranges of ``min(1000, ceil(R / 64))`` rows (R rows in the split; the last range may be shorter):
@@ -43,9 +43,7 @@ import numpy as np
 from braceexpand import braceexpand
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
-from mmcl.data.ranges import RowRange, finite_rows, range_rows, row_ranges
-
-__all__ = ["SKIP_REASONS", "RowRange", "is_finite_source", "expand_shards", "is_stream_source", "worker_shards",
+__all__ = ["SKIP_REASONS", "is_finite_source", "expand_shards", "is_stream_source", "worker_shards",
            "shuffle_draw", "read_shard", "SampleStream", "read_samples"]
 
 IMAGE_SUFFIXES = ("jpg", "jpeg", "png", "webp")
@@ -86,19 +84,13 @@ def is_stream_source(source, streaming: bool = False) -> bool:
     return suffixes <= set(DATA_FILE_BUILDERS) or (isinstance(source, str) and is_finite_source(source))
 
 
-def expand_shards(source, split: str | None = None, *, seed: int = 0, image_column: str = "image") -> list:
-    """The shards of ``source``: paths of a brace pattern, a glob, or a list of either, in order;
-    or the ``RowRange`` list of a finite source's ``split`` (``seed``, ``image_column``: see RowRange).
+def expand_shards(source) -> list[str]:
+    """The shard paths of ``source``: a brace pattern, a glob, or a list of either, in order (a
+    finite source's shards are ``mmcl.data.ranges.expand_ranges``').
 
     Raises:
-        ValueError: naming a pattern that matches nothing or a listed path that does not exist; a
-            finite source that cannot be loaded (see ``finite_rows``) or has no rows.
+        ValueError: naming a pattern that matches nothing or a listed path that does not exist.
     """
-    if is_finite_source(source):
-        ds = finite_rows(source, split, seed=seed, image_column=image_column)
-        if len(ds) == 0:
-            raise ValueError(f"data source {source!r} (split {split!r}) has no rows")
-        return [RowRange(source, split, a, b, int(seed), image_column) for a, b in row_ranges(len(ds))]
     items = _as_list(source)
     paths: list[str] = []
     for item in items:
@@ -148,14 +140,15 @@ def shuffle_draw(seed: int, epoch: int, slot: int, t: int) -> int:
 
 def read_shard(path, *, image_column: str = "image", caption_column: str | None = "caption",
                label_column: str | None = None, start: int = 0, counts: Counter | None = None):
-    """Rows ``(row number, row)`` of one shard (a file path or a ``RowRange``) from row ``start`` on.
+    """Rows ``(row number, row)`` of one shard from row ``start`` on: a file path, or a finite
+    source's ``mmcl.data.ranges.RowRange`` (any shard with ``rows(start, columns)``).
 
     A truncated or unreadable tar ends at its last complete sample (a sample cut short is yielded
     with the members it has, so it is skipped later for what it lacks) and adds 1 to
     ``counts["truncated_shard"]``; a shard without rows adds 1 to ``counts["empty_shard"]`` (``counts`` None: nothing is counted).
     """
-    if isinstance(path, RowRange):
-        yield from range_rows(path, start, (image_column, caption_column, label_column))
+    if not isinstance(path, (str, os.PathLike)):
+        yield from path.rows(start, (image_column, caption_column, label_column))
         return
     if os.path.getsize(path) == 0:
         if counts is not None and start == 0:
@@ -239,7 +232,7 @@ class SampleStream:
     """The endless, resumable row stream of one slot (module docstring: the rules it follows).
 
     Args:
-        shards: every shard of the source (``expand_shards``: paths or RowRanges), (N,).
+        shards: every shard of the source (file paths, or a finite source's RowRanges), (N,).
         slot, slots: this reader and the number of readers in the run.
         seed: seeds shard orders and shuffle draws.
         buffer_size: rows in the shuffle buffer (1: rows in shard order).
@@ -347,24 +340,14 @@ class SampleStream:
 
 
 def read_samples(source, limit: int, *, image_column: str = "image", caption_column: str | None = "caption",
-                 label_column: str | None = None, counts: Counter | None = None, split: str | None = None,
-                 seed: int = 0):
-    """A bounded ``datasets.Dataset`` (with an Image column) of a streamed source, for evaluation:
-    the first ``limit`` rows of shards or data files in their listed order; of a finite source, its
-    ``split``'s ``limit`` seeded random rows (``sources.subsample``: an image folder is sorted by class)."""
+                 label_column: str | None = None, counts: Counter | None = None):
+    """The first ``limit`` rows of shards or data files (in their listed order) as a
+    ``datasets.Dataset`` with an Image column, for evaluation (a bounded held-out set)."""
     import datasets
 
-    if is_finite_source(source):
-        from mmcl.data import sources
-
-        ds = sources.load_source(source, split, seed=seed, image_column=image_column)
-        sources.check_columns(ds, image_column=image_column, caption_column=None, label_column=None)
-        if len(ds) == 0:
-            raise ValueError(f"the streamed source {source!r} (split {split!r}) has no rows")
-        return sources.subsample(ds, limit, seed)
     columns = {"image_column": image_column, "caption_column": caption_column, "label_column": label_column}
     rows: list = []
-    for path in expand_shards(source, split):
+    for path in expand_shards(source):
         for _, row in read_shard(path, counts=counts, **columns):
             image = row.get(image_column)
             if image is None:

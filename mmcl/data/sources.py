@@ -23,10 +23,10 @@ import datasets
 import numpy as np
 
 from mmcl.data.digits import load_digits_dataset
-from mmcl.data.shards import is_stream_source, read_samples
+from mmcl.data.shards import is_finite_source, is_stream_source, read_samples
 
 __all__ = ["load_splits", "load_source", "pick_split", "subsample", "holdout_split", "class_names_of",
-           "load_eval_dataset", "check_columns", "undecoded"]
+           "load_eval_dataset", "bounded_samples", "check_columns", "undecoded"]
 
 FILE_BUILDERS = {".parquet": "parquet", ".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json"}
 # Files ``save_to_disk`` leaves in a Dataset (state.json, dataset_info.json) or DatasetDict directory.
@@ -141,12 +141,32 @@ def load_eval_dataset(cfg, *, seed: int = 0):
     if source is None:
         return None
     if is_stream_source(source, cfg.streaming):
-        return read_samples(source, cfg.eval_max_samples, image_column=cfg.image_column,
-                            caption_column=cfg.caption_column, label_column=cfg.label_column or "label",
-                            split=cfg.eval_split, seed=seed)
+        return bounded_samples(source, cfg.eval_max_samples, split=cfg.eval_split, seed=seed,
+                               image_column=cfg.image_column, caption_column=cfg.caption_column,
+                               label_column=cfg.label_column or "label")
     ds = load_source(source, cfg.eval_split, seed=seed, image_column=cfg.image_column)
     check_columns(ds, image_column=cfg.image_column, caption_column=None, label_column=None)
     return ds
+
+
+def bounded_samples(source, limit: int, *, split: str | None, seed: int = 0, image_column: str = "image",
+                    caption_column: str | None = None, label_column: str | None = None):
+    """At most ``limit`` rows of a streamed source, as a ``datasets.Dataset``, for evaluation: the
+    first ``limit`` of shards or data files (``read_samples``: their listed order, the named
+    columns); of a finite source, ``limit`` seeded random rows of its ``split`` (``subsample``: an
+    image folder is sorted by class).
+
+    Raises:
+        ValueError: the source cannot be read, has no rows, or lacks ``image_column``.
+    """
+    if not is_finite_source(source):
+        return read_samples(source, limit, image_column=image_column, caption_column=caption_column,
+                            label_column=label_column)
+    ds = load_source(source, split, seed=seed, image_column=image_column)
+    check_columns(ds, image_column=image_column, caption_column=None, label_column=None)
+    if len(ds) == 0:
+        raise ValueError(f"the streamed source {source!r} (split {split!r}) has no rows")
+    return subsample(ds, limit, seed)
 
 
 def check_columns(ds, *, image_column: str, caption_column: str | None, label_column: str | None,

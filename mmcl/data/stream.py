@@ -24,7 +24,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from mmcl.data.loader import build_dataset, epoch_order
-from mmcl.data.ranges import RowRange, finite_rows
+from mmcl.data.ranges import RowRange, expand_ranges, finite_rows
 from mmcl.data.shards import (SKIP_REASONS, SampleStream, expand_shards, is_finite_source, is_stream_source,
                               worker_shards)
 from mmcl.data.sources import check_columns
@@ -296,11 +296,12 @@ def build_stream(cfg, processor, *, text: bool, views: bool, batch_size: int, ra
 
 
 def _stream_shards(source, split: str, prefix: str, *, seed: int, image_column: str) -> list:
-    """``expand_shards``; a finite source's load error names ``data.<prefix>source`` / ``data.<prefix>split``."""
+    """The shards of a streamed source: ``expand_shards``, or a finite source's ``expand_ranges``,
+    whose load errors name ``data.<prefix>source`` and ``data.<prefix>split``."""
     if not is_finite_source(source):
         return expand_shards(source)
     try:
-        return expand_shards(source, split, seed=seed, image_column=image_column)
+        return expand_ranges(source, split, seed=seed, image_column=image_column)
     except ValueError as err:
         raise ValueError(f"data.{prefix}source={source!r} (data.{prefix}split={split!r}) cannot be streamed: "
                          f"{err}") from None
