@@ -4,12 +4,12 @@ A *shard* is one unit read from its start: a ``.tar`` in img2dataset's layout (m
 ``KEY.jpg|jpeg|png|webp`` with ``KEY.txt`` and/or ``KEY.json``, grouped into samples by
 webdataset's own tar iterators), or, with ``data.streaming``, one parquet / CSV / JSON / arrow file
 read through ``datasets.load_dataset(..., streaming=True)``, or a ``RowRange`` (mmcl.data.ranges)
-of a *finite source*: any other source mmcl.data.sources reads ("digits", an image folder, a ``save_to_disk`` directory,
-a datasets name in the local cache). A finite source is loaded once per process by
-``sources.load_source`` (memory-mapped arrow, images left undecoded) and cut into contiguous row
-ranges of ``min(1000, ceil(R / 64))`` rows (R rows in the split; the last range may be shorter):
-64 ranges up to 64,000 rows, ranges of 1000 rows above, whatever the number of processes or
-workers. Every shard row becomes an mmcl row ``{image_column, caption_column, label_column,
+of a *finite source*: any other source mmcl.data.sources reads ("digits", an image folder, a
+``save_to_disk`` directory, a datasets name in the local cache). A finite source is loaded once
+per process by ``sources.load_source`` (memory-mapped arrow, images left undecoded) and cut into
+contiguous row ranges of ``min(1000, ceil(R / 64))`` rows (R rows in the split; the last range
+may be shorter): 64 ranges up to 64,000 rows, ranges of 1000 rows above, whatever the number of
+processes or workers. Every shard row becomes an mmcl row ``{image_column, caption_column, label_column,
 "__key__"}``; a finite source's key is ``<source name>/<row index>`` (the folder's name, "digits"
 or the datasets name; the row's index in the split).
 
@@ -307,8 +307,8 @@ class SampleStream:
     def _next_epoch(self) -> None:
         self._empty_epochs = 0 if self._epoch_rows else self._empty_epochs + 1
         if self._empty_epochs and (not self.resampled or self._empty_epochs >= 20):
-            names = [self.shards[i] for i in self.order()]
-            raise ValueError(f"no readable sample in the shards of data reader {self.slot}: {[str(n) for n in names[:5]]}")
+            names = [str(self.shards[i]) for i in self.order()]
+            raise ValueError(f"no readable sample in the shards of data reader {self.slot}: {names[:5]}")
         self.epoch, self.shard, self.member, self.drawn, self.reading = self.epoch + 1, 0, 0, 0, True
         self._rows, self._order, self._epoch_rows = None, None, 0
 
