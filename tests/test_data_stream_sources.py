@@ -237,3 +237,22 @@ def test_save_to_disk_directory_streams_as_row_ranges_and_old_positions_are_refu
     files = ShardBatchStream([str(tmp_path / "a.parquet")], lambda *a: {}, list, 2)
     files.load_state_dict({**old, "num_workers": 0, "workers": [None]})
     assert files.batches == state["batches"] and files.states == [None]
+
+
+def test_an_image_folder_with_metadata_streams_its_captions(tmp_path, processor):
+    """metadata.csv (file_name, caption): each streamed caption is the one written for its row's file."""
+    root = tmp_path / "captioned"
+    root.mkdir()
+    captions = {f"p{i}.png": f"a photo of the digit {NUMBERS[i % 10]}" for i in range(11)}
+    for i, name in enumerate(captions):
+        (root / name).write_bytes(png(i))
+    (root / "metadata.csv").write_text("file_name,caption\n" + "".join(f"{n},{c}\n" for n, c in captions.items()))
+    files = [Path(cell["path"]).name for cell in
+             load_source(str(root), "train").cast_column("image", datasets.Image(decode=False))["image"]]
+    stream = build_stream(DataConfig(source=str(root), streaming=True, shuffle_buffer=4), processor, text=True,
+                          views=False, batch_size=11, seed=0)
+    batch = stream.next()
+    stream.close()
+    assert sorted(batch["key"]) == sorted(f"captioned/{i}" for i in range(11))
+    tokens = processor.tokenize([captions[files[int(k.split("/")[1])]] for k in batch["key"]])
+    assert torch.equal(batch["input_ids"], tokens["input_ids"])
