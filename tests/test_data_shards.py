@@ -250,8 +250,9 @@ def test_missing_shards_raise_naming_them(shards, tmp_path, processor):
     with pytest.raises(ValueError, match="cannot be split over 8 readers"):
         build_stream(DataConfig(source=pattern, num_workers=4), processor, text=True, views=False, batch_size=2,
                      rank=1, world_size=2)
-    with pytest.raises(ValueError, match="data.streaming=true"):
-        build_stream(DataConfig(source="digits", streaming=True), processor, text=False, views=True, batch_size=2)
+    with pytest.raises(ValueError, match=r"data.streaming=true streams one source .* list of something else"):
+        build_stream(DataConfig(source=["a.png", "b.png"], streaming=True), processor, text=True, views=False,
+                     batch_size=2)
     with pytest.raises(ValueError, match="data.max_samples=5 does not apply to a streamed source"):
         build_stream(DataConfig(source=pattern, max_samples=5), processor, text=True, views=False, batch_size=2)
     with pytest.raises(ValueError, match=r"held.tar do not exist|do not exist: .*held.tar"):
@@ -293,18 +294,3 @@ def test_streamed_parquet_files_match_their_rows(tmp_path, processor):
     want = [f"part{j}.parquet/{m}" for j in order for m in range(5 - j)]
     assert got == want[:12]
     stream.close()
-
-
-def test_streamed_save_to_disk_directory_reads_its_arrow_files_as_shards(tmp_path, processor):
-    ds = pairs(9)
-    ds.save_to_disk(str(tmp_path / "saved"), num_shards=3)
-    files = [f"data-0000{j}-of-00003.arrow" for j in range(3)]
-    assert expand_shards(str(tmp_path / "saved")) == [str(tmp_path / "saved" / f) for f in files]
-    cfg = DataConfig(source=str(tmp_path / "saved"), streaming=True, shuffle_buffer=1, label_column="label")
-    stream = build_stream(cfg, processor, text=True, views=False, batch_size=3, seed=5)
-    batches = [stream.next() for _ in range(3)]
-    stream.close()
-    order = worker_shards(3, epoch=0, slot=0, slots=1, seed=5)
-    assert sum((b["key"] for b in batches), []) == [f"{files[j]}/{m}" for j in order for m in range(3)]
-    labels = torch.cat([b["labels"] for b in batches]).tolist()
-    assert labels == [ds[3 * j + m]["label"] for j in order for m in range(3)]

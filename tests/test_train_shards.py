@@ -1,6 +1,7 @@
 """Training on streamed webdataset shards: exact resume after SIGKILL (one process with 2 workers,
 and 2 processes x 2 workers through `accelerate launch`), every mode and evaluator on shards, bad
-data skipped and logged by reason. Shards and references come from tests/test_data_shards.py."""
+data skipped and logged by reason; an image folder streamed as row ranges (data.streaming=true).
+Shards and references come from tests/test_data_shards.py and tests/test_data_stream_sources.py."""
 import json
 import math
 import os
@@ -167,3 +168,98 @@ def test_fit_on_bad_shards_skips_and_logs_each_reason(shards, tmp_path):
     assert last["skipped/missing_label"] == 0
     assert last["skipped_images"] == sum(last[f"skipped/{r}"] for r in ("corrupt_image", "missing_caption",
                                                                           "missing_image"))
+
+
+def test_fit_streams_an_image_folder_over_two_workers(tmp_path):
+    """SimCLR on an image folder (train/ test/ class folders) with data.streaming=true and 2
+    workers: step n+1's keys are worker n mod 2's next rows by the documented rules (17 one-row
+    ranges), and the kNN evaluation reads a bounded held-out set from the test/ folder."""
+    from test_data_stream_sources import reference_ranges, write_folder
+    from train_helpers import tiny_overrides
+
+    from mmcl.train import fit, load_config
+    from mmcl.train.evaluation import Evaluator
+
+    root = tmp_path / "pets"
+    write_folder(root / "train", {"cat": 9, "dog": 8})
+    write_folder(root / "test", {"cat": 3, "dog": 4})
+    cfg = load_config(None, tiny_overrides("simclr", tmp_path / "out", "unused", steps=5, batch=4) + [
+        f"data.source={root}", "data.streaming=true", "data.num_workers=2", "data.max_samples=null",
+        "data.shuffle_buffer=3", "data.label_column=label", f"data.eval_source={root}", "data.eval_max_samples=5",
+        "eval.knn_k=3", "eval.knn_train_samples=10"])
+    keys: dict = {}
+    results = fit(cfg, on_batch=lambda step, batch: keys.__setitem__(step, batch["key"]))
+    assert results["step"] == 5 and math.isfinite(results["loss"]) and 0.0 <= results["knn_top1"] <= 1.0
+    rows = [[f"pets/{i}" for i in r] for r in reference_ranges(17)]
+    refs = [reference_rows(rows, seed=3, slot=w, slots=2, buffer=3, epochs=4) for w in (0, 1)]
+    for n in range(5):
+        assert keys[n + 1] == [k for _, k in refs[n % 2][4 * (n // 2):4 * (n // 2) + 4]], (n, keys)
+    evaluator = Evaluator(cfg)
+    evaluator._load()
+    assert len(evaluator._eval_ds) == 5 and len(evaluator._train_ds) == 10
+
+
+@pytest.mark.slow
+def test_two_processes_split_an_image_folders_row_ranges_through_accelerate(tmp_path):
+    """2 processes x 2 workers (4 readers over 17 one-row ranges) through a real `accelerate launch`:
+    rank r's worker w is reader 2r + w, each rank's steps follow the documented rules, and the four
+    readers' first batches are disjoint."""
+    import subprocess
+    import sys
+
+    from test_data_stream_sources import reference_ranges, write_folder
+    from train_helpers import REPO
+
+    root = write_folder(tmp_path / "pets", {"cat": 9, "dog": 8})
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "tests/scripts/shards_fit.py", "simclr", str(out), "unused", "0", f"data.source={root}",
+           "data.streaming=true", "data.num_workers=2", "data.shuffle_buffer=3", "data.label_column=label",
+           "train.batch_size=2", "train.max_steps=4", "eval.enabled=false"]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONPATH=REPO, OMP_NUM_THREADS="1")
+    r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-4000:]
+    rows = [[f"pets/{i}" for i in r] for r in reference_ranges(17)]
+    firsts = []
+    for rank in (0, 1):
+        refs = [reference_rows(rows, seed=3, slot=2 * rank + w, slots=4, buffer=3, epochs=3) for w in (0, 1)]
+        got = _keys_by_step(out, rank)
+        for n in range(4):
+            assert got[n + 1] == [k for _, k in refs[n % 2][2 * (n // 2):2 * (n // 2) + 2]], (rank, n, got)
+        firsts += got[1] + got[2]
+    assert len(set(firsts)) == 8
+
+
+@pytest.mark.slow
+def test_fit_on_an_image_folder_killed_mid_range_resumes_with_the_same_batches_and_weights(tmp_path):
+    """SimCLR streaming a 71-image folder (36 ranges of 2 rows) with 2 workers: SIGKILLed at step
+    5, resumed from step 4's checkpoint (whose position holds the shard count), every step's keys
+    and the final weights equal an uninterrupted run's."""
+    import signal
+
+    from test_data_stream_sources import write_folder
+    from train_helpers import run_python
+
+    root = write_folder(tmp_path / "pets", {"bird": 20, "cat": 29, "dog": 22})
+    args = ["simclr", "unused", f"data.source={root}", "data.streaming=true", "data.num_workers=2",
+            "data.shuffle_buffer=5", "data.label_column=label", "train.batch_size=3", "train.max_steps=7",
+            "checkpoint.every=2", "eval.enabled=false"]
+    full, crashed = tmp_path / "full", tmp_path / "crashed"
+
+    def run(out, kill_at, *extra):
+        mode, tok, *overrides = args
+        return run_python(["tests/scripts/shards_fit.py", mode, str(out), tok, str(kill_at), *overrides, *extra])
+
+    r = run(full, 0)
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = run(crashed, 5)
+    assert r.returncode == -signal.SIGKILL, (r.returncode, r.stderr[-3000:])
+    state = ckpt.load_state(ckpt.latest_checkpoint(crashed))
+    assert state["step"] == 4 and state["data"]["ranks"][0]["num_shards"] == 36
+    assert any(w["member"] % 2 for w in state["data"]["ranks"][0]["workers"]), state["data"]
+    r = run(crashed, 0, "checkpoint.resume=auto")
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = _keys_by_step(full), _keys_by_step(crashed)
+    assert sorted(a) == sorted(b) == list(range(1, 8)) and all(a[s] == b[s] for s in a), (a, b)
+    assert not _same_final_weights(full, crashed)

@@ -18,13 +18,15 @@ class DataConfig:
 
     ``source`` may also be webdataset shards: a brace pattern (``shards/{00000..00099}.tar``), a
     glob, or a list of ``.tar`` paths, in img2dataset's layout (``KEY.jpg|png|webp`` with ``KEY.txt``
-    and/or ``KEY.json``). Shards are streamed (``mmcl.data.shards``), as are the data files of a
-    parquet / CSV / JSON / arrow source (one file, a glob or a list) or of a ``save_to_disk`` directory
-    with ``streaming: true``.
+    and/or ``KEY.json``). Shards are always streamed (``mmcl.data.shards``). With ``streaming: true``
+    every other source is streamed too: parquet / CSV / JSON / arrow files (one file, a glob or a
+    list) one file per shard, and any other source (digits, image folder, ``save_to_disk``
+    directory, cached datasets name) as row ranges of its ``split`` (``mmcl.data.ranges``:
+    ``min(1000, ceil(R / 64))`` rows each).
     """
 
     source: str | list = "digits"
-    split: str = "train"
+    split: str = "train"  # the split to train on (image folder train/ test/ folders, DatasetDict, cached name)
     image_column: str = "image"
     caption_column: str = "caption"
     label_column: str | None = None
@@ -41,10 +43,13 @@ class DataConfig:
     eval_source: str | list | None = None
     eval_split: str = "test"
     max_text_length: int | None = None  # None: the processor's own default
-    streaming: bool = False  # stream the data files of a datasets source (shards always stream)
+    # Stream any source (shards always stream): data files one per shard, other sources as row ranges;
+    # data.max_samples must then be null, data.eval_source gives at most eval_max_samples rows.
+    streaming: bool = False
     resampled: bool = False  # streams: draw shards with replacement (needed when shards < ranks x workers)
     shuffle_buffer: int = 1000  # streams: samples in the seeded shuffle buffer of each worker (1: no shuffle)
     eval_max_samples: int = 5000  # a streamed eval_source (or kNN bank) is read up to this many samples
+    # (the first ones of shards / files; seeded random rows of a row-range source)
 
     def __post_init__(self) -> None:
         self.validate()

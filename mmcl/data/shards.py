@@ -1,10 +1,17 @@
-"""Streamed sources: webdataset shards (and a datasets source's data files), split, shuffled, resumable.
+"""Streamed sources: webdataset shards, data files and whole datasets, split, shuffled, resumable.
 
-A *shard* is one file read from its start: a ``.tar`` in img2dataset's layout (members
+A *shard* is one unit read from its start: a ``.tar`` in img2dataset's layout (members
 ``KEY.jpg|jpeg|png|webp`` with ``KEY.txt`` and/or ``KEY.json``, grouped into samples by
-webdataset's own tar iterators), or, with ``data.streaming``, one parquet / CSV / JSON file read
-through ``datasets.load_dataset(..., streaming=True)``. Every shard row becomes an mmcl row
-``{image_column, caption_column, label_column, "__key__"}``.
+webdataset's own tar iterators), or, with ``data.streaming``, one parquet / CSV / JSON / arrow file
+read through ``datasets.load_dataset(..., streaming=True)``, or a ``RowRange`` (mmcl.data.ranges)
+of a *finite source*: any other source mmcl.data.sources reads ("digits", an image folder, a
+``save_to_disk`` directory, a datasets name in the local cache). A finite source is loaded once
+per process by ``sources.load_source`` (memory-mapped arrow, images left undecoded) and cut into
+contiguous row ranges of ``min(1000, ceil(R / 64))`` rows (R rows in the split; the last range
+may be shorter): 64 ranges up to 64,000 rows, ranges of 1000 rows above, whatever the number of
+processes or workers. Every shard row becomes an mmcl row ``{image_column, caption_column, label_column,
+"__key__"}``; a finite source's key is ``<source name>/<row index>`` (the folder's name, "digits"
+or the datasets name; the row's index in the split).
 
 The documented rules (tests recompute them independently):
 
@@ -36,8 +43,8 @@ import numpy as np
 from braceexpand import braceexpand
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
-__all__ = ["SKIP_REASONS", "expand_shards", "is_stream_source", "worker_shards", "shuffle_draw", "read_shard",
-           "SampleStream", "read_samples"]
+__all__ = ["SKIP_REASONS", "is_finite_source", "expand_shards", "is_stream_source", "worker_shards",
+           "shuffle_draw", "read_shard", "SampleStream", "read_samples"]
 
 IMAGE_SUFFIXES = ("jpg", "jpeg", "png", "webp")
 DATA_FILE_BUILDERS = {".parquet": "parquet", ".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json",
@@ -49,48 +56,42 @@ SKIP_REASONS = ("corrupt_image", "missing_image", "missing_caption", "missing_la
 _TAR_ERRORS = (tarfile.TarError, EOFError, OSError, ValueError)
 
 
+def is_finite_source(source) -> bool:
+    """Whether ``source`` is one path or name that mmcl.data.sources loads whole (digits, an image
+    folder, a save_to_disk directory, a datasets name, ...), not .tar shards or data files."""
+    if not isinstance(source, str) or not source:
+        return False
+    return Path(source).suffix.lower() not in {".tar", *DATA_FILE_BUILDERS}
+
+
 def _as_list(source) -> list[str]:
     return [source] if isinstance(source, str) else list(source)
 
 
 def is_stream_source(source, streaming: bool = False) -> bool:
-    """Whether ``source`` is read as a stream: .tar shards always, data files with ``streaming``."""
+    """Whether ``source`` is read as a stream: .tar shards always; with ``streaming`` also data
+    files (one path, a glob or a list) and any one finite source (``is_finite_source``)."""
     if not isinstance(source, (str, list, tuple)):
         return False
     paths = _as_list(source)
     if not paths or not all(isinstance(p, str) for p in paths):
         return False
-    if streaming and len(paths) == 1 and _saved_dir(paths[0], None) is not None:
-        return True
     suffixes = {Path(p).suffix.lower() for p in paths}  # "shards/{00000..00099}.tar" -> ".tar"
     if suffixes == {".tar"}:
         return True
-    return bool(streaming) and suffixes <= set(DATA_FILE_BUILDERS)
+    if not streaming:
+        return False
+    return suffixes <= set(DATA_FILE_BUILDERS) or (isinstance(source, str) and is_finite_source(source))
 
 
-def _saved_dir(path: str, split: str | None) -> list[str] | None:
-    """The arrow files of a ``save_to_disk`` directory (of ``split``, or "train", in a DatasetDict), or None."""
-    root = Path(path).expanduser()
-    if (root / "dataset_dict.json").is_file():
-        splits = json.loads((root / "dataset_dict.json").read_text())["splits"]
-        name = split if split in splits else "train" if "train" in splits else splits[0]
-        root = root / name
-    if not (root / "state.json").is_file():
-        return None
-    return [str(root / f["filename"]) for f in json.loads((root / "state.json").read_text())["_data_files"]]
-
-
-def expand_shards(source, split: str | None = None) -> list[str]:
-    """The shard paths of ``source``: a brace pattern, a glob, or a list of either, in order; or
-    the arrow files of a ``save_to_disk`` directory (its ``split``, default "train").
+def expand_shards(source) -> list[str]:
+    """The shard paths of ``source``: a brace pattern, a glob, or a list of either, in order (a
+    finite source's shards are ``mmcl.data.ranges.expand_ranges``').
 
     Raises:
         ValueError: naming a pattern that matches nothing or a listed path that does not exist.
     """
     items = _as_list(source)
-    saved = _saved_dir(items[0], split) if len(items) == 1 and os.path.isdir(items[0]) else None
-    if saved is not None:
-        return saved
     paths: list[str] = []
     for item in items:
         expanded = []
@@ -137,14 +138,18 @@ def shuffle_draw(seed: int, epoch: int, slot: int, t: int) -> int:
     return int(np.random.SeedSequence([int(seed), int(epoch), int(slot), int(t)]).generate_state(1)[0])
 
 
-def read_shard(path: str, *, image_column: str = "image", caption_column: str | None = "caption",
+def read_shard(path, *, image_column: str = "image", caption_column: str | None = "caption",
                label_column: str | None = None, start: int = 0, counts: Counter | None = None):
-    """Rows ``(row number, row)`` of one shard from row ``start`` on.
+    """Rows ``(row number, row)`` of one shard from row ``start`` on: a file path, or a finite
+    source's ``mmcl.data.ranges.RowRange`` (any shard with ``rows(start, columns)``).
 
     A truncated or unreadable tar ends at its last complete sample (a sample cut short is yielded
     with the members it has, so it is skipped later for what it lacks) and adds 1 to
     ``counts["truncated_shard"]``; a shard without rows adds 1 to ``counts["empty_shard"]`` (``counts`` None: nothing is counted).
     """
+    if not isinstance(path, (str, os.PathLike)):
+        yield from path.rows(start, (image_column, caption_column, label_column))
+        return
     if os.path.getsize(path) == 0:
         if counts is not None and start == 0:
             counts["empty_shard"] += 1
@@ -227,7 +232,7 @@ class SampleStream:
     """The endless, resumable row stream of one slot (module docstring: the rules it follows).
 
     Args:
-        paths: every shard path of the source, (N,).
+        shards: every shard of the source (file paths, or a finite source's RowRanges), (N,).
         slot, slots: this reader and the number of readers in the run.
         seed: seeds shard orders and shuffle draws.
         buffer_size: rows in the shuffle buffer (1: rows in shard order).
@@ -235,26 +240,26 @@ class SampleStream:
         columns: ``read_shard``'s image_column / caption_column / label_column.
     """
 
-    def __init__(self, paths: list[str], *, slot: int, slots: int, seed: int, buffer_size: int,
+    def __init__(self, shards: list, *, slot: int, slots: int, seed: int, buffer_size: int,
                  resampled: bool = False, columns: dict | None = None):
-        self.paths, self.slot, self.slots, self.seed = list(paths), int(slot), int(slots), int(seed)
+        self.shards, self.slot, self.slots, self.seed = list(shards), int(slot), int(slots), int(seed)
         self.buffer_size, self.resampled, self.columns = max(int(buffer_size), 1), bool(resampled), columns or {}
         self.counts: Counter = Counter()  # shard-level skips since the caller last emptied it
         self.epoch, self.shard, self.member, self.drawn, self.reading = 0, 0, 0, 0, True
         self.buffer: list = []  # [((shard cursor, row number), row)]
         self._rows, self._order, self._epoch_rows, self._empty_epochs = None, None, 0, 0
-        worker_shards(len(self.paths), epoch=0, slot=self.slot, slots=self.slots, seed=self.seed,
+        worker_shards(len(self.shards), epoch=0, slot=self.slot, slots=self.slots, seed=self.seed,
                       resampled=self.resampled)  # raises now when the shards cannot be split
 
     def order(self) -> list[int]:
         """This epoch's shard indices for this slot."""
         if self._order is None:
-            self._order = worker_shards(len(self.paths), epoch=self.epoch, slot=self.slot, slots=self.slots,
+            self._order = worker_shards(len(self.shards), epoch=self.epoch, slot=self.slot, slots=self.slots,
                                         seed=self.seed, resampled=self.resampled)
         return self._order
 
     def shard_id(self, cursor: int) -> int:
-        """The index into ``paths`` of this epoch's shard number ``cursor``."""
+        """The index into ``shards`` of this epoch's shard number ``cursor``."""
         return self.order()[cursor]
 
     def _read_from(self, cursor: int, member: int):
@@ -263,7 +268,7 @@ class SampleStream:
             if j > cursor:
                 self.shard, self.member = j, 0
             start = member if j == cursor else 0
-            for m, row in read_shard(self.paths[order[j]], start=start, counts=self.counts, **self.columns):
+            for m, row in read_shard(self.shards[order[j]], start=start, counts=self.counts, **self.columns):
                 yield j, m, row
 
     def _pull(self):
@@ -302,7 +307,7 @@ class SampleStream:
     def _next_epoch(self) -> None:
         self._empty_epochs = 0 if self._epoch_rows else self._empty_epochs + 1
         if self._empty_epochs and (not self.resampled or self._empty_epochs >= 20):
-            names = [self.paths[i] for i in self.order()]
+            names = [str(self.shards[i]) for i in self.order()]
             raise ValueError(f"no readable sample in the shards of data reader {self.slot}: {names[:5]}")
         self.epoch, self.shard, self.member, self.drawn, self.reading = self.epoch + 1, 0, 0, 0, True
         self._rows, self._order, self._epoch_rows = None, None, 0
@@ -322,27 +327,27 @@ class SampleStream:
         found: dict = {}
         for j in sorted({j for j, _ in refs}):
             wanted = {m for jj, m in refs if jj == j}
-            for m, row in read_shard(self.paths[self.shard_id(j)], **self.columns):
+            for m, row in read_shard(self.shards[self.shard_id(j)], **self.columns):
                 if m in wanted:
                     found[(j, m)] = row
                 if m >= max(wanted):
                     break
         lost = [ref for ref in refs if ref not in found]
         if lost:
-            raise ValueError(f"cannot resume the data stream: shard {self.paths[self.shard_id(lost[0][0])]} "
+            raise ValueError(f"cannot resume the data stream: shard {self.shards[self.shard_id(lost[0][0])]} "
                              f"no longer holds row {lost[0][1]} (were the shards rewritten?)")
         self.buffer = [(ref, found[ref]) for ref in refs]
 
 
 def read_samples(source, limit: int, *, image_column: str = "image", caption_column: str | None = "caption",
-                 label_column: str | None = None, counts: Counter | None = None, split: str | None = None):
-    """The first ``limit`` rows of a streamed source (shards in their listed order) as a
+                 label_column: str | None = None, counts: Counter | None = None):
+    """The first ``limit`` rows of shards or data files (in their listed order) as a
     ``datasets.Dataset`` with an Image column, for evaluation (a bounded held-out set)."""
     import datasets
 
     columns = {"image_column": image_column, "caption_column": caption_column, "label_column": label_column}
     rows: list = []
-    for path in expand_shards(source, split):
+    for path in expand_shards(source):
         for _, row in read_shard(path, counts=counts, **columns):
             image = row.get(image_column)
             if image is None:

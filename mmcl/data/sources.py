@@ -10,24 +10,29 @@ becomes a ``datasets.Image``, so every source's image column yields images the s
 Training, the training evaluator and the command line all read sources through this module.
 Webdataset shards (a brace pattern, glob or list of ``.tar`` paths) are streamed in training
 (``mmcl.data.stream.build_stream``); read here they give their first ``max_samples`` samples.
+With ``data.streaming`` every other source is streamed too: data files through datasets'
+streaming reader, the rest as row ranges of the split this module loads (mmcl.data.ranges).
 """
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import datasets
 import numpy as np
 
 from mmcl.data.digits import load_digits_dataset
-from mmcl.data.shards import is_stream_source, read_samples
+from mmcl.data.shards import is_finite_source, is_stream_source, read_samples
 
 __all__ = ["load_splits", "load_source", "pick_split", "subsample", "holdout_split", "class_names_of",
-           "load_eval_dataset", "check_columns", "undecoded"]
+           "load_eval_dataset", "bounded_samples", "check_columns", "undecoded"]
 
 FILE_BUILDERS = {".parquet": "parquet", ".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json"}
 # Files ``save_to_disk`` leaves in a Dataset (state.json, dataset_info.json) or DatasetDict directory.
 _SAVED_MARKERS = ("dataset_dict.json", "dataset_info.json", "state.json")
+# A datasets (hub) name: "name" or "namespace/name".
+_DATASET_NAME = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
 # Which split to take when several exist and none is named, in order of preference.
 _SPLIT_PREFERENCE = ("test", "validation", "valid", "val", "train")
 
@@ -67,6 +72,12 @@ def load_source(source: str, split: str | None = None, *, seed: int = 0, image_c
         try:  # only the asked split is loaded from the cache
             ds = datasets.load_dataset(source, split=split)
         except Exception as err:  # the hub is offline here: say what was tried and why it failed
+            try:  # a cached name without that split: pick_split names the splits it has
+                cached = dict(datasets.load_dataset(source))
+            except Exception:
+                cached = None
+            if cached is not None:
+                pick_split(cached, split, what=f"source {source!r}: split")
             raise ValueError(_not_cached(source, err) + f" (split {split!r})") from err
         return subsample(ds, max_samples)
     splits = load_splits(source, seed=seed, image_column=image_column)
@@ -123,28 +134,50 @@ def load_eval_dataset(cfg, *, seed: int = 0):
     """The held-out ``datasets.Dataset`` of a ``DataConfig`` (eval_source / eval_split), or None.
 
     With ``cfg.source == "digits"`` and no ``eval_source``, the digits' test split is used, so the
-    demo evaluates on digits never seen in training. A streamed ``eval_source`` (shards, or data
-    files with ``cfg.streaming``) gives its first ``cfg.eval_max_samples`` samples.
+    demo evaluates on digits never seen in training. A streamed ``eval_source`` (shards, or with
+    ``cfg.streaming`` any source) gives at most ``cfg.eval_max_samples`` samples (``read_samples``).
     """
     source = cfg.eval_source or ("digits" if cfg.source == "digits" else None)
     if source is None:
         return None
     if is_stream_source(source, cfg.streaming):
-        return read_samples(source, cfg.eval_max_samples, image_column=cfg.image_column,
-                            caption_column=cfg.caption_column, label_column=cfg.label_column or "label",
-                            split=cfg.eval_split)
+        return bounded_samples(source, cfg.eval_max_samples, split=cfg.eval_split, seed=seed,
+                               image_column=cfg.image_column, caption_column=cfg.caption_column,
+                               label_column=cfg.label_column or "label")
     ds = load_source(source, cfg.eval_split, seed=seed, image_column=cfg.image_column)
     check_columns(ds, image_column=cfg.image_column, caption_column=None, label_column=None)
     return ds
 
 
-def check_columns(ds, *, image_column: str, caption_column: str | None, label_column: str | None) -> None:
-    """Raise ValueError naming a missing column and listing the ones that exist."""
+def bounded_samples(source, limit: int, *, split: str | None, seed: int = 0, image_column: str = "image",
+                    caption_column: str | None = None, label_column: str | None = None):
+    """At most ``limit`` rows of a streamed source, as a ``datasets.Dataset``, for evaluation: the
+    first ``limit`` of shards or data files (``read_samples``: their listed order, the named
+    columns); of a finite source, ``limit`` seeded random rows of its ``split`` (``subsample``: an
+    image folder is sorted by class).
+
+    Raises:
+        ValueError: the source cannot be read, has no rows, or lacks ``image_column``.
+    """
+    if not is_finite_source(source):
+        return read_samples(source, limit, image_column=image_column, caption_column=caption_column,
+                            label_column=label_column)
+    ds = load_source(source, split, seed=seed, image_column=image_column)
+    check_columns(ds, image_column=image_column, caption_column=None, label_column=None)
+    if len(ds) == 0:
+        raise ValueError(f"the streamed source {source!r} (split {split!r}) has no rows")
+    return subsample(ds, limit, seed)
+
+
+def check_columns(ds, *, image_column: str, caption_column: str | None, label_column: str | None,
+                  prefix: str = "", what: str = "the dataset") -> None:
+    """Raise ValueError naming a missing column (``prefix`` + its role, e.g. "data.caption_column")
+    and listing the ones that exist in ``what``."""
     available = list(ds.column_names)
     for role, name in (("image_column", image_column), ("caption_column", caption_column),
                        ("label_column", label_column)):
         if name is not None and name not in available:
-            raise ValueError(f"{role}={name!r} is not a column of the dataset; available columns: {available}")
+            raise ValueError(f"{prefix}{role}={name!r} is not a column of {what}; available columns: {available}")
 
 
 def undecoded(ds, image_column: str):
@@ -204,10 +237,12 @@ def _resolved_images(ds, image_column: str, base_dir: str):
 
 
 def _is_dataset_name(source: str) -> bool:
-    """Neither "digits", an existing path, nor something that looks like one (a datasets name)."""
+    """Neither "digits", an existing path, nor a data file's name, and shaped like a datasets name
+    ("name" or "namespace/name")."""
     path = Path(source).expanduser()
-    return not (source == "digits" or path.exists() or os.sep in source or source.startswith(".")
-                or path.suffix.lower() in FILE_BUILDERS)
+    if source == "digits" or path.exists() or path.suffix.lower() in FILE_BUILDERS:
+        return False
+    return _DATASET_NAME.fullmatch(source) is not None
 
 
 def _not_cached(source: str, err: Exception) -> str:

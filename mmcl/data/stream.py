@@ -8,7 +8,8 @@ so a resumed run sees exactly the batches an uninterrupted one would have seen. 
 serves every epoch: its workers live for the whole run and keep prefetching across epoch ends.
 This is mmcl's resume mechanism for data: ``state_dict`` goes into the training checkpoint.
 
-Streamed sources (webdataset shards; data files with ``data.streaming``) go through
+Streamed sources (webdataset shards; with ``data.streaming`` data files and any other source, cut
+into row ranges, mmcl.data.ranges) go through
 ``ShardBatchStream`` instead, with the same interface: each DataLoader worker is one endless
 ``SampleStream`` (mmcl.data.shards) that makes its own batches and sends its position with each.
 Workers never run dry (each moves on to its next epoch), so batch n of a rank comes from its
@@ -23,7 +24,10 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from mmcl.data.loader import build_dataset, epoch_order
-from mmcl.data.shards import SKIP_REASONS, SampleStream, expand_shards, is_stream_source, worker_shards
+from mmcl.data.ranges import RowRange, expand_ranges, finite_rows
+from mmcl.data.shards import (SKIP_REASONS, SampleStream, expand_shards, is_finite_source, is_stream_source,
+                              worker_shards)
+from mmcl.data.sources import check_columns
 
 
 class BatchStream:
@@ -161,7 +165,7 @@ class ShardBatchStream:
     """Batches of ``batch_size`` for this rank from streamed shards; ``BatchStream``'s interface.
 
     Args:
-        paths: every shard path (``expand_shards``).
+        shards: every shard (``expand_shards``: file paths or RowRanges), (N,).
         make_item: ``ContrastiveDataset.make_item`` (row, epoch, index) -> item.
         collate_fn: list of items -> batch dict.
         batch_size: per-rank batch size B (every batch is full: skipped samples are replaced).
@@ -178,7 +182,7 @@ class ShardBatchStream:
 
     per_rank_state = True  # each rank's workers have their own positions: the checkpoint keeps all ranks'
 
-    def __init__(self, paths, make_item, collate_fn, batch_size: int, *, num_workers: int = 0, rank: int = 0,
+    def __init__(self, shards, make_item, collate_fn, batch_size: int, *, num_workers: int = 0, rank: int = 0,
                  world_size: int = 1, seed: int = 0, shuffle_buffer: int = 1000, resampled: bool = False,
                  columns: dict | None = None):
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -186,9 +190,9 @@ class ShardBatchStream:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank!r}")
         self.workers, self.num_workers = max(int(num_workers), 1), int(num_workers)
-        self.stream_args = {"paths": list(paths), "slots": world_size * self.workers, "seed": int(seed),
+        self.stream_args = {"shards": list(shards), "slots": world_size * self.workers, "seed": int(seed),
                             "buffer_size": int(shuffle_buffer), "resampled": bool(resampled), "columns": columns}
-        worker_shards(len(paths), epoch=0, slot=0, slots=world_size * self.workers, seed=seed,
+        worker_shards(len(shards), epoch=0, slot=0, slots=world_size * self.workers, seed=seed,
                       resampled=resampled)  # fewer shards than readers: raise before training starts
         self.make_item, self.collate_fn, self.batch_size, self.rank = make_item, collate_fn, batch_size, rank
         self.batches, self.epoch, self.states = 0, 0, [None] * self.workers
@@ -222,17 +226,34 @@ class ShardBatchStream:
             shutdown()
 
     def state_dict(self) -> dict:
-        """``{"kind": "shards", "batches", "num_workers", "workers": [each worker's position or None]}``."""
+        """``{"kind": "shards", "batches", "num_workers", "num_shards", "workers": [each worker's position
+        or None]}``."""
         workers = [None if s is None else {k: v for k, v in s.items() if k != "worker"} for s in self.states]
-        return {"kind": "shards", "batches": self.batches, "num_workers": self.num_workers, "workers": workers}
+        return {"kind": "shards", "batches": self.batches, "num_workers": self.num_workers,
+                "num_shards": len(self.stream_args["shards"]), "workers": workers}
 
     def load_state_dict(self, state: dict) -> None:
-        """Continue from a ``state_dict`` of the same rank (same shards, workers and seed)."""
+        """Continue from a ``state_dict`` of the same rank (same shards, workers and seed).
+
+        Raises:
+            ValueError: another kind of stream, another data.num_workers, or another shard count; a
+                state without a shard count (written before finite sources were cut into row ranges,
+                when a save_to_disk directory's arrow files were its shards) for row-range shards.
+        """
         if state.get("kind") != "shards":
             raise ValueError("the checkpoint's data position is not a shard stream's: the data source changed")
         if int(state["num_workers"]) != self.num_workers:
             raise ValueError(f"the checkpoint was written with data.num_workers={state['num_workers']}; "
                              f"resume with the same value (got {self.num_workers})")
+        shards = self.stream_args["shards"]
+        if "num_shards" in state and int(state["num_shards"]) != len(shards):
+            raise ValueError(f"the checkpoint's data position is for {int(state['num_shards'])} shards, but "
+                             f"data.source now has {len(shards)}: resume with the same shards (a finite source: "
+                             "the same rows), or start a new run")
+        if "num_shards" not in state and any(isinstance(s, RowRange) for s in shards):
+            raise ValueError("the checkpoint's data position predates streaming this data.source as row ranges "
+                             "(a save_to_disk directory was streamed as its arrow files then); its position "
+                             "cannot be continued exactly: start a new run")
         self.close()
         self.batches = int(state["batches"])
         self.states = [None if s is None else dict(s) for s in state["workers"]]
@@ -242,19 +263,26 @@ class ShardBatchStream:
 def build_stream(cfg, processor, *, text: bool, views: bool, batch_size: int, rank: int = 0, world_size: int = 1,
                  seed: int = 0, device_views: bool = False):
     """The batch stream of a ``DataConfig``: ``ShardBatchStream`` for a streamed source, else
-    ``BatchStream`` over ``build_dataset``. Bad shard paths raise ValueError here, naming them."""
+    ``BatchStream`` over ``build_dataset``. Bad shard paths, and a finite source's missing path,
+    uncached name, missing split or missing column, raise ValueError here, naming the key."""
     streamed = is_stream_source(cfg.source, cfg.streaming)
     if cfg.streaming and not streamed:
-        raise ValueError(f"data.streaming=true streams .tar shards, parquet / CSV / JSON / arrow files or a "
-                         f"save_to_disk directory; data.source={cfg.source!r} is none of these")
+        raise ValueError(f"data.streaming=true streams one source (a path, 'digits' or a cached datasets name) or "
+                         f"a list of .tar / parquet / CSV / JSON / arrow files; data.source={cfg.source!r} is a "
+                         "list of something else")
     if not isinstance(cfg.source, str) and not streamed:
         raise ValueError(f"data.source as a list names .tar shards (or data files with data.streaming=true), "
                          f"got {cfg.source!r}")
-    if is_stream_source(cfg.eval_source, cfg.streaming):
-        expand_shards(cfg.eval_source)  # a missing held-out shard fails now, not at the first evaluation
     if streamed and cfg.max_samples is not None:
         raise ValueError(f"data.max_samples={cfg.max_samples} does not apply to a streamed source (every shard "
                          "is read each epoch): list fewer shards, or set data.max_samples=null")
+    if is_stream_source(cfg.eval_source, cfg.streaming):  # a bad held-out source fails now, not at evaluation
+        _stream_shards(cfg.eval_source, cfg.eval_split, "eval_", seed=seed, image_column=cfg.image_column)
+    shards = _stream_shards(cfg.source, cfg.split, "", seed=seed, image_column=cfg.image_column) if streamed else None
+    if streamed and is_finite_source(cfg.source):
+        check_columns(finite_rows(cfg.source, cfg.split, seed=seed, image_column=cfg.image_column),
+                      image_column=cfg.image_column, caption_column=cfg.caption_column if text else None,
+                      label_column=cfg.label_column, prefix="data.", what=f"data.source={cfg.source!r}")
     dataset, collate_fn = build_dataset(cfg, processor, text=text, views=views, seed=seed,
                                         device_views=device_views, stream=streamed)
     if not streamed:
@@ -262,6 +290,18 @@ def build_stream(cfg, processor, *, text: bool, views: bool, batch_size: int, ra
                            world_size=world_size, seed=seed)
     columns = {"image_column": cfg.image_column, "caption_column": cfg.caption_column if text else None,
                "label_column": cfg.label_column}
-    return ShardBatchStream(expand_shards(cfg.source, cfg.split), dataset.make_item, collate_fn, batch_size,
+    return ShardBatchStream(shards, dataset.make_item, collate_fn, batch_size,
                             num_workers=cfg.num_workers, rank=rank, world_size=world_size, seed=seed,
                             shuffle_buffer=cfg.shuffle_buffer, resampled=cfg.resampled, columns=columns)
+
+
+def _stream_shards(source, split: str, prefix: str, *, seed: int, image_column: str) -> list:
+    """The shards of a streamed source: ``expand_shards``, or a finite source's ``expand_ranges``,
+    whose load errors name ``data.<prefix>source`` and ``data.<prefix>split``."""
+    if not is_finite_source(source):
+        return expand_shards(source)
+    try:
+        return expand_ranges(source, split, seed=seed, image_column=image_column)
+    except ValueError as err:
+        raise ValueError(f"data.{prefix}source={source!r} (data.{prefix}split={split!r}) cannot be streamed: "
+                         f"{err}") from None

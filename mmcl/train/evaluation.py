@@ -13,7 +13,8 @@ from pathlib import Path
 import torch
 
 from mmcl.data import EVAL_TEMPLATES, load_eval_dataset, load_source
-from mmcl.data.shards import is_stream_source, read_samples
+from mmcl.data.shards import is_stream_source
+from mmcl.data.sources import bounded_samples
 from mmcl.eval import embed_images, knn_accuracy
 from mmcl.eval.embed import iter_image_batches
 from mmcl.methods import objective_class
@@ -103,9 +104,9 @@ class Evaluator:
         self._eval_ds = ds
         if self.kind == "knn":
             if is_stream_source(data.source, data.streaming):  # a bounded memory bank from the stream
-                train = read_samples(data.source, self.cfg.eval.knn_train_samples or data.eval_max_samples,
-                                     image_column=data.image_column, caption_column=None,
-                                     label_column=data.label_column or "label")
+                train = bounded_samples(data.source, self.cfg.eval.knn_train_samples or data.eval_max_samples,
+                                        split=data.split, seed=self.cfg.seed, image_column=data.image_column,
+                                        label_column=data.label_column or "label")
             else:
                 train = load_source(data.source, data.split, seed=self.cfg.seed, image_column=data.image_column)
             limit = min(len(train), self.cfg.eval.knn_train_samples or len(train))
