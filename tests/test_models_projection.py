@@ -114,3 +114,35 @@ def test_build_model_reads_the_projection_keys(tmp_path):
     head = build_model(cfg).image_projection
     assert isinstance(head[1], torch.nn.BatchNorm1d) and head[0].out_features == 24 and head[3].out_features == 10
     assert F.normalize(head(torch.randn(4, 12)), dim=1).shape == (4, 10)
+
+
+def test_tower_features_skip_the_head_in_embed_images_and_the_evaluator(tmp_path):
+    from mmcl.eval import embed_images
+    from mmcl.train import load_config
+    from mmcl.train.evaluation import EvalConfig, Evaluator
+
+    torch.manual_seed(0)
+    model = DualEncoder.from_towers(RESNET, projection="mlp_bn", projection_dim=6, image_size=16)
+    pixels = torch.randn(7, 3, 16, 16)
+    with torch.no_grad():
+        tower = model.image_tower(pixel_values=pixels)
+        head = model.image_projection(tower)
+    assert tower.shape == (7, 12) and model.image_features(pixels).shape == (7, 12)
+    torch.testing.assert_close(embed_images(model, pixels, batch_size=3, features="tower"), F.normalize(tower, dim=1))
+    torch.testing.assert_close(embed_images(model, pixels, batch_size=3, features="tower", normalize=False), tower)
+    torch.testing.assert_close(embed_images(model, pixels, batch_size=3), F.normalize(head, dim=1))
+    with pytest.raises(ValueError, match="features must be one of embeddings, tower"):
+        embed_images(model, pixels, features="pooled")
+    with pytest.raises(ValueError, match="eval.knn_features"):
+        EvalConfig(knn_features="pooled").validate()
+    # The evaluator's kNN on tower features is its kNN on the embeddings of the same model
+    # without its head.
+    tower_cfg = ("{model_type: resnet, num_channels: 3, embedding_size: 8, hidden_sizes: [8, 12], depths: [1, 1], "
+                 "layer_type: basic, downsample_in_first_stage: false}")
+    base = [f"output_dir={tmp_path}", "mode=simclr", f"model.image_tower_config={tower_cfg}", "data.image_size=16",
+            "data.augment=simclr", "eval.knn_train_samples=300", "eval.max_samples=120"]
+    on_tower = Evaluator(load_config(None, base + ["eval.knn_features=tower"]), "knn")(model)["knn_top1"]
+    on_head = Evaluator(load_config(None, base), "knn")(model)["knn_top1"]
+    model.image_projection = torch.nn.Identity()
+    headless = Evaluator(load_config(None, base), "knn")(model)["knn_top1"]
+    assert on_tower == headless and on_tower != on_head, (on_tower, headless, on_head)

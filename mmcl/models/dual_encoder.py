@@ -265,8 +265,13 @@ class DualEncoder(nn.Module):
 
     def encode_image(self, pixel_values: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         """pixel_values (B, 3, H, W) float → embeddings (B, P), L2-normalised unless normalize=False."""
-        x = self.image_projection(self.image_tower(pixel_values=self._check_pixels(pixel_values)))
+        x = self.image_projection(self.image_features(pixel_values))
         return F.normalize(x, dim=-1) if normalize else x
+
+    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """pixel_values (B, 3, H, W) float → the image tower's features (B, F) before the projection
+        head (the representation SimCLR, MoCo and BYOL evaluate; F = image_tower.output_dim)."""
+        return self.image_tower(pixel_values=self._check_pixels(pixel_values))
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                     normalize: bool = True) -> torch.Tensor:
