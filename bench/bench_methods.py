@@ -34,9 +34,9 @@ CONFIGS = ROOT / "recipes" / "configs"
 
 # row name -> (base config, overrides, trained). The HCL row uses the HCL paper's debiased + hard
 # setting (β = 1, τ⁺ = 0.1); i-Mix mixes half the samples of each batch (CutMix, data.cutmix=0.5).
-# BYOL: its own projector (mlp_bn: Linear-BN-ReLU-Linear, as in the paper) and target momentum
-# 0.996 (the paper's, ramped to 1); same tower, views, steps and seed as MoCo. Its untrained row
-# is the same model (that head, random weights).
+# BYOL: its own projector (mlp_bn: Linear-BN-ReLU-Linear, as in the paper), target momentum 0.996
+# (the paper's, ramped to 1) and half MoCo's lr (0.001); same tower, views, steps and seed as MoCo.
+# Its untrained row is the same model (that head, random weights).
 BYOL_MODEL = ["model.projection=mlp_bn", "model.projection_hidden=512"]
 CPU_ROWS = {
     "random init (MoCo/BYOL protocol)": ("moco_digits.yaml", [], False),
@@ -44,8 +44,8 @@ CPU_ROWS = {
     "MoCo v2 + HCL": ("moco_digits.yaml", ["loss.hard_negative_beta=1.0", "loss.debias_tau_plus=0.1"], True),
     "MoCo v2 + PCL": ("moco_digits.yaml", ["mode=pcl", "pcl.num_clusters=[10,20,40]", "pcl.warmup_steps=100"], True),
     "random init (BYOL model)": ("moco_digits.yaml", ["mode=byol", *BYOL_MODEL], False),
-    "BYOL": ("moco_digits.yaml", ["mode=byol", *BYOL_MODEL, "byol.momentum=0.996", "byol.predictor_hidden=512"],
-             True),
+    "BYOL": ("moco_digits.yaml", ["mode=byol", *BYOL_MODEL, "byol.momentum=0.996", "byol.predictor_hidden=512",
+                                  "optim.lr=0.001"], True),
     "random init (SimCLR protocol)": ("simclr_digits.yaml", [], False),
     "SimCLR": ("simclr_digits.yaml", [], True),
     "SimCLR + i-Mix": ("simclr_digits.yaml", ["data.cutmix=0.5"], True),
