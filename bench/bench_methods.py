@@ -13,6 +13,7 @@ digits; CLIP: zero-shot top-1 of the held-out digits.
     python bench/bench_methods.py                       # the whole table, ~15 min on 2 free cores
     python bench/bench_methods.py --steps-fraction 0.5  # every row at half its steps (said in the table)
     python bench/bench_methods.py --rows moco byol      # a subset; --no-write prints only
+    python bench/bench_methods.py --rows random byol --seed 1   # another seed (data split, init, order)
     python bench/bench_methods.py --gpu                 # CIFAR-10, CIFAR ResNet-18, a few GPU minutes
 
 GPU: the CIFAR-10 recipes (moco_v2_cifar10.yaml, simclr_cifar10.yaml, byol_cifar10.yaml) for
@@ -70,6 +71,7 @@ def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--gpu", action="store_true", help="the CIFAR-10 protocol on a CUDA GPU")
     p.add_argument("--rows", nargs="+", default=None, help=f"a subset: {', '.join(ALIASES)}")
+    p.add_argument("--seed", type=int, default=None, help="every row at this seed (default: the configs' own, 0)")
     p.add_argument("--steps-fraction", type=float, default=1.0,
                    help="CPU: train every row for this fraction of its protocol's steps")
     p.add_argument("--gpu-epochs", type=float, default=2.0, help="GPU: epochs per row")
@@ -121,6 +123,7 @@ def run_row(name: str, config: str, overrides: list, trained: bool, args, out: P
 
     run_dir = out / name.replace(" ", "_").replace("/", "-").replace("+", "plus").replace("(", "").replace(")", "")
     common = [f"output_dir={run_dir}", "train.progress=false", "train.trackers=[jsonl]", "checkpoint.every=0"]
+    common += [] if args.seed is None else [f"seed={args.seed}"]
     extra = _gpu_overrides(config, args) if args.gpu else []
     cfg = load_config(CONFIGS / config, common + extra + list(overrides))
     steps = cfg.train.max_steps if args.gpu else max(1, round(cfg.train.max_steps * args.steps_fraction))
@@ -195,8 +198,8 @@ def _report(results, args) -> None:
                 "features`: the same kNN on the image tower's output before the projection head "
                 "(eval.knn_features=tower), the representation these methods' papers evaluate; CLIP rows: "
                 "zero-shot top-1 of the 297 held-out digits over the ten classes (mmcl's digit prompt templates); "
-                "one seed (0)." + frac + " One run per row: differences of about 0.01 are within what another seed "
-                "could give.")
+                f"one seed ({0 if args.seed is None else args.seed})." + frac + " One run per row: differences "
+                "of about 0.01 are within what another seed could give.")
         title = "Methods on the digits (bench/bench_methods.py)"
     print("\n" + text + "\n\n" + note)
     if not args.no_write:
