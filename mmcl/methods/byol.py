@@ -5,7 +5,10 @@
     loss      ‖p̄1 − z̄'2‖² + ‖p̄2 − z̄'1‖²  = 4 − 2·cos(p1, z'2) − 2·cos(p2, z'1)   (mean over the batch)
     after each optimizer step:  ξ ← m·ξ + (1 − m)·θ,  m = 1 − (1 − m0)·(cos(π t / T) + 1) / 2
 
-No negatives: the predictor and the slowly moving target keep the online network from collapsing.
+No negatives: the predictor and the slowly moving target keep the online network from collapsing;
+`online_std` (logged every step, `normalized_std`) watches for it. BYOL's projector is
+`model.projection: mlp_bn` (Linear-BN-ReLU-Linear) and its representation is the encoder's output
+before it (`eval.knn_features: tower`); its embeddings are trained only to be predictable.
 The predictor is the objective's own module: trained with the model (`trainable_modules`) and saved
 in checkpoints (`state_modules`). In a multi-process run its gradients are averaged over the ranks
 by hooks (the model's are averaged by DDP).
