@@ -150,3 +150,22 @@ def test_mixed_targets_and_hard_negatives_do_not_combine(tmp_path):
     with pytest.raises(ValueError, match="data.cutmix"):
         load_config(None, tiny_overrides("simclr", tmp_path / "r", None) + ["data.cutmix=0.5",
                                                                              "loss.hard_negative_beta=1"])
+
+
+@pytest.mark.slow
+def test_clip_fit_trains_on_mixed_images(tmp_path):
+    from mmcl.train.loop import fit
+
+    seen = []
+
+    def on_batch(step, batch):
+        seen.append({k: batch[k].clone() for k in ("pixel_values", "mix_partner", "mix_lambda")})
+
+    tok = write_tokenizer(tmp_path / "tok")
+    result = fit(load_config(None, tiny_overrides("clip", tmp_path / "r", tok, steps=2) + ["data.cutmix=1.0"]),
+                 on_batch=on_batch)
+    assert result["step"] == 2 and torch.isfinite(torch.tensor(result["loss"]))
+    for batch in seen:  # every sample took a box from another one
+        n = batch["pixel_values"].shape[0]
+        assert (batch["mix_partner"] != torch.arange(n)).all()
+        assert (batch["mix_lambda"] <= 1).all() and (batch["mix_lambda"] < 1).any()
