@@ -208,8 +208,6 @@ def test_bad_config_raises_clear_errors(tmp_path, processor):
     expected = (plain["pixel_values"] * std + mean) * 255
     assert torch.equal(plain["index"], order["index"])
     assert (order["view1"].float() - expected).abs().max() <= 0.51
-    with pytest.raises(ValueError, match="cutmix"):
-        build_dataloader(DataConfig(cutmix=0.5), processor, **PAIRS, batch_size=2, dataset=ds)
     with pytest.raises(ValueError, match="batch_size"):
         build_dataloader(DataConfig(), processor, **PAIRS, batch_size=0, dataset=ds)
     with pytest.raises(TypeError, match="DatasetDict"):
@@ -302,6 +300,31 @@ def test_cutmix_in_loader(processor):
         kept = b[key] == plain[key]
         taken = b[key] == plain[key][b["mix_partner"]]
         assert (kept | taken).all() and not kept.all()
+
+
+@pytest.mark.parametrize("n,prob", [(7, 0.5), (13, 1.0)])
+def test_cutmix_of_image_text_batches_is_cutmix_by_hand(processor, n, prob):
+    # CLIP batches (one image per caption) mix pixel_values with the generator of the two-view path:
+    # seeded from (seed, 2, epoch and index of the batch's first sample, number of samples).
+    ds = load_digits_dataset("test").select(range(n))
+    cfg = DataConfig(augment="clip", cutmix=prob, image_size=16)
+    mixed = next(iter(build_dataloader(cfg, processor, **PAIRS, batch_size=n, dataset=ds, seed=4)))
+    plain = next(iter(build_dataloader(DataConfig(augment="clip", image_size=16), processor, **PAIRS,
+                                       batch_size=n, dataset=ds, seed=4)))
+    assert torch.equal(mixed["index"], plain["index"]) and torch.equal(mixed["input_ids"], plain["input_ids"])
+    seed = int(np.random.SeedSequence([4, 2, 0, int(plain["index"][0]), n]).generate_state(1)[0])
+    want, partner, lam, boxes = cutmix(plain["pixel_values"], prob, torch.Generator().manual_seed(seed))
+    assert torch.equal(mixed["pixel_values"], want)
+    assert torch.equal(mixed["mix_partner"], partner) and torch.equal(mixed["mix_lambda"], lam)
+    took = partner != torch.arange(n)
+    assert took.any() and not torch.equal(want, plain["pixel_values"])
+    for i in torch.nonzero(took).flatten().tolist():  # the box holds the partner's pixels, the rest its own
+        y0, y1, x0, x1 = boxes[i].tolist()
+        box = torch.zeros(16, 16, dtype=torch.bool)
+        box[y0:y1, x0:x1] = True
+        expect = torch.where(box, plain["pixel_values"][partner[i]], plain["pixel_values"][i])
+        assert torch.equal(mixed["pixel_values"][i], expect)
+        assert lam[i].item() == pytest.approx(1 - box.float().mean().item())
 
 
 # ---------------------------------------------------------------- order, resume, Accelerate

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from mmcl.methods import build_objective
-from mmcl.methods.byol import BYOLConfig, byol_loss, byol_predictor
+from mmcl.methods.byol import BYOLConfig, byol_loss, byol_predictor, normalized_std
 from mmcl.train.builders import build_model
 from mmcl.train.config import load_config
 from mmcl.train.loop import fit
@@ -60,6 +60,33 @@ def test_predictor_shape_and_momentum_ramp(tmp_path):
         assert target.momentum_at(step) == pytest.approx(expected, abs=1e-12)
     assert all(not p.requires_grad for p in target.parameters())
     assert set(objective.trainable_modules()) == {"predictor"}
+
+
+def test_normalized_std_monitors_collapse():
+    import numpy as np
+
+    z = torch.randn(50, 16, dtype=torch.float64) * torch.linspace(0.1, 3, 16, dtype=torch.float64)
+    unit = z.numpy() / np.linalg.norm(z.numpy(), axis=1, keepdims=True)
+    assert normalized_std(z) == pytest.approx(float(np.std(unit, axis=0, ddof=1).mean()), rel=1e-6)
+    assert normalized_std(torch.randn(1, 16).expand(8, 16) * 5) < 1e-6  # collapsed: one direction
+    spread = normalized_std(torch.randn(4000, 64))  # uniform on the sphere: about 1/sqrt(D)
+    assert abs(spread - 64 ** -0.5) < 0.01 * 64 ** -0.5, spread
+    assert math.isnan(normalized_std(torch.randn(1, 4)))
+    with pytest.raises(ValueError, match="z must be a"):
+        normalized_std(torch.randn(4))
+
+
+def test_byol_objective_with_the_mlp_bn_projector_logs_online_std(tmp_path):
+    cfg = load_config(None, tiny_overrides("byol", tmp_path / "r", None) + ["model.projection=mlp_bn",
+                                                                         "model.projection_hidden=24"])
+    model = build_model(cfg).train()
+    objective = build_objective(cfg, model)
+    head = objective.target.module.image_projection
+    assert isinstance(head[1], torch.nn.BatchNorm1d) and head[0].out_features == 24 and objective.target.training
+    batch = {"view1": torch.randn(6, 3, 16, 16), "view2": torch.randn(6, 3, 16, 16)}
+    emb = objective.embed(model, batch)
+    loss, logs = objective.loss(emb, objective.key_embeds(batch), None)
+    assert 0 < float(loss) < 8 and logs["online_std"] == pytest.approx(normalized_std(emb["z1"]))
 
 
 def test_byol_needs_an_image_only_model():

@@ -89,21 +89,40 @@ def test_moco_objective_uses_the_mixed_targets_with_a_queue(tmp_path):
     assert torch.allclose(g.double(), g_ref, atol=1e-5)
 
 
-def test_clip_objective_mixes_the_text_targets(tmp_path):
-    objective = _objective("clip", tmp_path, "loss.impl=naive")
-    n, d = 4, 16
-    img = F.normalize(torch.randn(n, d, dtype=torch.float64), dim=1)
-    txt = F.normalize(torch.randn(n, d, dtype=torch.float64), dim=1)
-    scale = torch.tensor(10.0, dtype=torch.float64)
-    partner, lam = torch.tensor([2, 3, 0, 1]), torch.tensor([0.6, 0.4, 1.0, 0.75], dtype=torch.float64)
+@pytest.mark.parametrize("impl", ["naive", "chunked"])
+def test_clip_objective_mixes_the_text_targets(tmp_path, impl):
+    objective = _objective("clip", tmp_path, "data.cutmix=0.5", f"loss.impl={impl}")
+    n, d = 5, 16
+    img = F.normalize(torch.randn(n, d, dtype=torch.float64), dim=1).requires_grad_(True)
+    txt = F.normalize(torch.randn(n, d, dtype=torch.float64), dim=1).requires_grad_(True)
+    scale = torch.tensor(10.0, dtype=torch.float64, requires_grad=True)
+    partner = torch.tensor([2, 3, 0, 1, 4])
+    lam = torch.tensor([0.6, 0.4, 1.0, 0.75, 1.0], dtype=torch.float64)
     keys = objective.key_embeds({"pixel_values": img, "mix_partner": partner, "mix_lambda": lam})
     loss, _ = objective.loss({"image": img, "text": txt}, keys, scale)
+    # Written out: Y_ij = λ_i [j = i] + (1 − λ_i) [j = partner_i]; image→text is the soft-label
+    # cross-entropy of each image's row; text→image uses the same Y transposed (text j's soft
+    # label over the images is column j of Y), each direction a mean over its B rows.
     logits = scale * img @ txt.T
     y = _mix_matrix(partner, lam, n)
-    # image→text: soft-label cross-entropy per image row; text→image: the same Y transposed.
-    text_to_image = (y * (torch.logsumexp(logits, 0)[None] - logits)).sum() / n
-    ref = (_soft_ce(logits, y) + text_to_image) / 2
+    image_to_text = -(y * torch.log_softmax(logits, dim=1)).sum() / n
+    text_to_image = -(y.T * torch.log_softmax(logits.T, dim=1)).sum() / n
+    ref = (image_to_text + text_to_image) / 2
     assert torch.allclose(loss, ref, rtol=1e-9), (loss.item(), ref.item())
+    grads = torch.autograd.grad(loss, (img, txt, scale))
+    grads_ref = torch.autograd.grad(ref, (img, txt, scale))
+    for name, g, r in zip(("image", "text", "scale"), grads, grads_ref):
+        assert torch.allclose(g, r, rtol=1e-8, atol=1e-12), (name, (g - r).abs().max())
+    plain, _ = objective.loss({"image": img, "text": txt}, {}, scale)
+    assert not torch.allclose(plain, loss)  # the mixed targets changed the loss
+
+
+def test_clip_takes_mixed_images_and_siglip_refuses_them(tmp_path):
+    tok = write_tokenizer(tmp_path / "tok")
+    cfg = load_config(None, tiny_overrides("clip", tmp_path / "r", tok) + ["data.cutmix=0.5"])
+    assert cfg.data.cutmix == 0.5
+    with pytest.raises(ValueError, match="data.cutmix.*'siglip'"):
+        load_config(None, tiny_overrides("siglip", tmp_path / "r", tok) + ["data.cutmix=0.5"])
 
 
 def test_hard_negative_options_reach_the_moco_loss(tmp_path):
@@ -131,3 +150,22 @@ def test_mixed_targets_and_hard_negatives_do_not_combine(tmp_path):
     with pytest.raises(ValueError, match="data.cutmix"):
         load_config(None, tiny_overrides("simclr", tmp_path / "r", None) + ["data.cutmix=0.5",
                                                                              "loss.hard_negative_beta=1"])
+
+
+@pytest.mark.slow
+def test_clip_fit_trains_on_mixed_images(tmp_path):
+    from mmcl.train.loop import fit
+
+    seen = []
+
+    def on_batch(step, batch):
+        seen.append({k: batch[k].clone() for k in ("pixel_values", "mix_partner", "mix_lambda")})
+
+    tok = write_tokenizer(tmp_path / "tok")
+    result = fit(load_config(None, tiny_overrides("clip", tmp_path / "r", tok, steps=2) + ["data.cutmix=1.0"]),
+                 on_batch=on_batch)
+    assert result["step"] == 2 and torch.isfinite(torch.tensor(result["loss"]))
+    for batch in seen:  # every sample took a box from another one
+        n = batch["pixel_values"].shape[0]
+        assert (batch["mix_partner"] != torch.arange(n)).all()
+        assert (batch["mix_lambda"] <= 1).all() and (batch["mix_lambda"] < 1).any()

@@ -124,3 +124,43 @@ def test_pcl_fit_clusters_on_schedule_and_checkpoints_the_prototypes(tmp_path):
     extra = load_file(str(tmp_path / "r" / "checkpoints" / "step_00000006" / "extra.safetensors"))
     assert int(extra["prototypes.ready"]) == 1 and extra["prototypes.assignments_1"].shape == (64,)
     assert extra["prototypes.centroids_0"].shape == (4, 16)
+
+
+@pytest.mark.slow
+def test_pcl_prototypes_agree_across_two_processes(tmp_path):
+    from helpers.launch import SCRIPTS, accelerate_launch
+
+    # 64 digits, 8 per rank and step: an epoch is 4 steps; warm-up 2 steps, then one clustering. A
+    # BatchNorm tower: each rank's key encoder keeps running statistics of its own batches.
+    resnet = ("{model_type: resnet, num_channels: 3, embedding_size: 8, hidden_sizes: [8, 16], depths: [1, 1], "
+              "layer_type: basic, downsample_in_first_stage: false}")
+    extra = ["train.max_steps=3", "pcl.warmup_steps=2", "pcl.kmeans_iters=10", f"model.image_tower_config={resnet}"]
+    accelerate_launch(SCRIPTS / "dist_pcl.py", str(tmp_path), *extra)
+    cfg = load_config(None, tiny_overrides("pcl", tmp_path / "r", None) + extra)
+    assert not (tmp_path / "rank0_call1.safetensors").exists()  # one clustering in 3 steps
+    ranks = [load_file(str(tmp_path / f"rank{r}_call0.safetensors")) for r in (0, 1)]
+    features = ranks[0]["features"]
+    assert features.shape == (64, 16)
+    # The ranks embedded the training set with different BatchNorm statistics ...
+    assert not torch.allclose(features, ranks[1]["features"])
+    # ... and hold one clustering all the same:
+    for name in ranks[0]:
+        if name != "features":
+            assert torch.equal(ranks[0][name], ranks[1][name]), name
+    assert int(ranks[0]["ready"]) == 1
+    # The ranks' state is rank 0's clustering: a 1-process k-means of the features it clustered.
+    p = cfg.pcl
+    bank = Prototypes(p.num_clusters, 64, 16)
+    bank.fit(features, iters=p.kmeans_iters, seed=cfg.seed, alpha=p.concentration_alpha,
+             temperature=cfg.loss.temperature, backend=p.backend)
+    for i, k in enumerate(p.num_clusters):
+        centroids, phi, assign = bank.level(i)
+        assert torch.equal(ranks[1][f"assignments_{i}"], assign), i
+        assert len(torch.unique(assign)) > 1
+        torch.testing.assert_close(ranks[1][f"centroids_{i}"], centroids, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(ranks[1][f"concentration_{i}"], phi, rtol=1e-6, atol=1e-6)
+    # The batches' `index` (the key into the assignments) names global training rows: the two
+    # ranks' rows of one epoch are disjoint.
+    seen = [load_file(str(tmp_path / f"rank{r}_index.safetensors"))["index"] for r in (0, 1)]
+    assert all(s.numel() == 24 and int(s.min()) >= 0 and int(s.max()) < 64 for s in seen)
+    assert not set(seen[0].tolist()) & set(seen[1].tolist())

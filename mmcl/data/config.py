@@ -37,7 +37,9 @@ class DataConfig:
     # The image side for training and for the model: a model built from towers gets a processor of
     # this size; None: the processor's own size.
     image_size: int | None = None
-    cutmix: float = 0.0  # probability per batch; image-only modes
+    # Probability that a sample is CutMix-ed within its batch (i-Mix): the two views, or the image of
+    # an image-text batch.
+    cutmix: float = 0.0
     max_samples: int | None = None
     num_workers: int = 0
     eval_source: str | list | None = None

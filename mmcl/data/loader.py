@@ -144,7 +144,8 @@ class ContrastiveCollator:
         if self.labels:
             batch["labels"] = torch.tensor([it["labels"] for it in good], dtype=torch.long)
         if self.cutmix > 0:
-            views = [k for k in ("view1", "view2") if k in batch]
+            # Two-view batches mix their views (clip+simclr too); image-text batches their one image.
+            views = [k for k in ("view1", "view2") if k in batch] or ["pixel_values"]
             keys = [(it["epoch"], it["index"]) for it in items] or [(0, 0)]
             gen = torch.Generator().manual_seed(_sample_seed(self.seed, 2, *keys[0], len(items)))
             mixed, partner, lam, _ = cutmix([batch[k] for k in views], self.cutmix, gen)
@@ -166,9 +167,10 @@ def build_dataset(cfg: DataConfig, processor, *, text: bool, views: bool, seed: 
             ``views`` is set too.
         views: batches hold ``view1``, ``view2`` (B, 3, H, W), two independent views from
             ``cfg.augment``. ``labels`` (B,) is added when ``cfg.label_column`` is set; with
-            ``cfg.cutmix > 0`` the views are CutMix-ed and ``mix_partner`` (B,) / ``mix_lambda``
-            (B,) describe the mixing. Every batch has ``num_skipped`` (int, unreadable samples
-            dropped from it, so B may be smaller than asked, even 0) and ``index`` (B,) its rows.
+            ``cfg.cutmix > 0`` the views (without ``views``: ``pixel_values``) are CutMix-ed and
+            ``mix_partner`` (B,) / ``mix_lambda`` (B,) describe the mixing. Every batch has
+            ``num_skipped`` (int, unreadable samples dropped from it, so B may be smaller than
+            asked, even 0) and ``index`` (B,) its rows.
         seed: seeds captions drawn from lists, augmentations and CutMix.
         dataset: a ready ``datasets.Dataset`` to use instead of ``cfg.source``.
         device_views: the caller augments the views on the device (``DeviceAugment``), so
@@ -241,8 +243,6 @@ def _check_request(cfg, processor, *, text: bool, views: bool, device_views: boo
     if views and cfg.augment in ("none", "clip") and not device_views:
         raise ValueError(f"two-view batches (views=True) need two random views: set augment to 'simclr' or "
                          f"'mocov2' (augment={cfg.augment!r} would make both views identical)")
-    if cfg.cutmix > 0 and not views:
-        raise ValueError("cutmix applies to image-only views; it needs two-view batches (views=True)")
     if text and not callable(getattr(processor, "tokenize", None)):
         raise TypeError("text=True tokenizes captions: processor must have tokenize(texts, max_length)")
     size, _, _ = processor_geometry(processor, cfg.image_size)

@@ -1,4 +1,4 @@
-"""CPU augmentation (PIL image -> (3, H, W) tensor) from the preset table, and CutMix for image-only batches."""
+"""CPU augmentation (PIL image -> (3, H, W) tensor) from the preset table, and CutMix within a batch."""
 from __future__ import annotations
 
 import math

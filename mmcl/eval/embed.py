@@ -24,6 +24,9 @@ from mmcl.eval._checks import positive_int
 __all__ = ["load_image", "embed_images", "embed_texts", "model_device", "iter_image_batches"]
 
 
+IMAGE_FEATURES = ("embeddings", "tower")  # what embed_images returns: the head's output, or the tower's
+
+
 def _show_progress(progress: bool) -> bool:
     return bool(progress) and rank() == 0  # one bar per run, not one per process
 
@@ -128,18 +131,29 @@ def embed_images(
     batch_size: int = 64,
     normalize: bool = True,
     progress: bool = False,
+    features: str = "embeddings",
 ) -> torch.Tensor:
     """Image embeddings (N, P) as float32 on CPU, from `model.encode_image` batch by batch.
 
     `images`: a `datasets.Dataset` (its `image_column` is used), a list of PIL images / paths /
     uint8 arrays, one such image, or a float pixel tensor (N, 3, H, W) already preprocessed.
+    `features`: "embeddings" (the projection head's output, (N, P)) or "tower" (the image tower's
+    features before the head, `model.image_features`, (N, F)); either L2-normalised unless
+    normalize=False.
     """
+    if features not in IMAGE_FEATURES:
+        raise ValueError(f"features must be one of {', '.join(IMAGE_FEATURES)}, got {features!r}")
     total = _count(images, image_column)
     out = []
     bar = tqdm(total=total, desc="images", unit="img", disable=not _show_progress(progress))
     with eval_mode(model), bar:
         for pixels in iter_image_batches(model, images, image_column=image_column, batch_size=batch_size):
-            out.append(model.encode_image(pixels, normalize=normalize).float().cpu())
+            if features == "embeddings":
+                x = model.encode_image(pixels, normalize=normalize)
+            else:
+                x = model.image_features(pixels)
+                x = torch.nn.functional.normalize(x, dim=-1) if normalize else x
+            out.append(x.float().cpu())
             bar.update(pixels.shape[0])
     return torch.cat(out)
 

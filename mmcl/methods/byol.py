@@ -5,7 +5,10 @@
     loss      ‖p̄1 − z̄'2‖² + ‖p̄2 − z̄'1‖²  = 4 − 2·cos(p1, z'2) − 2·cos(p2, z'1)   (mean over the batch)
     after each optimizer step:  ξ ← m·ξ + (1 − m)·θ,  m = 1 − (1 − m0)·(cos(π t / T) + 1) / 2
 
-No negatives: the predictor and the slowly moving target keep the online network from collapsing.
+No negatives: the predictor and the slowly moving target keep the online network from collapsing;
+`online_std` (logged every step, `normalized_std`) watches for it. BYOL's projector is
+`model.projection: mlp_bn` (Linear-BN-ReLU-Linear) and its representation is the encoder's output
+before it (`eval.knn_features: tower`); its embeddings are trained only to be predictable.
 The predictor is the objective's own module: trained with the model (`trainable_modules`) and saved
 in checkpoints (`state_modules`). In a multi-process run its gradients are averaged over the ranks
 by hooks (the model's are averaged by DDP).
@@ -67,6 +70,18 @@ def byol_loss(p1: torch.Tensor, p2: torch.Tensor, t1: torch.Tensor, t2: torch.Te
     return (term(p1, t2) + term(p2, t1)).mean()
 
 
+@torch.no_grad()
+def normalized_std(z: torch.Tensor) -> float:
+    """Collapse monitor: the per-dimension std over the batch of the L2-normalised rows of z (B, D),
+    averaged over the D dimensions. 0 for a collapsed output (every row the same); about 1/√D
+    when the rows spread over the sphere; nan for a single row."""
+    if not isinstance(z, torch.Tensor) or z.dim() != 2:
+        raise ValueError(f"z must be a (B, D) tensor, got {getattr(z, 'shape', type(z).__name__)}")
+    if z.shape[0] < 2:
+        return float("nan")
+    return float(F.normalize(z.detach().float(), dim=1).std(0).mean())
+
+
 def _average_over_ranks(param: torch.Tensor) -> None:
     # After each backward's accumulation: the sum over micro-batches of rank averages is the rank
     # average of the sums, so plain accumulation and GradCache stay correct.
@@ -116,7 +131,7 @@ class BYOLObjective(Objective):
         p = self.predictor(torch.cat([emb["z1"], emb["z2"]]).to(self.predictor[0].weight.dtype))
         n = emb["z1"].shape[0]
         loss = byol_loss(p[:n], p[n:], keys["t1"], keys["t2"])
-        return loss, {"target_momentum": self.target.momentum_at(self._step)}
+        return loss, {"target_momentum": self.target.momentum_at(self._step), "online_std": normalized_std(emb["z1"])}
 
     @torch.no_grad()
     def after_step(self, model, keys: dict, step: int) -> None:

@@ -23,7 +23,7 @@ class ClipObjective(Objective):
         return {"image": out.image_embeds, "text": out.text_embeds, "scale": out.logit_scale}
 
     def key_embeds(self, batch: dict) -> dict:
-        return mix_keys(batch)  # the loader mixes only two-view batches; a hook may mix pixel_values
+        return mix_keys(batch)  # data.cutmix > 0: the loader CutMix-ed pixel_values
 
     def loss(self, emb: dict, keys: dict, scale):
         lc = self.loss_cfg

@@ -10,8 +10,11 @@ Concentration of a cluster with rows Z (paper, eq. 12): φ = Σ_z ‖v_z − c�
 cluster of one row takes the largest φ; φ is clamped to its 10th-90th percentiles and scaled to mean
 loss.temperature. Every prototype of a granularity is a candidate (the paper samples r negatives
 out of up to 100,000 clusters). Before the first clustering (pcl.warmup_steps) the loss is
-MoCo's InfoNCE alone, as the paper's warm-up epochs. Every rank clusters the same features; rank
-0's result is broadcast so that all ranks hold the same prototypes.
+MoCo's InfoNCE alone, as the paper's warm-up epochs. Every rank embeds and clusters the whole
+training set at the same step (so no rank idles in a collective meanwhile); with a BatchNorm tower
+the ranks' key encoders hold running statistics of their own batches, so their features differ.
+Rank 0's clustering is then broadcast: every rank holds the prototypes, concentrations and
+assignments of a 1-process k-means of rank 0's features (tests/test_methods_pcl.py, 2 processes).
 """
 from __future__ import annotations
 

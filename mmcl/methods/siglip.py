@@ -10,7 +10,7 @@ scale is unclamped; neither is the bias.
 from __future__ import annotations
 
 from mmcl.losses import siglip_loss
-from mmcl.methods.base import Objective
+from mmcl.methods.base import Objective, require
 
 
 class SigLipObjective(Objective):
@@ -34,6 +34,13 @@ class SigLipObjective(Objective):
         # GradCache passes only the scale to `loss` (its graph-free pass drops "scale"): the
         # bias then comes from the model itself.
         self._model = model
+
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        super().check_config(cfg)
+        require(not cfg.data.cutmix > 0,
+                "data.cutmix mixes the images and needs i-Mix's soft targets, which the sigmoid loss of mode "
+                "'siglip' does not have: set data.cutmix=0 (mode 'clip' takes mixed images)")
 
     def embed(self, model, batch: dict) -> dict:
         out = model(pixel_values=batch["pixel_values"], input_ids=batch["input_ids"],

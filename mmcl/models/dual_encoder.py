@@ -22,7 +22,7 @@ from mmcl.models.towers import Tower, build_pair, from_saved
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
-PROJECTIONS = ("linear", "mlp", "none")
+PROJECTIONS = ("linear", "mlp", "mlp_bn", "none")
 
 
 @dataclass
@@ -36,13 +36,26 @@ class DualEncoderOutput:
     logit_bias: torch.Tensor | None = None
 
 
-def make_projection(kind: str, in_dim: int, out_dim: int) -> nn.Module:
-    """Head from tower features (B, in_dim) to embeddings (B, out_dim). "linear" is bias-free, as
-    in CLIP (so transformers' CLIP/VisionTextDualEncoder heads map onto it one to one)."""
+def make_projection(kind: str, in_dim: int, out_dim: int, hidden: int | None = None) -> nn.Module:
+    """Head from tower features (B, in_dim) to embeddings (B, out_dim); `hidden` (default in_dim)
+    is the MLPs' hidden width.
+
+    "linear": bias-free, as in CLIP (so transformers' CLIP/VisionTextDualEncoder heads map onto
+    it one to one). "mlp": Linear-GELU-Linear. "mlp_bn": Linear-BatchNorm1d-ReLU-Linear, the
+    projector of BYOL and SimCLR v2 (batch statistics in train mode, running ones in eval mode).
+    "none": the identity.
+    """
+    if hidden is not None and (not isinstance(hidden, int) or isinstance(hidden, bool) or hidden < 1):
+        raise ValueError(f"projection_hidden must be a positive int or None, got {hidden!r}")
+    width = in_dim if hidden is None else hidden
     if kind == "linear":
         return nn.Linear(in_dim, out_dim, bias=False)
     if kind == "mlp":
-        return nn.Sequential(nn.Linear(in_dim, in_dim), nn.GELU(), nn.Linear(in_dim, out_dim, bias=False))
+        return nn.Sequential(nn.Linear(in_dim, width), nn.GELU(), nn.Linear(width, out_dim, bias=False))
+    if kind == "mlp_bn":
+        # No bias before BatchNorm: its shift would be subtracted again.
+        return nn.Sequential(nn.Linear(in_dim, width, bias=False), nn.BatchNorm1d(width), nn.ReLU(inplace=True),
+                             nn.Linear(width, out_dim))
     if kind == "none":
         return nn.Identity()
     raise ValueError(f"projection must be one of {PROJECTIONS}, got {kind!r}")
@@ -60,7 +73,8 @@ class DualEncoder(nn.Module):
 
     def __init__(self, image_tower: Tower, text_tower: Tower | None, processor: DualProcessor, *,
                  projection_dim: int = 512, projection: str = "linear", init_temperature: float = 0.07,
-                 max_scale: float | None = 100.0, init_logit_bias: float | None = None):
+                 max_scale: float | None = 100.0, init_logit_bias: float | None = None,
+                 projection_hidden: int | None = None):
         super().__init__()
         if max_scale is not None and not (isinstance(max_scale, (int, float)) and max_scale > 0):
             raise ValueError(f"max_scale must be a number > 0 or None (no clamp), got {max_scale!r}")
@@ -76,10 +90,15 @@ class DualEncoder(nn.Module):
         if not isinstance(projection_dim, int) or isinstance(projection_dim, bool) or projection_dim < 1:
             raise ValueError(f"projection_dim must be a positive int, got {projection_dim!r}")
         self.image_tower = image_tower
-        self.image_projection = make_projection(projection, image_tower.output_dim, projection_dim)
+        if projection_hidden is not None and projection not in ("mlp", "mlp_bn"):
+            raise ValueError(f'projection_hidden sets the hidden width of an "mlp" or "mlp_bn" head; '
+                             f"projection={projection!r} has none")
+        head = {"hidden": projection_hidden}
+        self.image_projection = make_projection(projection, image_tower.output_dim, projection_dim, **head)
         self.text_tower = text_tower
         self.text_projection = (
-            make_projection(projection, text_tower.output_dim, projection_dim) if text_tower is not None else None
+            make_projection(projection, text_tower.output_dim, projection_dim, **head) if text_tower is not None
+            else None
         )
         self.logit_scale = LogitScale(init_temperature, max_scale=math.inf if max_scale is None else max_scale)
         self.register_parameter("logit_bias", None)
@@ -88,6 +107,7 @@ class DualEncoder(nn.Module):
             self.add_logit_bias(init_logit_bias)
         self.processor = processor
         self.projection, self.projection_dim = projection, projection_dim
+        self.projection_hidden = projection_hidden
         self.init_temperature = float(init_temperature)
         self.max_scale = None if max_scale is None else float(max_scale)
         self._fully_locked: set[str] = set()
@@ -105,9 +125,10 @@ class DualEncoder(nn.Module):
 
     @classmethod
     def from_towers(cls, image_tower, text_tower=None, *, projection_dim: int = 512, projection: str = "linear",
-                    init_temperature: float = 0.07, max_scale: float | None = 100.0,
-                    init_logit_bias: float | None = None, image_pooling: str = "auto", text_pooling: str = "auto",
-                    tokenizer=None, image_processor=None, image_size=None, image_mean=None, image_std=None):
+                    projection_hidden: int | None = None, init_temperature: float = 0.07,
+                    max_scale: float | None = 100.0, init_logit_bias: float | None = None,
+                    image_pooling: str = "auto", text_pooling: str = "auto", tokenizer=None, image_processor=None,
+                    image_size=None, image_mean=None, image_std=None):
         """A new model from tower specs (heads, logit scale and bias freshly initialised).
 
         A tower is a transformers directory or hub id, a transformers PretrainedConfig (random
@@ -124,7 +145,8 @@ class DualEncoder(nn.Module):
         processor = DualProcessor(image_proc, tok, getattr(text, "max_length", None) if text is not None else None,
                                   pad_to_max_length=getattr(text, "pad_to_max_length", False))
         model = cls(image, text, processor, projection_dim=projection_dim, projection=projection,
-                    init_temperature=init_temperature, max_scale=max_scale, init_logit_bias=init_logit_bias)
+                    projection_hidden=projection_hidden, init_temperature=init_temperature, max_scale=max_scale,
+                    init_logit_bias=init_logit_bias)
         return model.eval()  # as transformers' from_pretrained: call .train() to train
 
     @classmethod
@@ -171,8 +193,9 @@ class DualEncoder(nn.Module):
         image = from_saved(config["image_tower"], "image")
         text = from_saved(config["text_tower"], "text") if config.get("text_tower") else None
         model = cls(image, text, DualProcessor.from_pretrained(directory), projection_dim=config["projection_dim"],
-                    projection=config["projection"], init_temperature=config["init_temperature"],
-                    max_scale=config.get("max_scale", 100.0), init_logit_bias=config.get("init_logit_bias"))
+                    projection=config["projection"], projection_hidden=config.get("projection_hidden"),
+                    init_temperature=config["init_temperature"], max_scale=config.get("max_scale", 100.0),
+                    init_logit_bias=config.get("init_logit_bias"))
         weights = os.path.join(directory, WEIGHTS_FILE)
         if not os.path.isfile(weights):
             raise ValueError(f"{directory!r} has no {WEIGHTS_FILE}")
@@ -199,6 +222,8 @@ class DualEncoder(nn.Module):
             "projection": self.projection, "projection_dim": self.projection_dim,
             "init_temperature": self.init_temperature, "max_scale": self.max_scale,
         }
+        if self.projection_hidden is not None:  # only MLP heads of a set width carry the key
+            config["projection_hidden"] = self.projection_hidden
         if self.logit_bias is not None:  # only sigmoid models carry the key
             config["init_logit_bias"] = self.init_logit_bias
         return config
@@ -240,8 +265,13 @@ class DualEncoder(nn.Module):
 
     def encode_image(self, pixel_values: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         """pixel_values (B, 3, H, W) float → embeddings (B, P), L2-normalised unless normalize=False."""
-        x = self.image_projection(self.image_tower(pixel_values=self._check_pixels(pixel_values)))
+        x = self.image_projection(self.image_features(pixel_values))
         return F.normalize(x, dim=-1) if normalize else x
+
+    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """pixel_values (B, 3, H, W) float → the image tower's features (B, F) before the projection
+        head (the representation SimCLR, MoCo and BYOL evaluate; F = image_tower.output_dim)."""
+        return self.image_tower(pixel_values=self._check_pixels(pixel_values))
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                     normalize: bool = True) -> torch.Tensor:

@@ -52,6 +52,7 @@ class ModelConfig:
     image_std: list | None = None
     projection_dim: int = 512
     projection: str = "linear"  # one of mmcl.models.dual_encoder.PROJECTIONS
+    projection_hidden: int | None = None  # hidden width of an "mlp" / "mlp_bn" head; null: the tower's width
     init_temperature: float | None = None  # None: the method's own (CLIP 0.07; SigLIP 0.1, i.e. t' = log 10)
     lock_image: bool = False
     lock_image_unlocked_layers: int = 0
@@ -67,6 +68,12 @@ class ModelConfig:
         d = self.projection_dim
         _check(isinstance(d, int) and not isinstance(d, bool) and d >= 1,
                f"model.projection_dim must be an int >= 1, got {d!r}")
+        h = self.projection_hidden
+        _check(h is None or (isinstance(h, int) and not isinstance(h, bool) and h >= 1),
+               f"model.projection_hidden must be null or an int >= 1, got {h!r}")
+        _check(h is None or self.projection in ("mlp", "mlp_bn"),
+               f'model.projection_hidden sets the hidden width of an "mlp" or "mlp_bn" head, but model.projection '
+               f"is {self.projection!r}")
         _check(bool(self.pretrained or self.image_tower or self.image_tower_config),
                "model: set model.image_tower, model.image_tower_config or model.pretrained")
         self.batchnorm.validate()
@@ -131,6 +138,7 @@ def build_model(cfg):
                 kwargs[key] = tuple(value) if isinstance(value, list) else value
         temperature = m.init_temperature if m.init_temperature is not None else method.init_temperature
         model = DualEncoder.from_towers(image, text, projection_dim=m.projection_dim, projection=m.projection,
+                                        projection_hidden=m.projection_hidden,
                                         init_temperature=temperature, max_scale=method.max_scale,
                                         init_logit_bias=method.init_logit_bias, **kwargs)
     if method.needs_text and not model.has_text_tower:

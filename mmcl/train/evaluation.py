@@ -16,7 +16,7 @@ from mmcl.data import EVAL_TEMPLATES, load_eval_dataset, load_source
 from mmcl.data.shards import is_stream_source
 from mmcl.data.sources import bounded_samples
 from mmcl.eval import embed_images, knn_accuracy
-from mmcl.eval.embed import iter_image_batches
+from mmcl.eval.embed import IMAGE_FEATURES, iter_image_batches
 from mmcl.methods import objective_class
 from mmcl.retrieval import evaluate as retrieval_evaluate
 from mmcl.zeroshot import ZeroShotClassifier
@@ -39,6 +39,9 @@ class EvalConfig:
     knn_k: int = 20
     knn_temperature: float = 0.1
     knn_train_samples: int | None = 5000  # training images in the kNN memory bank; null: all of them
+    # kNN on "embeddings" (the projection head's output) or "tower" (the image tower's features
+    # before the head: the representation SimCLR / MoCo / BYOL evaluate)
+    knn_features: str = "embeddings"
     batch_size: int = 128
 
     def validate(self) -> None:
@@ -54,6 +57,8 @@ class EvalConfig:
                 raise ValueError(f"eval.{name} must be null or an int >= 1, got {value!r}")
         if not self.knn_temperature > 0:
             raise ValueError(f"eval.knn_temperature must be > 0, got {self.knn_temperature}")
+        if self.knn_features not in IMAGE_FEATURES:
+            raise ValueError(f"eval.knn_features must be one of {', '.join(IMAGE_FEATURES)}, got {self.knn_features!r}")
 
 
 def _subset(ds, n: int, seed: int):
@@ -167,8 +172,9 @@ class Evaluator:
         train_label = self._label_column(train)
         if train_label is None:
             return {}
-        f_train = embed_images(model, self._cached_pixels("train", model, train), image_column=col, batch_size=bs)
-        f_test = embed_images(model, self._cached_pixels("test", model, test), image_column=col, batch_size=bs)
+        kw = {"image_column": col, "batch_size": bs, "features": self.cfg.eval.knn_features}
+        f_train = embed_images(model, self._cached_pixels("train", model, train), **kw)
+        f_test = embed_images(model, self._cached_pixels("test", model, test), **kw)
         y_train = torch.as_tensor(train[train_label])
         y_test = torch.as_tensor(test[self._label_column(test)])
         k = min(self.cfg.eval.knn_k, len(train))
