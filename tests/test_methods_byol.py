@@ -92,6 +92,8 @@ def test_byol_objective_with_the_mlp_bn_projector_logs_online_std(tmp_path):
 def test_byol_needs_an_image_only_model():
     with pytest.raises(ValueError, match="mode 'byol' trains an image-only model"):
         load_config(None, TOWERS + ["mode=byol", "data.augment=simclr"])
+    with pytest.raises(ValueError, match="data.cutmix mixes the views"):
+        load_config(None, ["model.image_tower=timm:resnet18", "mode=byol", "data.augment=simclr", "data.cutmix=0.5"])
     for field, value, match in (("momentum", 1.5, "byol.momentum"), ("final_momentum", -0.1, "byol.final_momentum"),
                                 ("predictor_hidden", 0, "byol.predictor_hidden")):
         cfg = BYOLConfig(**{field: value})

@@ -115,6 +115,9 @@ class BYOLObjective(Objective):
         require(not (m.pretrained or m.text_tower or m.text_tower_config),
                 "mode 'byol' trains an image-only model: unset model.text_tower / model.text_tower_config / "
                 "model.pretrained (BYOL has no text tower)")
+        require(not cfg.data.cutmix > 0,
+                "data.cutmix mixes the views and needs i-Mix's mixed targets, which BYOL's regression loss does "
+                "not have: set data.cutmix=0 (modes 'simclr', 'moco' and 'clip' take mixed images)")
 
     def embed(self, model, batch: dict) -> dict:
         n = batch["view1"].shape[0]
