@@ -89,3 +89,20 @@ def test_accelerate_launch_two_processes_matches_one_process(accumulate, tmp_pat
         assert torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-5), f"{k}: max diff {(a[k] - b[k]).abs().max():.3e}"
     # ... and training moved the weights: the temperature left its initial 0.07.
     assert abs(float(a["logit_scale.log_scale"].exp()) - 1 / 0.07) > 1e-4
+
+
+@pytest.mark.slow
+def test_fsdp_launch_on_cpu_says_it_runs_data_parallel(tmp_path):
+    """`accelerate launch` with FSDP asked for (as recipes/accelerate/fsdp.yaml does) on CPU
+    processes: Accelerate runs plain data parallelism, and the run says so once, naming both."""
+    tok = write_tokenizer(tmp_path / "tok")
+    common = ["train.max_steps=2", "eval.enabled=false"]
+    proc = accelerate_launch(os.path.join(REPO, "tests", "scripts", "train_fit.py"), "simclr", str(tmp_path / "run"), tok, "0",
+                             *common, env={"ACCELERATE_USE_FSDP": "true"})
+    out = proc.stdout + proc.stderr
+    assert out.count("mmcl: warning: the launch asked for FSDP") == 1, out[-3000:]
+    assert "runs MULTI_CPU here" in out
+    assert (tmp_path / "run" / "final" / "model.safetensors").is_file()  # it trained to the end
+    plain = accelerate_launch(os.path.join(REPO, "tests", "scripts", "train_fit.py"), "simclr", str(tmp_path / "plain"), tok,
+                              "0", *common)
+    assert "the launch asked for" not in plain.stdout + plain.stderr

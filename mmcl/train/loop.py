@@ -13,16 +13,13 @@ The loop reads as its steps: _setup → _resume → while (_next_batches → _tr
 from __future__ import annotations
 
 import math
-import os
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import (
-    DistributedDataParallelKwargs, DistributedType, ProjectConfiguration, gather_object, set_seed,
-)
+from accelerate.utils import gather_object, set_seed
 
 from mmcl import distributed
 from mmcl.data import BatchStream, DeviceAugment
@@ -31,13 +28,14 @@ from mmcl.data.stream import build_stream
 from mmcl.methods import Objective, build_objective
 from mmcl.train import checkpoint as ckpt
 from mmcl.train import faults
+from mmcl.train.accelerator import build_accelerator
 from mmcl.train.builders import build_model
 from mmcl.train.config import Config, as_config, to_dict
 from mmcl.train.evaluation import Evaluator, print_report
 from mmcl.train.gradcache import cached_step, plain_step
 from mmcl.train.optim import build_optimizer, build_scheduler
 from mmcl.train.saved import flat_dict
-from mmcl.train.trackers import Progress, build_trackers, log_evaluation
+from mmcl.train.trackers import Progress, log_evaluation
 
 __all__ = ["fit"]
 
@@ -140,32 +138,6 @@ def _fit(cfg: Config, on_batch, on_step_end, closers: list, guard: faults.RunGua
 # --------------------------------------------------------------------------- setup and resume
 
 
-def _make_accelerator(cfg: Config) -> Accelerator:
-    out = Path(cfg.output_dir)
-    # `accelerate launch --multi_gpu` on a machine without GPUs starts the processes but Accelerate
-    # would then run each alone; with cpu=True they form one gloo group (multi-CPU training).
-    cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
-    accelerator = Accelerator(
-        cpu=cpu,
-        mixed_precision=cfg.train.mixed_precision,
-        log_with=build_trackers(cfg.train.trackers, str(out / "logs")) or None,
-        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
-        dynamo_backend="inductor" if cfg.train.compile else "no",
-        # Towers may hold parameters that a given loss never reaches (a pooler next to mean pooling).
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True),
-                         faults.process_group_kwargs(cfg.train.collective_timeout_s)],  # a dead rank: no hang
-    )
-    if getattr(accelerator.state, "deepspeed_plugin", None) is not None:
-        accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.train.batch_size
-    t = cfg.train
-    if t.accumulate > 1 and t.accumulate_mode == "cached" and accelerator.distributed_type in (
-            DistributedType.DEEPSPEED, DistributedType.FSDP):
-        raise ValueError(f"train.accumulate_mode=cached (GradCache) is not supported with "
-                         f"{accelerator.distributed_type.value}: its backward passes bypass the engine; "
-                         "use DDP (multi_gpu) or train.accumulate_mode=plain")
-    return accelerator
-
-
 def _loader_data_config(cfg: Config, processor):
     """The data config for the loader: when the model's processor already has data.image_size
     (a model built from towers), the loader uses the processor's own preprocessing."""
@@ -177,7 +149,7 @@ def _loader_data_config(cfg: Config, processor):
 
 def _setup(cfg: Config, closers: list, guard: faults.RunGuard) -> Run:
     t = cfg.train
-    accelerator = _make_accelerator(cfg)
+    accelerator = build_accelerator(cfg)
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
     guard.attach(accelerator)  # the heartbeat of a multi-process run
     set_seed(cfg.seed)  # same initial weights on every rank (DDP also broadcasts rank 0's)
