@@ -14,6 +14,7 @@
 #   bash bench/gpu_session.sh kernels                  # CUDA tests + bench_kernels, <= 9 min (expect ~5)
 #   MOCO_MINUTES=3 bash bench/gpu_session.sh moco      # MoCo v2, 3 min of training + kNN/probe, <= 6 min
 #   bash bench/gpu_session.sh siglip                   # SigLIP kernels: CUDA tests + bench, <= 6 min
+#   METHODS_EPOCHS=1 bash bench/gpu_session.sh methods # bench_methods --gpu: 7 CIFAR-10 rows, <= 9 min
 #
 # and before lending a GPU, on the CPU machine: `bash bench/gpu_session.sh dry` (the same setup;
 # the tests collect, bench_kernels runs tiny through the interpreter and exits 2 without CUDA).
@@ -90,6 +91,11 @@ if [[ "$PART" == dry ]]; then
     echo "=== dry_bench_no_cuda: exit $rc"
     [[ $rc == 2 ]] || status=1
     step dry_moco_help 60 python3 bench/moco_cifar10.py --help
+    echo "=== dry_methods_no_cuda: expecting exit 2"
+    CUDA_VISIBLE_DEVICES="" python3 bench/bench_methods.py --gpu --data .device_data/cifar10 --no-write >/dev/null 2>&1
+    rc=$?
+    echo "=== dry_methods_no_cuda: exit $rc"
+    [[ $rc == 2 ]] || status=1
     echo "=== dry run: exit $status"
     exit $status
 fi
@@ -114,6 +120,15 @@ if [[ "$PART" == all || "$PART" == moco ]]; then
             --methods moco --epochs 200 --minutes "$MOCO_MINUTES"
     else
         echo "=== moco_cifar10 skipped: .device_data/cifar10 was not carried"
+        status=1
+    fi
+fi
+if [[ "$PART" == methods ]]; then  # not in "all": the 15 minutes of a session hold kernels + one of these
+    if [[ -f .device_data/cifar10/train.parquet ]]; then
+        step methods_cifar10 540 python3 bench/bench_methods.py --gpu --data .device_data/cifar10 \
+            --gpu-epochs "${METHODS_EPOCHS:-1}"
+    else
+        echo "=== methods_cifar10 skipped: .device_data/cifar10 was not carried"
         status=1
     fi
 fi
