@@ -4,100 +4,20 @@ References are independent of mmcl's reader: sample keys come from Python's tarf
 the rule in mmcl.data.shards' docstring re-implemented here with numpy.
 """
 import io
-import math
-import tarfile
 from collections import Counter
 
-import datasets
 import numpy as np
 import pytest
 import torch
+from helpers.streams import (  # noqa: F401 (processor, shards: fixtures)
+    bad_shards, pairs, png, processor, reference_rows, resumed_through_checkpoint, shards, tar_keys,
+)
 from PIL import Image
 
 from mmcl.data import DataConfig
-from mmcl.data.shard_writer import write_shards
 from mmcl.data.shards import SampleStream, expand_shards, read_shard, worker_shards
 from mmcl.data.stream import ShardBatchStream, build_stream
 from mmcl.train import checkpoint as ckpt
-
-NUMBERS = "zero one two three four five six seven eight nine".split()
-MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
-
-
-def png(i: int, size: int = 16) -> bytes:
-    pixels = np.random.default_rng(i).integers(0, 255, (size, size, 3), dtype=np.uint8)
-    out = io.BytesIO()
-    Image.fromarray(pixels).save(out, format="PNG")
-    return out.getvalue()
-
-
-def pairs(n: int) -> datasets.Dataset:
-    """n image-caption-label rows (16x16 noise images, captions from the tiny test vocabulary)."""
-    return datasets.Dataset.from_dict({
-        "image": [{"bytes": png(i), "path": None} for i in range(n)],
-        "caption": [f"a photo of the digit {NUMBERS[i % 10]}" for i in range(n)],
-        "label": [i % 10 for i in range(n)],
-    }).cast_column("image", datasets.Image())
-
-
-def tar_keys(path) -> list[str]:
-    """The sample keys of one tar in member order, read with tarfile alone."""
-    keys = []
-    with tarfile.open(path) as tar:
-        for member in tar.getmembers():
-            key = member.name.split(".", 1)[0]
-            if not keys or keys[-1] != key:
-                keys.append(key)
-    return keys
-
-
-def reference_rows(keys_per_shard, *, seed, slot, slots, buffer, epochs, resampled=False):
-    """[(epoch, key)] of one slot by the documented rule (numpy only, no mmcl)."""
-    n, out = len(keys_per_shard), []
-    for e in range(epochs):
-        if resampled:
-            order = np.random.default_rng([seed, e, slot, 1]).integers(0, n, math.ceil(n / slots))
-        else:
-            order = np.random.default_rng([seed, e]).permutation(n)[slot::slots]
-        rows = [k for j in order for k in keys_per_shard[j]]
-        buf, t = [], 0
-        for r in rows + [None] * buffer:
-            if r is not None and len(buf) < buffer:
-                buf.append(r)
-                continue
-            if not buf:
-                break
-            i = int(np.random.SeedSequence([seed, e, slot, t]).generate_state(1)[0]) % len(buf)
-            t += 1
-            if r is not None:
-                out.append((e, buf[i]))
-                buf[i] = r
-            else:
-                buf[i], buf[-1] = buf[-1], buf[i]
-                out.append((e, buf.pop()))
-    return out
-
-
-@pytest.fixture(scope="module")
-def processor():
-    """mmcl's DualProcessor: 16x16 images, the tiny WordPiece tokenizer of the training tests."""
-    from train_helpers import write_tokenizer
-    from transformers import AutoTokenizer
-
-    from mmcl.models.processor import DualProcessor, TransformImageProcessor
-
-    import tempfile
-    tok = AutoTokenizer.from_pretrained(write_tokenizer(tempfile.mkdtemp()))
-    return DualProcessor(TransformImageProcessor((16, 16), MEAN, STD), tok, text_max_length=16)
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    """23 samples in 6 shards of up to 4 (the last holds 3), written by mmcl's shard writer."""
-    out = tmp_path_factory.mktemp("shards")
-    paths = write_shards(pairs(23), out, shard_size=4, progress=False)
-    return str(out / "{00000..00005}.tar"), paths
-
 
 def test_split_rule_covers_every_shard_once_per_epoch():
     for n, slots in ((6, 4), (7, 3), (5, 5)):
@@ -141,15 +61,8 @@ def test_resume_mid_shard_continues_with_the_same_batches(shards, processor, tmp
     full = make()
     reference = [full.next() for _ in range(15)]
     full.close()
-    first = make()
-    for _ in range(3):
-        first.next()
-    state = first.state_dict()
-    first.close()
+    state, resumed = resumed_through_checkpoint(make, 3, tmp_path)
     assert any(s["buffer"].shape[0] > 0 and s["member"] % 4 for s in state["workers"]), state
-    ckpt.save_state({"data": state}, tmp_path)
-    resumed = make()
-    resumed.load_state_dict(ckpt.load_state(tmp_path)["data"])
     for n in range(3, 15):
         batch = resumed.next()
         assert batch["key"] == reference[n]["key"], n
@@ -171,33 +84,8 @@ def test_resampled_mode_draws_shards_with_replacement(shards):
     assert got == reference_rows(keys, seed=2, slot=5, slots=8, buffer=3, epochs=20, resampled=True)[:12]
 
 
-def _bad_shards(root) -> list[str]:
-    """A: good a0, corrupt a1, uncaptioned a2, caption-only a3; B: cut inside its 2nd sample;
-    C: a 0-byte file; D: a tar without members."""
-    def add(tar, name, data):
-        info = tarfile.TarInfo(name)
-        info.size = len(data)
-        tar.addfile(info, io.BytesIO(data))
-
-    root.mkdir()
-    with tarfile.open(root / "a.tar", "w") as tar:
-        add(tar, "a0.png", png(0)), add(tar, "a0.txt", b"a photo")
-        add(tar, "a1.png", b"not an image"), add(tar, "a1.txt", b"a photo")
-        add(tar, "a2.png", png(2))
-        add(tar, "a3.txt", b"a photo")
-    with tarfile.open(root / "b.tar", "w") as tar:
-        for i in range(3):
-            add(tar, f"b{i}.png", png(10 + i)), add(tar, f"b{i}.txt", b"a photo")
-    data = (root / "b.tar").read_bytes()
-    cut = data.index(b"b1.png") + 512 + 100  # inside b1.png's data
-    (root / "b.tar").write_bytes(data[:cut])
-    (root / "c.tar").write_bytes(b"")
-    tarfile.open(root / "d.tar", "w").close()
-    return [str(root / f"{s}.tar") for s in "abcd"]
-
-
 def test_bad_data_is_skipped_and_counted_by_reason(tmp_path, processor):
-    paths = _bad_shards(tmp_path / "bad")
+    paths = bad_shards(tmp_path / "bad")
     stream = SampleStream(paths, slot=0, slots=1, seed=0, buffer_size=2,
                           columns={"image_column": "image", "caption_column": "caption", "label_column": None})
     cfg = DataConfig(source=paths, augment="none")

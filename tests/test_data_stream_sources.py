@@ -1,7 +1,7 @@
 """`data.streaming: true` on finite sources (image folders, cached datasets names, digits,
 save_to_disk directories): row ranges split over workers, exact resume, bad images skipped,
 boundary errors. References: the row-range rule and the split/shuffle rules re-implemented with
-math and numpy (tests/test_data_shards.py's reference_rows), labels from the folder names on disk."""
+math and numpy (tests/helpers/streams.py), labels from the folder names on disk."""
 import math
 import os
 import shutil
@@ -11,41 +11,15 @@ from pathlib import Path
 import datasets
 import pytest
 import torch
-from test_data_shards import NUMBERS, pairs, png, processor, reference_rows  # noqa: F401
+from helpers.streams import (  # noqa: F401 (processor: a fixture)
+    CLASSES, NUMBERS, folder_labels, pairs, png, processor, reference_ranges, reference_rows, resumed_through_checkpoint,
+    write_folder,
+)
 
 from mmcl.data import DataConfig, load_eval_dataset, load_source
 from mmcl.data.ranges import RowRange, expand_ranges, row_ranges
 from mmcl.data.shards import worker_shards
 from mmcl.data.stream import ShardBatchStream, build_stream
-from mmcl.train import checkpoint as ckpt
-
-CLASSES = ("bird", "cat", "dog")
-
-
-def write_folder(root: Path, per_class: dict, *, bad: str | None = None) -> Path:
-    """An image folder: ``root/<class>/<class><i>.png`` (16x16 noise); ``bad``: that file holds no image."""
-    n = 0
-    for name, count in per_class.items():
-        (root / name).mkdir(parents=True, exist_ok=True)
-        for i in range(count):
-            (root / name / f"{name}{i}.png").write_bytes(png(100 + n))
-            n += 1
-    if bad is not None:
-        (root / bad).write_bytes(b"not an image at all")
-    return root
-
-
-def reference_ranges(rows: int) -> list[range]:
-    """The documented rule, recomputed: min(1000, ceil(R / 64)) rows per range."""
-    size = min(1000, -(-rows // 64))
-    return [range(a, min(a + size, rows)) for a in range(0, rows, size)]
-
-
-def folder_labels(folder: Path) -> list[str]:
-    """The class folder of each row of the non-streamed loader's train split (read from the path on disk)."""
-    ds = load_source(str(folder), "train").cast_column("image", datasets.Image(decode=False))
-    return [Path(cell["path"]).parent.name for cell in ds["image"]]
-
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
@@ -93,16 +67,9 @@ def test_resume_mid_range_continues_with_the_same_batches(processor, tmp_path):
     full = make()
     reference = [full.next() for _ in range(12)]
     full.close()
-    first = make()
-    assert len(first.stream_args["shards"]) == len(reference_ranges(len(load_source("digits", "train"))))
-    for _ in range(3):
-        first.next()
-    state = first.state_dict()
-    first.close()
+    state, resumed = resumed_through_checkpoint(make, 3, tmp_path)
+    assert len(resumed.stream_args["shards"]) == len(reference_ranges(len(load_source("digits", "train"))))
     assert all(s["buffer"].shape[0] == 6 and s["member"] % 24 for s in state["workers"] if s is not None), state
-    ckpt.save_state({"data": state}, tmp_path)
-    resumed = make()
-    resumed.load_state_dict(ckpt.load_state(tmp_path)["data"])
     for n in range(3, 12):
         batch = resumed.next()
         assert batch["key"] == reference[n]["key"], n

@@ -162,3 +162,16 @@ def test_every_mmcl_module_imports_on_its_own():
                             timeout=600, env=env, cwd=ROOT)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-6000:]
     assert result.stdout.strip() == "FAILED:"
+
+
+def test_no_test_module_imports_another():
+    """Shared test code lives in tests/helpers/ (or train_helpers.py), never in a test_*.py module:
+    importing one test module from another runs its module-level fixtures and setup twice."""
+    offenders = []
+    for path in sorted((ROOT / "tests").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            offenders += [f"{path.relative_to(ROOT)}:{node.lineno} imports {n}" for n in names
+                          if n.split(".")[-1].startswith("test_")]
+    assert not offenders, offenders

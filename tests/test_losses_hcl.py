@@ -279,7 +279,7 @@ def test_gathered_options_equal_one_process_on_the_whole_batch(tmp_path):
     import json
     from pathlib import Path
 
-    from test_distributed import accelerate_launch
+    from helpers.launch import accelerate_launch
 
     out = tmp_path / "result.json"
     accelerate_launch(Path(__file__).parent / "scripts" / "dist_loss_options.py", str(out))

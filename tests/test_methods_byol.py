@@ -124,7 +124,7 @@ def test_byol_fit_trains_and_checkpoints_the_predictor(tmp_path):
 
 @pytest.mark.slow
 def test_byol_predictor_gradients_are_averaged_over_two_processes(tmp_path):
-    from test_distributed import SCRIPTS, accelerate_launch
+    from helpers.launch import SCRIPTS, accelerate_launch
 
     out = tmp_path / "byol.json"
     accelerate_launch(SCRIPTS / "dist_byol.py", str(out))

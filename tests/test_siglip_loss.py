@@ -211,7 +211,7 @@ def test_gathered_siglip_on_two_processes_equals_one_process(tmp_path):
     """siglip_loss(gather=True) on 2 gloo ranks (accelerate launch), even and uneven shards, naive,
     chunked and Triton (interpreted): loss and DDP-averaged gradients of the towers, the scale and
     the bias as one float64 process on the whole batch."""
-    from test_distributed import SCRIPTS, accelerate_launch
+    from helpers.launch import SCRIPTS, accelerate_launch
 
     out = tmp_path / "result.json"
     accelerate_launch(SCRIPTS / "dist_siglip.py", str(out), "--impls", "naive,chunked,triton",

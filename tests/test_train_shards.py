@@ -1,14 +1,16 @@
 """Training on streamed webdataset shards: exact resume after SIGKILL (one process with 2 workers,
 and 2 processes x 2 workers through `accelerate launch`), every mode and evaluator on shards, bad
 data skipped and logged by reason; an image folder streamed as row ranges (data.streaming=true).
-Shards and references come from tests/test_data_shards.py and tests/test_data_stream_sources.py."""
+Shards and references come from tests/helpers/streams.py."""
 import json
 import math
 import os
 
 import pytest
 import torch
-from test_data_shards import NUMBERS, _bad_shards, pairs, reference_rows, shards, tar_keys  # noqa: F401
+from helpers.streams import (  # noqa: F401 (shards: a fixture)
+    NUMBERS, bad_shards, pairs, reference_ranges, reference_rows, shards, tar_keys, write_folder,
+)
 
 from mmcl.data.shard_writer import write_shards
 from mmcl.train import checkpoint as ckpt
@@ -152,7 +154,7 @@ def test_fit_on_bad_shards_skips_and_logs_each_reason(shards, tmp_path):
     from mmcl.train import fit, load_config
 
     _, good = shards
-    bad = _bad_shards(tmp_path / "bad")
+    bad = bad_shards(tmp_path / "bad")
     tok = write_tokenizer(tmp_path / "tok")
     source = "[" + ",".join([good[0], *bad]) + "]"  # 6 good samples per epoch: a0, b0 and good[0]'s 4
     out = tmp_path / "out"
@@ -174,7 +176,6 @@ def test_fit_streams_an_image_folder_over_two_workers(tmp_path):
     """SimCLR on an image folder (train/ test/ class folders) with data.streaming=true and 2
     workers: step n+1's keys are worker n mod 2's next rows by the documented rules (17 one-row
     ranges), and the kNN evaluation reads a bounded held-out set from the test/ folder."""
-    from test_data_stream_sources import reference_ranges, write_folder
     from train_helpers import tiny_overrides
 
     from mmcl.train import fit, load_config
@@ -207,7 +208,6 @@ def test_two_processes_split_an_image_folders_row_ranges_through_accelerate(tmp_
     import subprocess
     import sys
 
-    from test_data_stream_sources import reference_ranges, write_folder
     from train_helpers import REPO
 
     root = write_folder(tmp_path / "pets", {"cat": 9, "dog": 8})
@@ -238,7 +238,6 @@ def test_fit_on_an_image_folder_killed_mid_range_resumes_with_the_same_batches_a
     and the final weights equal an uninterrupted run's."""
     import signal
 
-    from test_data_stream_sources import write_folder
     from train_helpers import run_python
 
     root = write_folder(tmp_path / "pets", {"bird": 20, "cat": 29, "dog": 22})
